@@ -1,0 +1,153 @@
+#!/bin/sh
+# setup.sh: turn a fresh Debian rootfs into a vibebox base image.
+#
+# Runs INSIDE the chroot, once, after debootstrap/mmdebstrap (minbase +
+# packages.txt). The builder copies, before running it:
+#     images/guest/*          -> <rootfs>/usr/lib/vibebox/
+#     images/debian/setup.sh  -> <rootfs>/usr/lib/vibebox/setup.sh
+# and then runs:  chroot <rootfs> /bin/sh /usr/lib/vibebox/setup.sh
+# No /proc, /sys or /dev mounts are needed. Idempotent.
+set -eu
+
+G=/usr/lib/vibebox
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
+
+say() { printf 'setup.sh: %s\n' "$*"; }
+
+. /etc/os-release
+CODENAME=${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}
+
+# --- vibebox guest files ------------------------------------------------------
+say "installing guest files"
+chmod 0755 "$G/vibebox-init"
+install -m 0644 "$G/vibebox-init.service" /etc/systemd/system/vibebox-init.service
+install -m 0644 "$G/vibebox-ready.service" /etc/systemd/system/vibebox-ready.service
+install -m 0644 "$G/vibebox.sh" /etc/profile.d/vibebox.sh
+install -m 0644 "$G/sshd_config.conf" /etc/ssh/sshd_config.d/10-vibebox.conf
+# Also in non-login interactive bash shells (:help, :explain).
+if ! grep -q 'profile.d/vibebox.sh' /etc/bash.bashrc; then
+    printf '\n# vibebox commands (:help, :explain, ...)\n[ -r /etc/profile.d/vibebox.sh ] && . /etc/profile.d/vibebox.sh\n' \
+        >> /etc/bash.bashrc
+fi
+systemctl enable vibebox-init.service vibebox-ready.service
+
+# --- network: systemd-networkd DHCP on every ethernet NIC ------------------------
+say "configuring network"
+mkdir -p /etc/systemd/network
+cat > /etc/systemd/network/20-vibebox.network <<'EOF'
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=ipv4
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+
+[DHCPv4]
+UseDomains=yes
+EOF
+systemctl enable systemd-networkd.service systemd-resolved.service
+# Nothing in the box should wait for "network online".
+systemctl disable systemd-networkd-wait-online.service 2>/dev/null || true
+ln -sf ../run/systemd/resolve/stub-resolv.conf /etc/resolv.conf
+# vibebox-init sets the real hostname (fw_cfg) and adds it to /etc/hosts.
+printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts
+printf 'vibebox\n' > /etc/hostname
+
+# --- sshd ------------------------------------------------------------------------
+# Config is in /etc/ssh/sshd_config.d/10-vibebox.conf (installed above).
+# Host keys are injected at every boot; never bake any into the image.
+rm -f /etc/ssh/ssh_host_*
+# ssh.socket would race vibebox-ready's port check; use the plain service.
+systemctl disable ssh.socket 2>/dev/null || true
+systemctl enable ssh.service
+
+# --- root filesystem ------------------------------------------------------------
+# Raw ext4 on /dev/vda (no partition table). vibebox-init grows it online.
+cat > /etc/fstab <<'EOF'
+# vibebox: raw ext4 on the whole virtio disk; grown to the disk size at boot.
+/dev/vda  /  ext4  rw,discard,errors=remount-ro  0  1
+EOF
+
+# --- initramfs: only what direct kernel boot from /dev/vda needs -------------------
+say "configuring initramfs"
+cat > /etc/initramfs-tools/conf.d/vibebox.conf <<'EOF'
+# vibebox: the initramfs only has to find ext4 on a virtio disk.
+MODULES=list
+RESUME=none
+COMPRESS=zstd
+EOF
+cat > /etc/initramfs-tools/modules <<'EOF'
+# vibebox: direct kernel boot with root=/dev/vda
+virtio_pci
+virtio_blk
+virtio_mmio
+ext4
+crc32c_generic
+EOF
+
+# --- boot speed: nothing a throwaway VM needs -------------------------------------
+say "masking units"
+systemctl mask \
+    apt-daily.timer apt-daily-upgrade.timer apt-daily.service apt-daily-upgrade.service \
+    dpkg-db-backup.timer dpkg-db-backup.service \
+    e2scrub_all.timer e2scrub_all.service e2scrub_reap.service \
+    man-db.timer man-db.service \
+    getty@.service serial-getty@.service console-getty.service \
+    systemd-firstboot.service sshd-keygen.service \
+    systemd-pstore.service \
+    >/dev/null
+# Not every unit exists in every release: masking a missing one is harmless.
+
+systemctl set-default multi-user.target
+
+# --- locale, apt ------------------------------------------------------------------
+printf 'LANG=C.UTF-8\n' > /etc/default/locale
+printf 'LANG=C.UTF-8\n' > /etc/locale.conf
+# No docs/man/locales in the image, now or from later installs in the box.
+cat > /etc/dpkg/dpkg.cfg.d/vibebox-nodoc <<'EOF'
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+path-exclude=/usr/share/lintian/*
+EOF
+find /usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete 2>/dev/null || true
+find /usr/share/doc -mindepth 1 -type d -empty -delete 2>/dev/null || true
+rm -rf /usr/share/man/* /usr/share/info/* /usr/share/lintian/*
+find /usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} + 2>/dev/null || true
+
+rm -f /etc/apt/sources.list
+cat > /etc/apt/sources.list.d/debian.sources <<EOF
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: $CODENAME $CODENAME-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: $CODENAME-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+
+# --- initramfs (after all config above) ------------------------------------------
+say "rebuilding initramfs"
+update-initramfs -u -k all
+
+# --- per-instance state: every overlay gets its own -----------------------------
+say "cleaning"
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+: > /etc/machine-id                       # empty = generated at first boot
+rm -f /var/lib/dbus/machine-id
+ln -sf /etc/machine-id /var/lib/dbus/machine-id
+rm -f /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
+rm -rf /var/log/journal/* /tmp/* /var/tmp/*
+find /var/log -type f -exec truncate -s 0 {} +
+rm -f /etc/sudoers.d/vibebox /etc/ssh/sshd_config.d/05-vibebox-root.conf
+
+say "done"

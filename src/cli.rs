@@ -1,0 +1,42 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// A Linux VM per project directory: your coding agent gets full freedom inside it,
+/// your machine stays safe. Run `vibebox` in a project to get a shell in its VM.
+#[derive(Debug, Parser)]
+#[command(name = "vibebox", version, about, long_about = None)]
+pub struct Cli {
+    /// Run as if vibebox was started in DIR (like `git -C`).
+    #[arg(short = 'C', value_name = "DIR", global = true)]
+    pub dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List all sessions (one per project directory).
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a session: its VM disk, keys and index entry.
+    Delete {
+        /// The session id, or a prefix of it that names one session.
+        id: String,
+        /// Do not ask for confirmation.
+        #[arg(short = 'y', long = "yes")]
+        yes: bool,
+    },
+    /// Show what this project's VM can see and reach: mounts, network, storage.
+    Explain {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}

@@ -1,0 +1,542 @@
+//! `vibebox.toml`: schema, defaults, validation.
+//!
+//! The file lives in the project directory, which the guest can write, so it is
+//! untrusted input: parsed strictly (unknown keys are errors), bounded in size, never
+//! followed through a symlink, and every error names the file, line and column.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::net::policy::{Mode, Rule};
+use crate::statefile;
+use crate::vm::mounts::{self, Homes, Mount, MountSpec};
+
+pub const DEFAULT_MEMORY_MB: u64 = 2048;
+pub const DEFAULT_DISK_GB: u64 = 20;
+pub const DEFAULT_AUTO_SHUTDOWN_MS: u64 = 30_000;
+pub const DEFAULT_IMAGE: &str = "default";
+/// An hour: longer than that is a VM left running by mistake.
+const MAX_AUTO_SHUTDOWN_MS: i64 = 3_600_000;
+const MIN_MEMORY_MB: i64 = 256;
+
+/// Domains a coding agent commonly needs; written into a new vibebox.toml so the user
+/// sees exactly what the VM may reach and edits it there.
+pub const DEFAULT_ALLOWLIST: &[&str] = &[
+    "deb.debian.org",
+    "security.debian.org",
+    "github.com",
+    "**.github.com",
+    "*.githubusercontent.com",
+    "registry.npmjs.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "crates.io",
+    "index.crates.io",
+    "static.crates.io",
+    "api.anthropic.com",
+    "api.openai.com",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Hvf,
+    Tcg,
+}
+
+impl Accel {
+    pub fn parse(s: &str) -> Option<Accel> {
+        match s {
+            "auto" => Some(Accel::Auto),
+            "kvm" => Some(Accel::Kvm),
+            "hvf" => Some(Accel::Hvf),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
+/// The validated configuration of one project.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub image: String,
+    pub accel: Accel,
+    pub mounts: Vec<Mount>,
+    pub network: Network,
+    pub auto_shutdown_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub mode: Mode,
+    pub entries: Vec<Rule>,
+}
+
+/// Host facts validation depends on; passed in so validation stays pure.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub home: PathBuf,
+    pub guest_home: PathBuf,
+}
+
+impl Host {
+    pub fn detect(guest_home: PathBuf) -> Result<Host, crate::paths::Error> {
+        let home = crate::paths::host_home()?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let memory_mb = host_memory_mb().unwrap_or(u64::MAX);
+        let disk_gb = nix::sys::statvfs::statvfs(&home)
+            .map(|s| s.blocks() as u64 * s.fragment_size() as u64 / (1 << 30))
+            .unwrap_or(u64::MAX);
+        Ok(Host {
+            cpus,
+            memory_mb,
+            disk_gb,
+            home,
+            guest_home,
+        })
+    }
+}
+
+fn host_memory_mb() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let info = nix::sys::sysinfo::sysinfo().ok()?;
+        Some(info.ram_total() / (1 << 20))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let out = std::process::Command::new("sysctl")
+            .args(["-n", "hw.memsize"])
+            .output()
+            .ok()?;
+        let bytes: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        Some(bytes / (1 << 20))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}:{line}:{col}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error(transparent)]
+    File(#[from] statefile::Error),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(rename = "box", default)]
+    box_: RawBox,
+    network: Option<Spanned<RawNetwork>>,
+    #[serde(default)]
+    supervisor: RawSupervisor,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBox {
+    cpus: Option<Spanned<i64>>,
+    memory_mb: Option<Spanned<i64>>,
+    disk_gb: Option<Spanned<i64>>,
+    image: Option<Spanned<String>>,
+    accel: Option<Spanned<String>>,
+    mounts: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    mode: Option<Spanned<String>>,
+    entries: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSupervisor {
+    auto_shutdown_ms: Option<Spanned<i64>>,
+}
+
+/// Reads and validates `path`; a missing file gives the defaults.
+pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
+    match statefile::read_nofollow(path)? {
+        Some(text) => parse(&text, path, project, host),
+        None => parse("", path, project, host),
+    }
+}
+
+/// Parses and validates config text. `path` only labels errors.
+pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
+    let at = |span: std::ops::Range<usize>, message: String| {
+        let (line, col) = line_col(text, span.start);
+        Error::Invalid {
+            path: path.to_path_buf(),
+            line,
+            col,
+            message,
+        }
+    };
+    let raw: Raw = toml::from_str(text).map_err(|e| {
+        at(
+            e.span().unwrap_or(0..0),
+            explain_toml_error(e.message()),
+        )
+    })?;
+
+    let int = |v: &Option<Spanned<i64>>, default: u64, min: i64, max: u64, what: &str, fix: &str| {
+        match v {
+            None => Ok(default),
+            Some(s) => {
+                let n = *s.get_ref();
+                if n < min || n as u64 > max {
+                    Err(at(
+                        s.span(),
+                        format!("{what} = {n} is out of range ({min} to {max}); {fix}"),
+                    ))
+                } else {
+                    Ok(n as u64)
+                }
+            }
+        }
+    };
+    let b = &raw.box_;
+    let cpus = int(
+        &b.cpus,
+        u64::from(host.cpus.min(2)),
+        1,
+        u64::from(host.cpus),
+        "cpus",
+        "this host has that many cores",
+    )? as u32;
+    let memory_mb = int(
+        &b.memory_mb,
+        DEFAULT_MEMORY_MB.min(host.memory_mb / 2).max(MIN_MEMORY_MB as u64),
+        MIN_MEMORY_MB,
+        host.memory_mb,
+        "memory_mb",
+        "the upper bound is this host's memory",
+    )?;
+    let disk_gb = int(
+        &b.disk_gb,
+        DEFAULT_DISK_GB.min(host.disk_gb),
+        1,
+        host.disk_gb,
+        "disk_gb",
+        "the upper bound is the size of the disk holding your home directory",
+    )?;
+    let image = match &b.image {
+        None => DEFAULT_IMAGE.to_string(),
+        Some(s) => {
+            let v = s.get_ref();
+            let ok = !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                && !v.starts_with('.');
+            if !ok {
+                return Err(at(
+                    s.span(),
+                    format!(
+                        "image = {v:?} is not an image name; use \"default\" or a name from `vibebox image list`"
+                    ),
+                ));
+            }
+            v.clone()
+        }
+    };
+    let accel = match &b.accel {
+        None => Accel::Auto,
+        Some(s) => Accel::parse(s.get_ref()).ok_or_else(|| {
+            at(
+                s.span(),
+                format!(
+                    "accel = {:?} is unknown; use \"auto\", \"kvm\", \"hvf\" or \"tcg\"",
+                    s.get_ref()
+                ),
+            )
+        })?,
+    };
+
+    let mut specs = Vec::new();
+    let mut spans = Vec::new();
+    for m in b.mounts.iter().flatten() {
+        let spec = MountSpec::parse(m.get_ref()).map_err(|e| at(m.span(), e.to_string()))?;
+        specs.push(spec);
+        spans.push(m.span());
+    }
+    let homes = Homes {
+        host_home: &host.home,
+        guest_home: &host.guest_home,
+        project,
+    };
+    let resolved = mounts::resolve(&specs, &homes);
+    for (i, m) in resolved.iter().enumerate() {
+        // Index 0 is the project mount, which has no line in the file.
+        let span = if i == 0 { 0..0 } else { spans[i - 1].clone() };
+        let label = if i == 0 {
+            format!("the project directory {}", project.display())
+        } else {
+            format!("mount guest path {}", m.guest.display())
+        };
+        if let Some(problem) = mounts::guest_path_problem(&m.guest, &host.guest_home) {
+            return Err(at(span, format!("{label} cannot be used: {problem}")));
+        }
+        if let Some(prev) = resolved[..i].iter().find(|p| p.guest == m.guest) {
+            let what = if prev.origin == mounts::Origin::Project {
+                "the project directory".to_string()
+            } else {
+                format!("another mount ({})", prev.host.display())
+            };
+            return Err(at(
+                span,
+                format!(
+                    "{label} is also used by {what}; give each mount its own guest path"
+                ),
+            ));
+        }
+    }
+
+    let network = match &raw.network {
+        None => Network {
+            mode: Mode::Allowlist,
+            entries: DEFAULT_ALLOWLIST
+                .iter()
+                .map(|e| Rule::parse(e).expect("default allowlist parses"))
+                .collect(),
+        },
+        Some(n) => {
+            let n_ref = n.get_ref();
+            let mode = match &n_ref.mode {
+                None => Mode::Allowlist,
+                Some(s) => Mode::parse(s.get_ref()).ok_or_else(|| {
+                    at(
+                        s.span(),
+                        format!(
+                            "network mode {:?} is unknown; use \"allowlist\" or \"blocklist\"",
+                            s.get_ref()
+                        ),
+                    )
+                })?,
+            };
+            let mut entries = Vec::new();
+            for e in n_ref.entries.iter().flatten() {
+                entries.push(
+                    Rule::parse(e.get_ref())
+                        .map_err(|err| at(e.span(), format!("network entry {err}")))?,
+                );
+            }
+            Network { mode, entries }
+        }
+    };
+
+    let auto_shutdown_ms = int(
+        &raw.supervisor.auto_shutdown_ms,
+        DEFAULT_AUTO_SHUTDOWN_MS,
+        0,
+        MAX_AUTO_SHUTDOWN_MS as u64,
+        "auto_shutdown_ms",
+        "it is the wait in milliseconds before an unused VM stops",
+    )?;
+
+    Ok(Config {
+        cpus,
+        memory_mb,
+        disk_gb,
+        image,
+        accel,
+        mounts: resolved,
+        network,
+        auto_shutdown_ms,
+    })
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Turns serde's "unknown field `x`, expected one of `a`, `b`" into a line with a
+/// did-you-mean hint.
+fn explain_toml_error(message: &str) -> String {
+    let message = message.trim();
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((field, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let best = known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(field, k), *k))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((_, k)) => format!("unknown key `{field}`; did you mean `{k}`?"),
+        None => format!("unknown key `{field}`; known keys here: {}", known.join(", ")),
+    }
+}
+
+/// The file the first `vibebox` in a directory writes: every setting shown with its
+/// default, and the network allowlist spelled out so the user sees what the VM reaches.
+pub fn default_file_text() -> String {
+    let entries: String = DEFAULT_ALLOWLIST
+        .iter()
+        .map(|e| format!("  \"{e}\",\n"))
+        .collect();
+    format!(
+        r#"# vibebox.toml: this project's VM. Commit it with the project.
+# vibebox reads it when the VM starts; edits take effect at the next start.
+# Reference: the "Configuration" section of vibebox's README.
+
+[box]
+# Virtual CPUs (default: 2, or fewer on a smaller host).
+# cpus = 2
+# Memory in MiB (default: 2048, or half the host's memory if that is less).
+# memory_mb = {DEFAULT_MEMORY_MB}
+# Disk size in GiB. The disk is sparse: only what the guest writes takes space.
+# disk_gb = {DEFAULT_DISK_GB}
+# Base image: "default" uses a cached image, else downloads, else builds one.
+# image = "{DEFAULT_IMAGE}"
+# Accelerator: "auto" (hvf on macOS, kvm on Linux, else the slow tcg), "kvm", "hvf", "tcg".
+# accel = "auto"
+# Extra shares, "host:guest[:ro|rw]" (default rw). `~` is your home on the host side and
+# the guest user's home on the guest side. The project itself is always shared
+# read-write at the same path as on the host.
+# Sharing an agent's config (~/.claude, ~/.codex) saves logging in again in the VM, but
+# lets the guest change settings your host agent will obey: share it only if you trust
+# what runs in the VM. Those entries are skipped on machines where they do not exist.
+mounts = [
+  # "~/.gitconfig:~/.gitconfig:ro",
+  # "~/.claude:~/.claude:rw",
+  # "~/.codex:~/.codex:rw",
+]
+
+[network]
+# "allowlist": the VM reaches only the entries below. "blocklist": everything but them.
+# Entries: "example.com" (that name), "*.example.com" (names below it),
+# "**.example.com" (both); add ":port" for a port other than 80/443, e.g. "github.com:22".
+mode = "allowlist"
+entries = [
+{entries}]
+
+[supervisor]
+# How long an unused VM (no terminal attached) keeps running before it shuts down.
+# auto_shutdown_ms = {DEFAULT_AUTO_SHUTDOWN_MS}
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host {
+            cpus: 4,
+            memory_mb: 8192,
+            disk_gb: 100,
+            home: "/home/al".into(),
+            guest_home: "/home/al".into(),
+        }
+    }
+
+    fn load_text(text: &str) -> Result<Config, Error> {
+        parse(text, Path::new("/p/vibebox.toml"), Path::new("/p"), &host())
+    }
+
+    fn err(text: &str) -> String {
+        load_text(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_and_generated_file_agree() {
+        let empty = load_text("").unwrap();
+        let generated = load_text(&default_file_text()).unwrap();
+        for c in [&empty, &generated] {
+            assert_eq!(c.cpus, 2);
+            assert_eq!(c.memory_mb, 2048);
+            assert_eq!(c.disk_gb, 20);
+            assert_eq!(c.accel, Accel::Auto);
+            assert_eq!(c.auto_shutdown_ms, DEFAULT_AUTO_SHUTDOWN_MS);
+            assert_eq!(c.mounts.len(), 1);
+        }
+        assert_eq!(empty.network, generated.network);
+    }
+
+    #[test]
+    fn errors_have_line_and_column() {
+        let e = err("[box]\ncpus = 0\n");
+        assert!(e.starts_with("/p/vibebox.toml:2:8: cpus = 0 is out of range"), "{e}");
+        let e = err("[box]\n  cpu = 2\n");
+        assert!(e.contains(":2:3:") && e.contains("did you mean `cpus`"), "{e}");
+        let e = err("[boxx]\n");
+        assert!(e.contains("did you mean `box`"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes() {
+        assert!(err("[box]\ncpus = 5").contains("cpus = 5 is out of range"));
+        assert!(err("[box]\nmemory_mb = 0").contains("memory_mb = 0"));
+        assert!(err("[box]\nmemory_mb = 9000").contains("out of range"));
+        assert!(err("[box]\ndisk_gb = 0").contains("disk_gb = 0"));
+        assert!(err("[box]\ndisk_gb = 101").contains("disk_gb = 101"));
+        assert!(err("[box]\ncpus = -1").contains("cpus = -1"));
+        assert!(err("[box]\ncpus = \"2\"").contains(":2:8:"));
+        assert!(err("[supervisor]\nauto_shutdown_ms = -5").contains("auto_shutdown_ms"));
+    }
+
+    #[test]
+    fn mount_errors() {
+        let e = err("[box]\nmounts = [\"/a:/b\", \"/c\"]");
+        assert!(e.contains(":2:20:") && e.contains("no guest path"), "{e}");
+        let e = err("[box]\nmounts = [\"/a:/x\", \"/c:/x:ro\"]");
+        assert!(e.contains(":2:20:") && e.contains("also used by another mount"), "{e}");
+        let e = err("[box]\nmounts = [\"/a:/p\"]");
+        assert!(e.contains("also used by the project directory"), "{e}");
+        let e = err("[box]\nmounts = [\"/a:~/x\", \"/b:/home/al/x\"]");
+        assert!(e.contains("also used"), "{e}");
+        for bad in ["/", "/proc", "/sys/x", "/dev", "/etc", "/usr", "/bin", "/lib", "/boot", "/run"] {
+            let e = err(&format!("[box]\nmounts = [\"/a:{bad}\"]"));
+            assert!(e.contains("cannot be used"), "{bad}: {e}");
+        }
+        assert!(err("[box]\nmounts = [\"/a:/b:rx\"]").contains("unknown mode"));
+    }
+
+    #[test]
+    fn network_errors() {
+        let e = err("[network]\nmode = \"open\"");
+        assert!(e.contains(":2:8:") && e.contains("allowlist"), "{e}");
+        for bad in ["*", "*.com", "https://x.com", "x.com/a", "x.com:ssh", "1.2.3.4"] {
+            let e = err(&format!("[network]\nentries = [\"{bad}\"]"));
+            assert!(e.contains(":2:12: network entry"), "{bad}: {e}");
+        }
+        let c = load_text("[network]\nmode = \"blocklist\"\nentries = []").unwrap();
+        assert_eq!(c.network.mode, Mode::Blocklist);
+        assert!(c.network.entries.is_empty());
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\nçd", 5), (2, 2));
+        assert_eq!(line_col("", 0), (1, 1));
+    }
+}

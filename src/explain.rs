@@ -1,0 +1,170 @@
+//! The explain text: what this VM can see and reach. The host prints it (`vibebox
+//! explain`) and the guest prints the same text (`:explain`), so it is a pure function
+//! of the resolved config.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::config::Config;
+use crate::paths::{CACHE_DIR, CONFIG_FILE};
+use crate::session::SessionId;
+use crate::vm::mounts::{Mount, Origin};
+
+/// Everything the explain text depends on.
+pub struct Facts<'a> {
+    pub project: &'a Path,
+    pub session: Option<SessionId>,
+    pub config: &'a Config,
+    /// One per `config.mounts`: whether the host path exists.
+    pub present: &'a [bool],
+    /// Whether the network policy is enforced for this VM.
+    pub enforced: bool,
+}
+
+const NOT_ENFORCED: &str = "NOT ENFORCED YET: until vibebox's network gateway lands, the VM has unrestricted outbound access";
+
+fn mount_note(m: &Mount, present: bool) -> Option<&'static str> {
+    match (m.origin == Origin::Project, present, m.optional) {
+        (true, _, _) => Some("the project"),
+        (false, false, true) => Some("skipped: not on this host"),
+        (false, false, false) => Some("missing on the host: the VM will not start"),
+        _ => None,
+    }
+}
+
+pub fn text(f: &Facts<'_>) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("Project {}", f.project.display()));
+    if let Some(id) = f.session {
+        out.push_str(&format!(" (session {id})"));
+    }
+    out.push_str("\n\nMounts (host -> guest):\n");
+    for (m, &present) in f.config.mounts.iter().zip(f.present) {
+        out.push_str(&format!(
+            "  {} -> {}  {}",
+            m.host.display(),
+            m.guest.display(),
+            m.access.as_str()
+        ));
+        if let Some(note) = mount_note(m, present) {
+            out.push_str(&format!("  ({note})"));
+        }
+        out.push('\n');
+    }
+    let net = &f.config.network;
+    out.push_str(&format!("\nNetwork: {}", net.mode.as_str()));
+    if !f.enforced {
+        out.push_str(&format!(" ({NOT_ENFORCED})"));
+    }
+    out.push('\n');
+    if net.entries.is_empty() {
+        out.push_str(match net.mode {
+            crate::net::policy::Mode::Allowlist => "  (no entries: nothing is allowed)\n",
+            crate::net::policy::Mode::Blocklist => "  (no entries: nothing is blocked)\n",
+        });
+    }
+    for e in &net.entries {
+        out.push_str(&format!("  {e}\n"));
+    }
+    out.push_str(&format!(
+        "\nStorage (relative to the project):\n  {:<13} configuration (commit it)\n  {:<13} session state: VM disk, SSH keys, logs (deleting it deletes the session)\n",
+        CONFIG_FILE,
+        format!("{CACHE_DIR}/")
+    ));
+    out
+}
+
+pub fn json(f: &Facts<'_>) -> serde_json::Value {
+    let mounts: Vec<_> = f
+        .config
+        .mounts
+        .iter()
+        .zip(f.present)
+        .map(|(m, &present)| {
+            json!({
+                "host": m.host,
+                "guest": m.guest,
+                "access": m.access,
+                "origin": m.origin,
+                "optional": m.optional,
+                "present": present,
+            })
+        })
+        .collect();
+    json!({
+        "project": f.project,
+        "session": f.session.map(|s| s.to_string()),
+        "mounts": mounts,
+        "network": {
+            "mode": f.config.network.mode,
+            "entries": f.config.network.entries.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "enforced": f.enforced,
+        },
+        "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Host, parse};
+
+    fn config(text: &str) -> Config {
+        let host = Host {
+            cpus: 4,
+            memory_mb: 8192,
+            disk_gb: 100,
+            home: "/home/al".into(),
+            guest_home: "/home/al".into(),
+        };
+        parse(text, Path::new("/p/vibebox.toml"), Path::new("/p"), &host).unwrap()
+    }
+
+    #[test]
+    fn text_lists_mounts_project_first_network_and_storage() {
+        let c = config(
+            "[box]\nmounts = [\"~/.gitconfig:~/.gitconfig:ro\", \"~/.claude:~/.claude\"]\n[network]\nmode = \"blocklist\"\nentries = [\"evil.example\"]\n",
+        );
+        let t = text(&Facts {
+            project: Path::new("/p"),
+            session: None,
+            config: &c,
+            present: &[true, true, false],
+            enforced: false,
+        });
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "Project /p");
+        assert_eq!(lines[3], "  /p -> /p  rw  (the project)");
+        assert_eq!(lines[4], "  /home/al/.gitconfig -> /home/al/.gitconfig  ro");
+        assert_eq!(
+            lines[5],
+            "  /home/al/.claude -> /home/al/.claude  rw  (skipped: not on this host)"
+        );
+        assert!(lines[7].starts_with("Network: blocklist (NOT ENFORCED YET"));
+        assert_eq!(lines[8], "  evil.example");
+        assert!(t.contains("\n  vibebox.toml  configuration"));
+        assert!(t.contains("\n  .vibebox/     session state"));
+    }
+
+    #[test]
+    fn json_has_same_facts() {
+        let c = config("");
+        let id = SessionId::new();
+        let j = json(&Facts {
+            project: Path::new("/p"),
+            session: Some(id),
+            config: &c,
+            present: &[true],
+            enforced: false,
+        });
+        assert_eq!(j["session"], id.to_string());
+        assert_eq!(j["mounts"][0]["guest"], "/p");
+        assert_eq!(j["mounts"][0]["access"], "rw");
+        assert_eq!(j["mounts"][0]["origin"], "project");
+        assert_eq!(j["network"]["mode"], "allowlist");
+        assert_eq!(j["network"]["enforced"], false);
+        assert_eq!(j["network"]["entries"][0], "deb.debian.org");
+        assert_eq!(j["storage"]["state"], ".vibebox/");
+    }
+}

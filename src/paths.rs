@@ -1,0 +1,99 @@
+//! Every path vibebox uses, in one place.
+
+use std::path::{Path, PathBuf};
+
+/// Name of the project configuration file.
+pub const CONFIG_FILE: &str = "vibebox.toml";
+/// Name of the per-project cache directory.
+pub const CACHE_DIR: &str = ".vibebox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot find your home directory: set HOME or VIBEBOX_HOME")]
+    NoHome,
+    #[error("VIBEBOX_HOME must be an absolute path, got {0:?}")]
+    RelativeHome(PathBuf),
+}
+
+/// The user's home directory on the host.
+pub fn host_home() -> Result<PathBuf, Error> {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or(Error::NoHome)
+}
+
+/// The global vibebox directory (`~/.vibebox`, or `VIBEBOX_HOME`).
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    pub fn from_env() -> Result<Self, Error> {
+        let root = match std::env::var_os("VIBEBOX_HOME").filter(|v| !v.is_empty()) {
+            Some(v) => {
+                let p = PathBuf::from(v);
+                if !p.is_absolute() {
+                    return Err(Error::RelativeHome(p));
+                }
+                p
+            }
+            None => host_home()?.join(".vibebox"),
+        };
+        Ok(Home { root })
+    }
+
+    pub fn at(root: PathBuf) -> Self {
+        Home { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn index(&self) -> PathBuf {
+        self.root.join("sessions.toml")
+    }
+    pub fn index_lock(&self) -> PathBuf {
+        self.root.join("sessions.lock")
+    }
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+}
+
+/// Paths inside one project directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Project {
+    root: PathBuf,
+}
+
+impl Project {
+    pub fn new(root: PathBuf) -> Self {
+        Project { root }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join(CONFIG_FILE)
+    }
+    pub fn cache(&self) -> PathBuf {
+        self.root.join(CACHE_DIR)
+    }
+    pub fn session_file(&self) -> PathBuf {
+        self.cache().join("session.toml")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.cache().join("disk.qcow2")
+    }
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.cache().join("ssh")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.cache().join("logs")
+    }
+    pub fn instance(&self) -> PathBuf {
+        self.cache().join("instance.toml")
+    }
+}

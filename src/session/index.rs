@@ -1,0 +1,169 @@
+//! The global session index, `~/.vibebox/sessions.toml`.
+//!
+//! Every reader takes the exclusive lock because every reader may prune; the file is
+//! replaced atomically, so a crash mid-write leaves the previous index.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Error, SessionId, project};
+use crate::paths::Home;
+use crate::statefile::{self, Lock};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: SessionId,
+    pub directory: PathBuf,
+    #[serde(with = "rfc3339")]
+    pub last_active: DateTime<Utc>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct File {
+    #[serde(default, rename = "session")]
+    sessions: Vec<Entry>,
+}
+
+/// The index, read under its lock; the lock is held until this value is dropped, so a
+/// read-modify-write through it is atomic with respect to other vibebox processes.
+pub struct Index {
+    path: PathBuf,
+    entries: Vec<Entry>,
+    dirty: bool,
+    _lock: Option<Lock>,
+}
+
+impl Index {
+    /// Opens the index for reading and updating, creating the vibebox home if needed.
+    pub fn open(home: &Home) -> Result<Index, Error> {
+        statefile::ensure_dir(home.root(), 0o700)?;
+        let lock = Lock::exclusive(&home.index_lock())?;
+        let mut index = Self::read(home)?;
+        index._lock = Some(lock);
+        Ok(index)
+    }
+
+    /// Opens the index without creating anything: a vibebox home that does not exist
+    /// yet reads as an empty index. Used by commands that only look.
+    pub fn open_existing(home: &Home) -> Result<Index, Error> {
+        if !home.root().is_dir() {
+            return Ok(Index {
+                path: home.index(),
+                entries: Vec::new(),
+                dirty: false,
+                _lock: None,
+            });
+        }
+        Self::open(home)
+    }
+
+    fn read(home: &Home) -> Result<Index, Error> {
+        let path = home.index();
+        let text = statefile::read_nofollow(&path)?.unwrap_or_default();
+        let file: File = toml::from_str(&text).map_err(|e| {
+            let start = e.span().map_or(0, |s| s.start).min(text.len());
+            let before = &text[..text.floor_char_boundary(start)];
+            Error::CorruptIndex {
+                path: path.clone(),
+                line: before.matches('\n').count() + 1,
+                col: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        Ok(Index {
+            path,
+            entries: file.sessions,
+            dirty: false,
+            _lock: None,
+        })
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn get(&self, id: SessionId) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    pub fn upsert(&mut self, entry: Entry) {
+        match self.entries.iter_mut().find(|e| e.id == entry.id) {
+            Some(e) => *e = entry,
+            None => self.entries.push(entry),
+        }
+        self.dirty = true;
+    }
+
+    pub fn remove(&mut self, id: SessionId) -> Option<Entry> {
+        let pos = self.entries.iter().position(|e| e.id == id)?;
+        self.dirty = true;
+        Some(self.entries.remove(pos))
+    }
+
+    /// Drops entries whose directory no longer holds `.vibebox/session.toml` with their
+    /// id (the project was deleted, or its `.vibebox/` was). Returns what it dropped.
+    pub fn prune(&mut self) -> Vec<Entry> {
+        let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| is_live(e));
+        self.entries = keep;
+        if !gone.is_empty() {
+            self.dirty = true;
+        }
+        gone
+    }
+
+    /// Writes the index back if anything changed.
+    pub fn save(&mut self) -> Result<(), Error> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let file = File {
+            sessions: std::mem::take(&mut self.entries),
+        };
+        let text = toml::to_string(&file).expect("index serializes");
+        self.entries = file.sessions;
+        statefile::write_atomic(&self.path, text.as_bytes(), 0o600)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Whether the entry's directory still holds its session. Unreadable for other reasons
+/// (permissions, an unmounted disk that left a stale mount point) counts as live only
+/// when the `.vibebox` directory is still there, so a hiccup never drops a session.
+fn is_live(e: &Entry) -> bool {
+    match project::read_session_id(&crate::paths::Project::new(e.directory.clone())) {
+        Ok(Some(id)) => id == e.id,
+        Ok(None) => false,
+        Err(_) => e.directory.join(crate::paths::CACHE_DIR).exists(),
+    }
+}
+
+mod rfc3339 {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| serde::de::Error::custom(format!("last_active {s:?}: {e}")))
+    }
+}
+
+/// Current time at the precision the index stores.
+pub fn now() -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(0)
+}
