@@ -95,7 +95,7 @@ impl Host {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let memory_mb = host_memory_mb().unwrap_or(u64::MAX);
         let disk_gb = nix::sys::statvfs::statvfs(&home)
-            .map(|s| s.blocks() as u64 * s.fragment_size() as u64 / (1 << 30))
+            .map(|s| s.blocks() * s.fragment_size() / (1 << 30))
             .unwrap_or(u64::MAX);
         Ok(Host {
             cpus,
@@ -182,7 +182,7 @@ pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
 /// Parses and validates config text. `path` only labels errors.
 pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
     let at = |span: std::ops::Range<usize>, message: String| {
-        let (line, col) = line_col(text, span.start);
+        let (line, col) = crate::tomlpos::line_col(text, span.start);
         Error::Invalid {
             path: path.to_path_buf(),
             line,
@@ -190,15 +190,12 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
             message,
         }
     };
-    let raw: Raw = toml::from_str(text).map_err(|e| {
-        at(
-            e.span().unwrap_or(0..0),
-            explain_toml_error(e.message()),
-        )
-    })?;
+    let raw: Raw = toml::from_str(text)
+        .map_err(|e| at(e.span().unwrap_or(0..0), explain_toml_error(e.message())))?;
 
-    let int = |v: &Option<Spanned<i64>>, default: u64, min: i64, max: u64, what: &str, fix: &str| {
-        match v {
+    let int =
+        |v: &Option<Spanned<i64>>, default: u64, min: i64, max: u64, what: &str, fix: &str| match v
+        {
             None => Ok(default),
             Some(s) => {
                 let n = *s.get_ref();
@@ -211,8 +208,7 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
                     Ok(n as u64)
                 }
             }
-        }
-    };
+        };
     let b = &raw.box_;
     let cpus = int(
         &b.cpus,
@@ -224,7 +220,9 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
     )? as u32;
     let memory_mb = int(
         &b.memory_mb,
-        DEFAULT_MEMORY_MB.min(host.memory_mb / 2).max(MIN_MEMORY_MB as u64),
+        DEFAULT_MEMORY_MB
+            .min(host.memory_mb / 2)
+            .max(MIN_MEMORY_MB as u64),
         MIN_MEMORY_MB,
         host.memory_mb,
         "memory_mb",
@@ -303,9 +301,7 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
             };
             return Err(at(
                 span,
-                format!(
-                    "{label} is also used by {what}; give each mount its own guest path"
-                ),
+                format!("{label} is also used by {what}; give each mount its own guest path"),
             ));
         }
     }
@@ -364,15 +360,6 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
     })
 }
 
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..text.floor_char_boundary(offset)];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
-}
-
 /// Turns serde's "unknown field `x`, expected one of `a`, `b`" into a line with a
 /// did-you-mean hint.
 fn explain_toml_error(message: &str) -> String {
@@ -391,7 +378,10 @@ fn explain_toml_error(message: &str) -> String {
         .max_by(|a, b| a.0.total_cmp(&b.0));
     match best {
         Some((_, k)) => format!("unknown key `{field}`; did you mean `{k}`?"),
-        None => format!("unknown key `{field}`; known keys here: {}", known.join(", ")),
+        None => format!(
+            "unknown key `{field}`; known keys here: {}",
+            known.join(", ")
+        ),
     }
 }
 
@@ -485,9 +475,15 @@ mod tests {
     #[test]
     fn errors_have_line_and_column() {
         let e = err("[box]\ncpus = 0\n");
-        assert!(e.starts_with("/p/vibebox.toml:2:8: cpus = 0 is out of range"), "{e}");
+        assert!(
+            e.starts_with("/p/vibebox.toml:2:8: cpus = 0 is out of range"),
+            "{e}"
+        );
         let e = err("[box]\n  cpu = 2\n");
-        assert!(e.contains(":2:3:") && e.contains("did you mean `cpus`"), "{e}");
+        assert!(
+            e.contains(":2:3:") && e.contains("did you mean `cpus`"),
+            "{e}"
+        );
         let e = err("[boxx]\n");
         assert!(e.contains("did you mean `box`"), "{e}");
     }
@@ -509,12 +505,17 @@ mod tests {
         let e = err("[box]\nmounts = [\"/a:/b\", \"/c\"]");
         assert!(e.contains(":2:20:") && e.contains("no guest path"), "{e}");
         let e = err("[box]\nmounts = [\"/a:/x\", \"/c:/x:ro\"]");
-        assert!(e.contains(":2:20:") && e.contains("also used by another mount"), "{e}");
+        assert!(
+            e.contains(":2:20:") && e.contains("also used by another mount"),
+            "{e}"
+        );
         let e = err("[box]\nmounts = [\"/a:/p\"]");
         assert!(e.contains("also used by the project directory"), "{e}");
         let e = err("[box]\nmounts = [\"/a:~/x\", \"/b:/home/al/x\"]");
         assert!(e.contains("also used"), "{e}");
-        for bad in ["/", "/proc", "/sys/x", "/dev", "/etc", "/usr", "/bin", "/lib", "/boot", "/run"] {
+        for bad in [
+            "/", "/proc", "/sys/x", "/dev", "/etc", "/usr", "/bin", "/lib", "/boot", "/run",
+        ] {
             let e = err(&format!("[box]\nmounts = [\"/a:{bad}\"]"));
             assert!(e.contains("cannot be used"), "{bad}: {e}");
         }
@@ -525,18 +526,19 @@ mod tests {
     fn network_errors() {
         let e = err("[network]\nmode = \"open\"");
         assert!(e.contains(":2:8:") && e.contains("allowlist"), "{e}");
-        for bad in ["*", "*.com", "https://x.com", "x.com/a", "x.com:ssh", "1.2.3.4"] {
+        for bad in [
+            "*",
+            "*.com",
+            "https://x.com",
+            "x.com/a",
+            "x.com:ssh",
+            "1.2.3.4",
+        ] {
             let e = err(&format!("[network]\nentries = [\"{bad}\"]"));
             assert!(e.contains(":2:12: network entry"), "{bad}: {e}");
         }
         let c = load_text("[network]\nmode = \"blocklist\"\nentries = []").unwrap();
         assert_eq!(c.network.mode, Mode::Blocklist);
         assert!(c.network.entries.is_empty());
-    }
-
-    #[test]
-    fn line_col_counts_characters() {
-        assert_eq!(line_col("ab\nçd", 5), (2, 2));
-        assert_eq!(line_col("", 0), (1, 1));
     }
 }

@@ -10,4 +10,5 @@ pub mod paths;
 pub mod session;
 pub mod statefile;
 pub mod supervisor;
+pub mod tomlpos;
 pub mod vm;

@@ -20,7 +20,9 @@ pub enum Error {
     Read { path: PathBuf, source: io::Error },
     #[error("cannot lock {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
-    #[error("{path} is a symbolic link; vibebox does not follow links in its state (remove it and retry)")]
+    #[error(
+        "{path} is a symbolic link; vibebox does not follow links in its state (remove it and retry)"
+    )]
     Symlink { path: PathBuf },
 }
 
@@ -36,7 +38,10 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = dir.join(format!(
         ".{name}.tmp-{}-{}",
         std::process::id(),
@@ -73,7 +78,10 @@ pub fn write_new_atomic(path: &Path, data: &[u8], mode: u32) -> Result<bool, Err
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = dir.join(format!(
         ".{name}.new-{}-{}",
         std::process::id(),
@@ -137,18 +145,19 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), Error> {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(Error::Write {
             path: dir.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a directory"),
+            source: io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ),
         }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(dir)
-                .map_err(|source| Error::Write {
-                    path: dir.to_path_buf(),
-                    source,
-                })
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .map_err(|source| Error::Write {
+                path: dir.to_path_buf(),
+                source,
+            }),
         Err(source) => Err(Error::Read {
             path: dir.to_path_buf(),
             source,
@@ -216,7 +225,12 @@ mod tests {
         write_atomic(&link, b"new", 0o600).unwrap();
         assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
         assert_eq!(fs::read_to_string(&link).unwrap(), "new");
-        assert!(!fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(
+            !fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 
     #[test]
@@ -235,7 +249,11 @@ mod tests {
         let link = dir.path().join("s");
         std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
         assert!(matches!(read_nofollow(&link), Err(Error::Symlink { .. })));
-        assert!(read_nofollow(&dir.path().join("missing")).unwrap().is_none());
+        assert!(
+            read_nofollow(&dir.path().join("missing"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -50,9 +50,15 @@ pub fn run(home: &Home, query: &str, yes: bool) -> Result<(), Error> {
     index.save()?;
     let mut out = std::io::stdout().lock();
     let detail = if gone {
-        format!("its directory {} no longer exists", target.directory.display())
+        format!(
+            "its directory {} no longer exists",
+            target.directory.display()
+        )
     } else if removed_dir {
-        format!("removed {}", Project::new(target.directory.clone()).cache().display())
+        format!(
+            "removed {}",
+            Project::new(target.directory.clone()).cache().display()
+        )
     } else {
         format!("{} no longer held it", target.directory.display())
     };
@@ -97,4 +103,3 @@ fn confirm(target: &Entry, gone: bool) -> Result<(), Error> {
         )))
     }
 }
-

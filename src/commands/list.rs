@@ -17,10 +17,16 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
     let mut rows: Vec<(Entry, Status)> = index
         .entries()
         .iter()
-        .map(|e| (e.clone(), supervisor::status(&Project::new(e.directory.clone()))))
+        .map(|e| {
+            (
+                e.clone(),
+                supervisor::status(&Project::new(e.directory.clone())),
+            )
+        })
         .collect();
     drop(index);
-    rows.sort_by(|a, b| b.0.last_active.cmp(&a.0.last_active));
+    // Ties within a second fall back to the id: UUIDv7 ids sort by creation time.
+    rows.sort_by_key(|(e, _)| std::cmp::Reverse((e.last_active, e.id)));
 
     let mut out = std::io::stdout().lock();
     if as_json {
@@ -36,7 +42,11 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
                 })
             })
             .collect();
-        writeln!(out, "{}", serde_json::to_string_pretty(&items).expect("json"))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&items).expect("json")
+        )?;
         return Ok(());
     }
     if rows.is_empty() {
@@ -91,7 +101,12 @@ pub fn render(rows: &[[String; 5]], width: Option<usize>) -> String {
         }
     }
     if let Some(total) = width {
-        let others: usize = widths.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, w)| w).sum();
+        let others: usize = widths
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, w)| w)
+            .sum();
         let avail = total.saturating_sub(others + GAP * (HEADERS.len() - 1));
         widths[1] = widths[1].min(avail.max(MIN_DIR));
     }
@@ -100,7 +115,11 @@ pub fn render(rows: &[[String; 5]], width: Option<usize>) -> String {
     for r in std::iter::once(header.as_slice()).chain(rows.iter().map(|r| r.as_slice())) {
         let mut line = String::new();
         for (i, cell) in r.iter().enumerate() {
-            let cell = if i == 1 { shorten_left(cell, widths[1]) } else { cell.clone() };
+            let cell = if i == 1 {
+                shorten_left(cell, widths[1])
+            } else {
+                cell.clone()
+            };
             if i + 1 == r.len() {
                 line.push_str(&cell);
             } else {
@@ -166,7 +185,10 @@ mod tests {
                 "2 min ago".to_string(),
             ]
         };
-        let rows = vec![row("/home/al/a-very-long-project-directory-name"), row("/p")];
+        let rows = vec![
+            row("/home/al/a-very-long-project-directory-name"),
+            row("/p"),
+        ];
         let wide = render(&rows, None);
         let lines: Vec<&str> = wide.lines().collect();
         let col = lines[0].find("STATE").unwrap();

@@ -60,21 +60,23 @@ pub enum RuleError {
     Url(String),
     #[error("{0:?} contains a path; write only the domain, e.g. \"example.com\"")]
     Path(String),
-    #[error(
-        "{0:?} would match every name; list the domains to allow, or use mode = \"blocklist\""
-    )]
+    #[error("{0:?} would match every name; list the domains to allow, or use mode = \"blocklist\"")]
     MatchAll(String),
-    #[error("{0:?}: a wildcard may only be the first label, as \"*.example.com\" or \"**.example.com\"")]
+    #[error(
+        "{0:?}: a wildcard may only be the first label, as \"*.example.com\" or \"**.example.com\""
+    )]
     MisplacedWildcard(String),
-    #[error("{0:?} is an IP address; name the domain instead (the gateway pins the addresses DNS returns)")]
+    #[error(
+        "{0:?} is an IP address; name the domain instead (the gateway pins the addresses DNS returns)"
+    )]
     IpLiteral(String),
     #[error("{entry:?}: port {port:?} is not a number from 1 to 65535")]
     BadPort { entry: String, port: String },
-    #[error("{0:?} is not a valid domain name (letters, digits, '-' and dots, at least two labels)")]
-    BadName(String),
     #[error(
-        "{0:?} covers a whole public suffix (every site under it); name the domains you mean"
+        "{0:?} is not a valid domain name (letters, digits, '-' and dots, at least two labels)"
     )]
+    BadName(String),
+    #[error("{0:?} covers a whole public suffix (every site under it); name the domains you mean")]
     PublicSuffix(String),
 }
 
@@ -215,9 +217,8 @@ pub fn normalize_name(name: &str) -> Option<String> {
 /// Only the ICANN section counts: the private section lists hosting domains such as
 /// `githubusercontent.com`, whose subdomains agents legitimately need.
 fn is_public_suffix(name: &str) -> bool {
-    psl::suffix(name.as_bytes()).is_some_and(|s| {
-        s.as_bytes() == name.as_bytes() && s.typ() == Some(psl::Type::Icann)
-    })
+    psl::suffix(name.as_bytes())
+        .is_some_and(|s| s.as_bytes() == name.as_bytes() && s.typ() == Some(psl::Type::Icann))
 }
 
 #[cfg(test)]

@@ -63,12 +63,11 @@ impl Index {
         let path = home.index();
         let text = statefile::read_nofollow(&path)?.unwrap_or_default();
         let file: File = toml::from_str(&text).map_err(|e| {
-            let start = e.span().map_or(0, |s| s.start).min(text.len());
-            let before = &text[..text.floor_char_boundary(start)];
+            let (line, col) = crate::tomlpos::error_line_col(&text, &e);
             Error::CorruptIndex {
                 path: path.clone(),
-                line: before.matches('\n').count() + 1,
-                col: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                line,
+                col,
                 message: e.message().trim().to_string(),
             }
         })?;
@@ -107,7 +106,7 @@ impl Index {
     pub fn prune(&mut self) -> Vec<Entry> {
         let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
             .into_iter()
-            .partition(|e| is_live(e));
+            .partition(is_live);
         self.entries = keep;
         if !gone.is_empty() {
             self.dirty = true;

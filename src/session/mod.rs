@@ -60,7 +60,9 @@ impl fmt::Display for SessionId {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}:{line}:{col}: {message}; the file is left as it is: fix it, or move it away to start a new index")]
+    #[error(
+        "{path}:{line}:{col}: {message}; the file is left as it is: fix it, or move it away to start a new index"
+    )]
     CorruptIndex {
         path: PathBuf,
         line: usize,
@@ -95,11 +97,23 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "7");
         assert_eq!(s.parse::<SessionId>().unwrap(), id);
-        assert!("019bf290-cccc-7c23-ba1d-dce7e6d40693".parse::<SessionId>().is_ok());
+        assert!(
+            "019bf290-cccc-7c23-ba1d-dce7e6d40693"
+                .parse::<SessionId>()
+                .is_ok()
+        );
         // v4
-        assert!("f47ac10b-58cc-4372-a567-0e02b2c3d479".parse::<SessionId>().is_err());
+        assert!(
+            "f47ac10b-58cc-4372-a567-0e02b2c3d479"
+                .parse::<SessionId>()
+                .is_err()
+        );
         // v7 but wrong variant
-        assert!("019bf290-cccc-7c23-fa1d-dce7e6d40693".parse::<SessionId>().is_err());
+        assert!(
+            "019bf290-cccc-7c23-fa1d-dce7e6d40693"
+                .parse::<SessionId>()
+                .is_err()
+        );
         assert!("nope".parse::<SessionId>().is_err());
     }
 }

@@ -18,9 +18,30 @@ const FALLBACK_UID: u32 = 1000;
 
 /// Names the base image already owns (Debian system accounts).
 const RESERVED: &[&str] = &[
-    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
-    "proxy", "www-data", "backup", "list", "irc", "_apt", "nobody", "sshd", "messagebus",
-    "systemd-network", "systemd-resolve", "systemd-timesync", "polkitd",
+    "root",
+    "daemon",
+    "bin",
+    "sys",
+    "sync",
+    "games",
+    "man",
+    "lp",
+    "mail",
+    "news",
+    "uucp",
+    "proxy",
+    "www-data",
+    "backup",
+    "list",
+    "irc",
+    "_apt",
+    "nobody",
+    "sshd",
+    "messagebus",
+    "systemd-network",
+    "systemd-resolve",
+    "systemd-timesync",
+    "polkitd",
 ];
 
 impl GuestUser {

@@ -49,9 +49,7 @@ pub enum SpecError {
     MissingGuest(String),
     #[error("mount {0:?} has an empty path; write \"host:guest\" or \"host:guest:ro\"")]
     EmptyPath(String),
-    #[error(
-        "mount {spec:?}: unknown mode {mode:?}; use ro, rw, read-only or read-write"
-    )]
+    #[error("mount {spec:?}: unknown mode {mode:?}; use ro, rw, read-only or read-write")]
     BadMode { spec: String, mode: String },
     #[error("mount {0:?} has too many ':' (paths containing ':' are not supported)")]
     TooManyColons(String),
@@ -173,9 +171,7 @@ fn expand(p: &str, home: &Path, base: &Path) -> PathBuf {
 
 /// Lexical clean-up: drops `.` components and trailing slashes.
 fn normalize(p: &Path) -> PathBuf {
-    p.components()
-        .filter(|c| *c != Component::CurDir)
-        .collect()
+    p.components().filter(|c| *c != Component::CurDir).collect()
 }
 
 /// Why a guest path cannot be used, if it cannot.
@@ -236,7 +232,10 @@ mod tests {
             project: Path::new("/Users/al/p"),
         };
         let m = resolve(
-            &[spec("~/.gitconfig:~/.gitconfig:ro"), spec("data/:cache/./x")],
+            &[
+                spec("~/.gitconfig:~/.gitconfig:ro"),
+                spec("data/:cache/./x"),
+            ],
             &homes,
         );
         assert_eq!(m[0].origin, Origin::Project);

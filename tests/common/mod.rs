@@ -1,0 +1,102 @@
+//! Shared test fixtures: a private VIBEBOX_HOME and HOME per test, and the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("vbx-test-")
+            .tempdir()
+            .unwrap();
+        std::fs::create_dir_all(tmp.path().join("home")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("vhome")).unwrap();
+        Env { tmp }
+    }
+
+    /// A host home directory for the test, so nothing touches the real one.
+    pub fn home(&self) -> PathBuf {
+        self.tmp.path().join("home")
+    }
+
+    pub fn vibebox_home(&self) -> PathBuf {
+        self.tmp.path().join("vhome")
+    }
+
+    pub fn index(&self) -> PathBuf {
+        self.vibebox_home().join("sessions.toml")
+    }
+
+    /// Creates (and canonicalises) a project directory under the test's temp dir.
+    pub fn project(&self, name: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p.canonicalize().unwrap()
+    }
+
+    /// `vibebox` run in `dir`, with the test's homes and no terminal.
+    pub fn cmd(&self, dir: &Path) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vibebox"));
+        c.current_dir(dir)
+            .env("VIBEBOX_HOME", self.vibebox_home())
+            .env("HOME", self.home())
+            .env_remove("COLUMNS")
+            .env_remove("VIBEBOX_LOG");
+        c
+    }
+}
+
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run(mut c: Command) -> Out {
+    let o = c.stdin(std::process::Stdio::null()).output().unwrap();
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// The session id `vibebox` printed ("session <id> (...)").
+pub fn printed_id(out: &Out) -> String {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no session line in {:?} / {:?}", out.stdout, out.stderr))
+        .to_string()
+}
+
+pub fn session_file_id(project: &Path) -> String {
+    let text = std::fs::read_to_string(project.join(".vibebox/session.toml")).unwrap();
+    let v: toml::Table = toml::from_str(&text).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// The index as (id, directory) pairs.
+pub fn index_entries(env: &Env) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(env.index()).unwrap_or_default();
+    let v: toml::Table = toml::from_str(&text).unwrap();
+    v.get("session")
+        .and_then(|s| s.as_array())
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["id"].as_str().unwrap().to_string(),
+                        e["directory"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
