@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod explain;
+pub mod image;
 pub mod net;
 pub mod paths;
 pub mod session;

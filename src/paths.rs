@@ -60,6 +60,38 @@ impl Home {
     pub fn images(&self) -> PathBuf {
         self.root.join("images")
     }
+    /// Per-session runtime state lives here, keyed by id, not in the project: the
+    /// guest can write the whole project directory, and a guest that could edit the
+    /// VM's disk header, the ssh config or the sockets the host uses would escape.
+    pub fn session(&self, id: impl std::fmt::Display) -> SessionDir {
+        SessionDir {
+            dir: self.root.join("sessions").join(id.to_string()),
+        }
+    }
+}
+
+/// `~/.vibebox/sessions/<id>/`: everything a session owns besides its project marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionDir {
+    dir: PathBuf,
+}
+
+impl SessionDir {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.dir.join("ssh")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+    pub fn instance(&self) -> PathBuf {
+        self.dir.join("instance.toml")
+    }
 }
 
 /// Paths inside one project directory.
@@ -83,17 +115,5 @@ impl Project {
     }
     pub fn session_file(&self) -> PathBuf {
         self.cache().join("session.toml")
-    }
-    pub fn disk(&self) -> PathBuf {
-        self.cache().join("disk.qcow2")
-    }
-    pub fn ssh_dir(&self) -> PathBuf {
-        self.cache().join("ssh")
-    }
-    pub fn logs(&self) -> PathBuf {
-        self.cache().join("logs")
-    }
-    pub fn instance(&self) -> PathBuf {
-        self.cache().join("instance.toml")
     }
 }

@@ -129,6 +129,12 @@ fn pruning_drops_sessions_whose_directory_lost_them() {
         assert_eq!(run(env.cmd(p)).code, 0);
     }
     let keep = session_file_id(&c);
+    let state = |p: &std::path::Path| env.vibebox_home().join("sessions").join(session_file_id(p));
+    let (state_a, state_b, state_c) = (state(&a), state(&b), state(&c));
+    for s in [&state_a, &state_b, &state_c] {
+        fs::create_dir_all(s).unwrap();
+        fs::write(s.join("disk.qcow2"), "disk").unwrap();
+    }
     fs::remove_dir_all(a.join(".vibebox")).unwrap();
     fs::remove_dir_all(&b).unwrap();
     let out = run({
@@ -141,6 +147,11 @@ fn pruning_drops_sessions_whose_directory_lost_them() {
     assert_eq!(v.as_array().unwrap().len(), 1);
     assert_eq!(v[0]["id"], keep);
     assert_eq!(index_entries(&env), vec![(keep, c.display().to_string())]);
+    assert!(
+        !state_a.exists() && !state_b.exists(),
+        "a deleted session's disk goes too"
+    );
+    assert!(state_c.join("disk.qcow2").exists());
 }
 
 #[test]
@@ -165,8 +176,9 @@ fn copied_project_gets_a_new_session_and_is_told() {
     let env = Env::new();
     let a = env.project("a");
     let id = printed_id(&run(env.cmd(&a)));
-    fs::create_dir_all(a.join(".vibebox/ssh")).unwrap();
-    fs::write(a.join(".vibebox/ssh/id_ed25519"), "secret of a").unwrap();
+    let state_a = env.vibebox_home().join("sessions").join(&id);
+    fs::create_dir_all(state_a.join("ssh")).unwrap();
+    fs::write(state_a.join("ssh/id_ed25519"), "secret of a").unwrap();
     let b = env.project("b");
     let status = std::process::Command::new("cp")
         .args(["-a", &format!("{}/.", a.display()), b.to_str().unwrap()])
@@ -185,10 +197,10 @@ fn copied_project_gets_a_new_session_and_is_told() {
     assert_eq!(session_file_id(&a), id);
     assert_eq!(session_file_id(&b), new_id);
     assert!(
-        !b.join(".vibebox/ssh").exists(),
-        "copied keys must not be reused"
+        !env.vibebox_home().join("sessions").join(&new_id).exists(),
+        "the copy starts with fresh state, not the original's keys"
     );
-    assert!(a.join(".vibebox/ssh/id_ed25519").exists());
+    assert!(state_a.join("ssh/id_ed25519").exists());
     let mut entries = index_entries(&env);
     entries.sort();
     let mut want = vec![
@@ -457,9 +469,13 @@ fn delete_by_full_id_prefix_and_the_errors() {
     assert!(out.stderr.contains("-y"), "{}", out.stderr);
     assert!(a.join(".vibebox").exists());
 
+    let state_a = env.vibebox_home().join("sessions").join(&id_a);
+    fs::create_dir_all(&state_a).unwrap();
+    fs::write(state_a.join("disk.qcow2"), "disk").unwrap();
     let out = delete(&env, &a, &["-y", &id_a]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(!a.join(".vibebox").exists());
+    assert!(!state_a.exists(), "delete removes the VM disk and keys");
     assert!(
         a.join("vibebox.toml").exists(),
         "the config is the user's; it stays"

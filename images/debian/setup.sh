@@ -21,6 +21,7 @@ CODENAME=${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}
 say "installing guest files"
 chmod 0755 "$G/vibebox-init"
 install -m 0644 "$G/vibebox-init.service" /etc/systemd/system/vibebox-init.service
+install -m 0644 "$G/vibebox-mounts.service" /etc/systemd/system/vibebox-mounts.service
 install -m 0644 "$G/vibebox-ready.service" /etc/systemd/system/vibebox-ready.service
 install -m 0644 "$G/vibebox.sh" /etc/profile.d/vibebox.sh
 install -m 0644 "$G/sshd_config.conf" /etc/ssh/sshd_config.d/10-vibebox.conf
@@ -29,7 +30,7 @@ if ! grep -q 'profile.d/vibebox.sh' /etc/bash.bashrc; then
     printf '\n# vibebox commands (:help, :explain, ...)\n[ -r /etc/profile.d/vibebox.sh ] && . /etc/profile.d/vibebox.sh\n' \
         >> /etc/bash.bashrc
 fi
-systemctl enable vibebox-init.service vibebox-ready.service
+systemctl enable vibebox-init.service vibebox-mounts.service vibebox-ready.service
 
 # --- network: systemd-networkd DHCP on every ethernet NIC ------------------------
 say "configuring network"
@@ -87,7 +88,44 @@ crc32c_generic
 EOF
 
 # --- boot speed: nothing a throwaway VM needs -------------------------------------
-say "masking units"
+# Under TCG every module load and every process costs; udev's coldplug would
+# load drivers for emulated legacy hardware nobody uses.
+say "blacklisting modules, masking units"
+cat > /etc/modprobe.d/vibebox-blacklist.conf <<'EOF'
+# vibebox: drivers a VM never needs (legacy PC devices, host virtualisation,
+# wireless). Saves seconds of boot under TCG.
+blacklist floppy
+blacklist pcspkr
+blacklist kvm
+blacklist kvm_amd
+blacklist kvm_intel
+blacklist ccp
+blacklist ata_piix
+blacklist ata_generic
+blacklist pata_acpi
+blacklist i2c_piix4
+blacklist serio_raw
+blacklist cfg80211
+blacklist rfkill
+blacklist drm
+blacklist bochs
+blacklist vmw_vmci
+blacklist vmw_vsock_vmci_transport
+blacklist intel_rapl_msr
+blacklist intel_rapl_common
+blacklist powernow_k8
+blacklist acpi_cpufreq
+blacklist edac_mce_amd
+blacklist sg
+blacklist sr_mod
+EOF
+# The ssh generator probes AF_VSOCK (loads vsock/vmci) to offer sshd on vsock.
+mkdir -p /etc/systemd/system-generators
+ln -sf /dev/null /etc/systemd/system-generators/systemd-ssh-generator
+# Keep the per-user manager once started (vibebox-ready starts it right after
+# "ready"), so ssh logins do not wait for it.
+mkdir -p /etc/systemd/logind.conf.d
+printf '[Login]\nUserStopDelaySec=infinity\n' > /etc/systemd/logind.conf.d/vibebox.conf
 systemctl mask \
     apt-daily.timer apt-daily-upgrade.timer apt-daily.service apt-daily-upgrade.service \
     dpkg-db-backup.timer dpkg-db-backup.service \
@@ -95,7 +133,7 @@ systemctl mask \
     man-db.timer man-db.service \
     getty@.service serial-getty@.service console-getty.service \
     systemd-firstboot.service sshd-keygen.service \
-    systemd-pstore.service \
+    systemd-pstore.service modprobe@drm.service \
     >/dev/null
 # Not every unit exists in every release: masking a missing one is harmless.
 
@@ -137,6 +175,13 @@ EOF
 # --- initramfs (after all config above) ------------------------------------------
 say "rebuilding initramfs"
 update-initramfs -u -k all
+
+# First-boot caches, done now rather than in every new VM (ldconfig.service,
+# systemd-journal-catalog-update.service, systemd-update-done.service check
+# ConditionNeedsUpdate against these stamps).
+ldconfig
+journalctl --update-catalog 2>/dev/null || true
+touch /etc/.updated /var/.updated
 
 # --- per-instance state: every overlay gets its own -----------------------------
 say "cleaning"

@@ -45,8 +45,8 @@ pub fn run(home: &Home, query: &str, yes: bool) -> Result<(), Error> {
     }
     let mut index = Index::open(home)?;
     let removed_dir = project::remove_cache(&Project::new(target.directory.clone()), target.id)?;
-    index.remove(target.id);
-    index.prune();
+    index.delete(target.id)?;
+    index.prune()?;
     index.save()?;
     let mut out = std::io::stdout().lock();
     let detail = if gone {
@@ -85,10 +85,9 @@ fn confirm(target: &Entry, gone: bool) -> Result<(), Error> {
     } else {
         write!(
             err,
-            "Delete session {} of {}? Its VM disk and keys in {} are removed for good. [y/N] ",
+            "Delete session {} of {}? Its VM disk and keys are removed for good. [y/N] ",
             target.id,
             target.directory.display(),
-            Project::new(target.directory.clone()).cache().display()
         )?;
     }
     err.flush()?;

@@ -6,23 +6,18 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::Error;
-use crate::paths::{Home, Project};
+use crate::paths::Home;
 use crate::session::index::{Entry, Index};
 use crate::supervisor::{self, Status};
 
 pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
     let mut index = Index::open_existing(home)?;
-    index.prune();
+    index.prune()?;
     index.save()?;
     let mut rows: Vec<(Entry, Status)> = index
         .entries()
         .iter()
-        .map(|e| {
-            (
-                e.clone(),
-                supervisor::status(&Project::new(e.directory.clone())),
-            )
-        })
+        .map(|e| (e.clone(), supervisor::status(&home.session(e.id))))
         .collect();
     drop(index);
     // Ties within a second fall back to the id: UUIDv7 ids sort by creation time.

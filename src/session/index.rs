@@ -29,6 +29,7 @@ struct File {
 /// The index, read under its lock; the lock is held until this value is dropped, so a
 /// read-modify-write through it is atomic with respect to other vibebox processes.
 pub struct Index {
+    home: Home,
     path: PathBuf,
     entries: Vec<Entry>,
     dirty: bool,
@@ -50,6 +51,7 @@ impl Index {
     pub fn open_existing(home: &Home) -> Result<Index, Error> {
         if !home.root().is_dir() {
             return Ok(Index {
+                home: home.clone(),
                 path: home.index(),
                 entries: Vec::new(),
                 dirty: false,
@@ -72,6 +74,7 @@ impl Index {
             }
         })?;
         Ok(Index {
+            home: home.clone(),
             path,
             entries: file.sessions,
             dirty: false,
@@ -102,8 +105,9 @@ impl Index {
     }
 
     /// Drops entries whose directory no longer holds `.vibebox/session.toml` with their
-    /// id (the project was deleted, or its `.vibebox/` was). Returns what it dropped.
-    pub fn prune(&mut self) -> Vec<Entry> {
+    /// id (the project was deleted, or its `.vibebox/` was), and deletes their state:
+    /// that is the documented way to delete a session. Returns what it dropped.
+    pub fn prune(&mut self) -> Result<Vec<Entry>, Error> {
         let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
             .into_iter()
             .partition(is_live);
@@ -111,7 +115,16 @@ impl Index {
         if !gone.is_empty() {
             self.dirty = true;
         }
-        gone
+        for e in &gone {
+            remove_state(&self.home, e.id)?;
+        }
+        Ok(gone)
+    }
+
+    /// Removes an entry and the session's state directory.
+    pub fn delete(&mut self, id: SessionId) -> Result<Option<Entry>, Error> {
+        remove_state(&self.home, id)?;
+        Ok(self.remove(id))
     }
 
     /// Writes the index back if anything changed.
@@ -131,6 +144,15 @@ impl Index {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+fn remove_state(home: &Home, id: SessionId) -> Result<(), Error> {
+    let dir = home.session(id).dir().to_path_buf();
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Dir { path: dir, source }),
     }
 }
 

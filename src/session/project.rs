@@ -83,7 +83,7 @@ pub enum Found {
     /// The directory was renamed or moved from `from`; the index now points here.
     Moved { from: PathBuf },
     /// The directory is a copy of `original`, which still holds `original_id`; the copy
-    /// got a new session.
+    /// got a new session (with a fresh VM: the original's disk and keys are its own).
     Copied {
         original: PathBuf,
         original_id: SessionId,
@@ -119,7 +119,6 @@ pub fn find_or_create(home: &Home, root: &Path) -> Result<Outcome, Error> {
                 let other = Project::new(e.directory.clone());
                 if matches!(read_session_id(&other), Ok(Some(other_id)) if other_id == id) {
                     let original = e.directory.clone();
-                    clear_copied_state(&project)?;
                     (
                         SessionId::new(),
                         Found::Copied {
@@ -147,24 +146,9 @@ pub fn find_or_create(home: &Home, root: &Path) -> Result<Outcome, Error> {
         directory: root.to_path_buf(),
         last_active: index::now(),
     });
-    index.prune();
+    index.prune()?;
     index.save()?;
     Ok(Outcome { id, project, found })
-}
-
-/// A copied `.vibebox/` carries the original's keys and runtime files; they belong to
-/// the original session. The disk and logs stay: the copy starts as a fork of the VM.
-fn clear_copied_state(project: &Project) -> Result<(), Error> {
-    for path in [project.ssh_dir(), project.instance()] {
-        let res = match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&path),
-            Ok(_) => fs::remove_file(&path),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        };
-        res.map_err(|source| Error::Dir { path, source })?;
-    }
-    Ok(())
 }
 
 /// Removes a project's `.vibebox/` if it still belongs to `id`. A symlink planted in

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::paths::Project;
+use crate::paths::SessionDir;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,8 +31,8 @@ pub struct Status {
     pub clients: u32,
 }
 
-/// What the supervisor of `project` reports.
-pub fn status(_project: &Project) -> Status {
+/// What the supervisor of a session reports.
+pub fn status(_session: &SessionDir) -> Status {
     Status {
         state: State::Stopped,
         clients: 0,
