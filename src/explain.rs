@@ -68,7 +68,7 @@ pub fn text(f: &Facts<'_>) -> String {
         out.push_str(&format!("  {e}\n"));
     }
     out.push_str(&format!(
-        "\nStorage (relative to the project):\n  {:<13} configuration (commit it)\n  {:<13} session state: VM disk, SSH keys, logs (deleting it deletes the session)\n",
+        "\nStorage (relative to the project):\n  {:<13} configuration (commit it)\n  {:<13} this session's marker (deleting it deletes the session, VM disk included)\n",
         CONFIG_FILE,
         format!("{CACHE_DIR}/")
     ));
@@ -144,7 +144,7 @@ mod tests {
         assert!(lines[7].starts_with("Network: blocklist (NOT ENFORCED YET"));
         assert_eq!(lines[8], "  evil.example");
         assert!(t.contains("\n  vibebox.toml  configuration"));
-        assert!(t.contains("\n  .vibebox/     session state"));
+        assert!(t.contains("\n  .vibebox/     this session's marker"));
     }
 
     #[test]

@@ -10,7 +10,10 @@ const MAGIC: &[u8; 4] = b"QFI\xfb";
 const MAX_BACKING_LEN: u32 = 1023;
 
 /// The backing file named in a qcow2 header, parsed from its first bytes.
-pub fn backing_from_header(header: &[u8], read_at: impl Fn(u64, usize) -> Option<Vec<u8>>) -> Option<PathBuf> {
+pub fn backing_from_header(
+    header: &[u8],
+    read_at: impl Fn(u64, usize) -> Option<Vec<u8>>,
+) -> Option<PathBuf> {
     if header.len() < 20 || &header[..4] != MAGIC {
         return None;
     }
@@ -51,7 +54,10 @@ mod tests {
         img[16..20].copy_from_slice(&9u32.to_be_bytes());
         img[100..109].copy_from_slice(b"/img/base");
         let at = |o: u64, l: usize| img.get(o as usize..o as usize + l).map(|s| s.to_vec());
-        assert_eq!(backing_from_header(&img[..20], at), Some(PathBuf::from("/img/base")));
+        assert_eq!(
+            backing_from_header(&img[..20], at),
+            Some(PathBuf::from("/img/base"))
+        );
         let mut bad = img.clone();
         bad[0] = b'X';
         assert_eq!(backing_from_header(&bad[..20], at), None);
