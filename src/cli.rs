@@ -33,10 +33,37 @@ pub enum Command {
         #[arg(short = 'y', long = "yes")]
         yes: bool,
     },
+    /// Manage base images (`~/.vibebox/images/`).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Show what this project's VM can see and reach: mounts, network, storage.
     Explain {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build a base image from Debian's packages (Linux, as root).
+    Build {
+        /// Debian release codename.
+        #[arg(long, default_value = "trixie")]
+        release: String,
+        /// Guest architecture (x86_64 or aarch64); defaults to the host's.
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    /// List the base images.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a base image (refused while a session uses it).
+    Rm {
+        /// The image's full name (as `vibebox image list` shows it) or its short name.
+        name: String,
     },
 }

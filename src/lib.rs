@@ -6,6 +6,7 @@ pub mod commands;
 pub mod config;
 pub mod explain;
 pub mod image;
+pub mod interrupt;
 pub mod net;
 pub mod paths;
 pub mod session;

@@ -78,6 +78,17 @@ MODULES=list
 RESUME=none
 COMPRESS=zstd
 EOF
+# No udev in the initramfs: the modules listed below are loaded explicitly and
+# devtmpfs creates /dev/vda; udev's coldplug there costs seconds under TCG.
+# (initramfs-tools' wait_for_udev is a no-op without udevadm.)
+cat > /etc/initramfs-tools/hooks/zz-vibebox-no-udev <<'EOF'
+#!/bin/sh
+case "$1" in prereqs) exit 0 ;; esac
+rm -f "$DESTDIR/scripts/init-top/udev" "$DESTDIR/scripts/init-bottom/udev" \
+    "$DESTDIR/usr/bin/udevadm" "$DESTDIR/usr/lib/systemd/systemd-udevd"
+rm -rf "$DESTDIR/usr/lib/udev" "$DESTDIR/etc/udev"
+EOF
+chmod 0755 /etc/initramfs-tools/hooks/zz-vibebox-no-udev
 cat > /etc/initramfs-tools/modules <<'EOF'
 # vibebox: direct kernel boot with root=/dev/vda
 virtio_pci

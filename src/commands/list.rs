@@ -52,10 +52,10 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
         return Ok(());
     }
     let now = Utc::now();
-    let table: Vec<[String; 5]> = rows
+    let table: Vec<Vec<String>> = rows
         .iter()
         .map(|(e, s)| {
-            [
+            vec![
                 e.id.to_string(),
                 e.directory.display().to_string(),
                 s.state.as_str().to_string(),
@@ -64,13 +64,15 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
             ]
         })
         .collect();
-    write!(out, "{}", render(&table, terminal_width()))?;
+    write!(
+        out,
+        "{}",
+        super::table::render(&HEADERS, &table, terminal_width().map(|w| (w, 1)))
+    )?;
     Ok(())
 }
 
 const HEADERS: [&str; 5] = ["ID", "DIRECTORY", "STATE", "CLIENTS", "LAST ACTIVE"];
-const GAP: usize = 2;
-const MIN_DIR: usize = 12;
 
 /// `COLUMNS` wins (scripts and tests set it); else the terminal's width when stdout is
 /// one; else no limit.
@@ -83,60 +85,6 @@ fn terminal_width() -> Option<usize> {
     } else {
         None
     }
-}
-
-/// Aligns the columns; when a width is given, shortens DIRECTORY from the left (the
-/// end of a path is the part that tells projects apart) so each row fits.
-pub fn render(rows: &[[String; 5]], width: Option<usize>) -> String {
-    let len = |s: &str| s.chars().count();
-    let mut widths: Vec<usize> = HEADERS.iter().map(|h| len(h)).collect();
-    for r in rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(len(cell));
-        }
-    }
-    if let Some(total) = width {
-        let others: usize = widths
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != 1)
-            .map(|(_, w)| w)
-            .sum();
-        let avail = total.saturating_sub(others + GAP * (HEADERS.len() - 1));
-        widths[1] = widths[1].min(avail.max(MIN_DIR));
-    }
-    let mut out = String::new();
-    let header: Vec<String> = HEADERS.iter().map(|h| h.to_string()).collect();
-    for r in std::iter::once(header.as_slice()).chain(rows.iter().map(|r| r.as_slice())) {
-        let mut line = String::new();
-        for (i, cell) in r.iter().enumerate() {
-            let cell = if i == 1 {
-                shorten_left(cell, widths[1])
-            } else {
-                cell.clone()
-            };
-            if i + 1 == r.len() {
-                line.push_str(&cell);
-            } else {
-                let pad = widths[i] + GAP - len(&cell);
-                line.push_str(&cell);
-                line.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-fn shorten_left(s: &str, width: usize) -> String {
-    let n = s.chars().count();
-    if n <= width {
-        return s.to_string();
-    }
-    let keep = width.saturating_sub(1);
-    let tail: String = s.chars().skip(n - keep).collect();
-    format!("…{tail}")
 }
 
 /// "just now", "5 s ago", "2 min ago", "3 h ago", "4 days ago".
@@ -167,33 +115,5 @@ mod tests {
         assert_eq!(ago(7200), "2 h ago");
         assert_eq!(ago(90_000), "1 day ago");
         assert_eq!(ago(3 * 86_400), "3 days ago");
-    }
-
-    #[test]
-    fn render_aligns_and_fits() {
-        let row = |d: &str| {
-            [
-                "019bf290-cccc-7c23-ba1d-dce7e6d40693".to_string(),
-                d.to_string(),
-                "stopped".to_string(),
-                "0".to_string(),
-                "2 min ago".to_string(),
-            ]
-        };
-        let rows = vec![
-            row("/home/al/a-very-long-project-directory-name"),
-            row("/p"),
-        ];
-        let wide = render(&rows, None);
-        let lines: Vec<&str> = wide.lines().collect();
-        let col = lines[0].find("STATE").unwrap();
-        assert!(lines.iter().all(|l| l.chars().count() > col));
-        assert_eq!(lines[1].find("stopped"), Some(col));
-        let narrow = render(&rows, Some(90));
-        for l in narrow.lines() {
-            assert!(l.chars().count() <= 90, "{l:?}");
-        }
-        assert!(narrow.contains("…"), "{narrow}");
-        assert!(narrow.contains("directory-name"));
     }
 }

@@ -2,7 +2,9 @@
 
 pub mod delete;
 pub mod explain;
+pub mod image;
 pub mod list;
+pub mod table;
 pub mod up;
 
 use std::path::PathBuf;
@@ -20,6 +22,13 @@ pub enum Error {
     Paths(#[from] crate::paths::Error),
     #[error(transparent)]
     State(#[from] crate::statefile::Error),
+    #[error(transparent)]
+    Image(#[from] crate::image::Error),
+    #[error(transparent)]
+    Build(#[from] crate::image::build::BuildError),
+    /// Refused because something still uses it; the message names what.
+    #[error("{0}")]
+    InUse(String),
     /// Bad arguments: the message says what to type instead.
     #[error("{0}")]
     Usage(String),
@@ -40,6 +49,11 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) | Error::Dir { .. } | Error::Paths(_) => 2,
+            Error::Build(crate::image::build::BuildError::Interrupted) => 130,
+            Error::Build(
+                crate::image::build::BuildError::BadArch(_)
+                | crate::image::build::BuildError::BadRelease(_),
+            ) => 2,
             _ => 1,
         }
     }
@@ -71,6 +85,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         None => up::run(&home, &start_dir(&cli)?),
         Some(Command::List { json }) => list::run(&home, *json),
         Some(Command::Delete { id, yes }) => delete::run(&home, id, *yes),
+        Some(Command::Image(cmd)) => image::run(&home, cmd),
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
     }
 }

@@ -1,8 +1,10 @@
 //! Base images: the immutable, prepared guest images under `~/.vibebox/images/`.
 
+pub mod build;
 pub mod digest;
 pub mod manifest;
 pub mod qcow2;
+pub mod recipe;
 pub mod store;
 
 use std::path::PathBuf;
