@@ -45,7 +45,15 @@ const RESERVED: &[&str] = &[
 ];
 
 impl GuestUser {
+    /// Root on the host logs in as root in the guest (key only), so that files
+    /// written through a share are owned by root on both sides.
     pub fn from_host(name: &str, uid: u32) -> GuestUser {
+        if uid == 0 {
+            return GuestUser {
+                name: "root".to_string(),
+                uid: 0,
+            };
+        }
         let valid = !name.is_empty()
             && name.len() <= 32
             && name
@@ -80,7 +88,11 @@ impl GuestUser {
     }
 
     pub fn home(&self) -> PathBuf {
-        PathBuf::from("/home").join(&self.name)
+        if self.uid == 0 {
+            PathBuf::from("/root")
+        } else {
+            PathBuf::from("/home").join(&self.name)
+        }
     }
 }
 
@@ -99,7 +111,9 @@ mod tests {
         );
         assert_eq!(GuestUser::from_host("bob", 501).uid, 501);
         let root = GuestUser::from_host("root", 0);
-        assert_eq!((root.name.as_str(), root.uid), ("vibebox", 1000));
+        assert_eq!((root.name.as_str(), root.uid), ("root", 0));
+        assert_eq!(root.home(), PathBuf::from("/root"));
+        assert_eq!(GuestUser::from_host("root", 1000).name, "vibebox");
         assert_eq!(GuestUser::from_host("Alice Smith", 1000).name, "vibebox");
         assert_eq!(GuestUser::from_host("sshd", 1000).name, "vibebox");
         assert_eq!(GuestUser::from_host("alice", 65534).uid, 1000);

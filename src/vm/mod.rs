@@ -1,5 +1,7 @@
-//! Everything about the virtual machine: who the guest user is and what is shared into
-//! it. The QEMU command line and QMP client join this module with the VM issue.
+//! Everything about the virtual machine: host facts, the QEMU command line, who the
+//! guest user is and what is shared into it.
 
 pub mod guest;
+pub mod host;
 pub mod mounts;
+pub mod qemu;

@@ -1,0 +1,152 @@
+//! Host facts that decide how QEMU runs: the accelerator and the binary.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::config::Accel;
+
+/// The accelerator actually used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    Kvm,
+    Hvf,
+    Tcg,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Hvf => "hvf",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}
+
+/// What the host offers, probed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub macos_hv_support: bool,
+    pub kvm_device_rw: bool,
+    /// x86: the CPU advertises vmx or svm. Always true on other architectures, where
+    /// a usable /dev/kvm is the whole story.
+    pub cpu_virt_flags: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccelError {
+    #[error("accel = \"{0}\" is not available on this host; use \"auto\" or \"tcg\"")]
+    Unavailable(&'static str),
+}
+
+/// Picks the accelerator: what `VIBEBOX_ACCEL` or the config asks for, else `hvf`
+/// on macOS with hypervisor support, `kvm` with a read-write /dev/kvm and (x86) the
+/// virtualisation CPU flags, else `tcg`. The flag check matters: some nested
+/// machines expose a /dev/kvm that hangs.
+pub fn choose(wanted: Accel, probe: Probe) -> Result<Accelerator, AccelError> {
+    let kvm = probe.kvm_device_rw && probe.cpu_virt_flags;
+    match wanted {
+        Accel::Tcg => Ok(Accelerator::Tcg),
+        Accel::Kvm if kvm => Ok(Accelerator::Kvm),
+        Accel::Kvm => Err(AccelError::Unavailable("kvm")),
+        Accel::Hvf if probe.macos_hv_support => Ok(Accelerator::Hvf),
+        Accel::Hvf => Err(AccelError::Unavailable("hvf")),
+        Accel::Auto if probe.macos_hv_support => Ok(Accelerator::Hvf),
+        Accel::Auto if kvm => Ok(Accelerator::Kvm),
+        Accel::Auto => Ok(Accelerator::Tcg),
+    }
+}
+
+impl Probe {
+    pub fn detect() -> Probe {
+        Probe {
+            macos_hv_support: macos_hv_support(),
+            kvm_device_rw: cfg!(target_os = "linux")
+                && std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok(),
+            cpu_virt_flags: cpu_virt_flags(),
+        }
+    }
+}
+
+fn macos_hv_support() -> bool {
+    if !cfg!(target_os = "macos") {
+        return false;
+    }
+    std::process::Command::new("sysctl")
+        .args(["-n", "kern.hv_support"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1")
+}
+
+fn cpu_virt_flags() -> bool {
+    if !cfg!(target_arch = "x86_64") {
+        return true;
+    }
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| has_virt_flags(&c))
+}
+
+/// Whether a /proc/cpuinfo text shows vmx or svm in a `flags` line.
+pub fn has_virt_flags(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// The QEMU binary: `VIBEBOX_QEMU`, else `qemu-system-<arch>` on PATH.
+pub fn qemu_binary(arch: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VIBEBOX_QEMU").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    which::which(format!("qemu-system-{arch}")).ok()
+}
+
+/// The accelerator override from the environment, if set and valid.
+pub fn env_accel() -> Option<Accel> {
+    std::env::var("VIBEBOX_ACCEL")
+        .ok()
+        .and_then(|v| Accel::parse(v.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NESTED: Probe = Probe {
+        macos_hv_support: false,
+        kvm_device_rw: true,
+        cpu_virt_flags: false,
+    };
+
+    #[test]
+    fn auto_prefers_hardware_but_not_a_hanging_kvm() {
+        let real = Probe {
+            cpu_virt_flags: true,
+            ..NESTED
+        };
+        assert_eq!(choose(Accel::Auto, real), Ok(Accelerator::Kvm));
+        assert_eq!(choose(Accel::Auto, NESTED), Ok(Accelerator::Tcg));
+        let mac = Probe {
+            macos_hv_support: true,
+            kvm_device_rw: false,
+            cpu_virt_flags: true,
+        };
+        assert_eq!(choose(Accel::Auto, mac), Ok(Accelerator::Hvf));
+        assert_eq!(choose(Accel::Tcg, real), Ok(Accelerator::Tcg));
+        assert!(choose(Accel::Kvm, NESTED).is_err());
+        assert!(choose(Accel::Hvf, real).is_err());
+    }
+
+    #[test]
+    fn cpu_flags() {
+        assert!(has_virt_flags("processor: 0\nflags\t\t: fpu vme vmx sse\n"));
+        assert!(has_virt_flags("flags : svm\n"));
+        assert!(!has_virt_flags("flags : fpu vmxnet sse\nvmx\n"));
+    }
+}

@@ -1,0 +1,313 @@
+//! The QEMU command line, built by a pure function from host facts, the machine
+//! preset (data in `qemu/`), the image and the session's paths, so every option can
+//! be tested without running QEMU. No shell is involved: the result is an argv.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::host::Accelerator;
+use super::mounts::Access;
+
+/// Per-architecture machine data from `qemu/<arch>.toml`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    pub binary: String,
+    pub machine: String,
+    pub console: String,
+    pub cpu: CpuModels,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuModels {
+    pub kvm: String,
+    pub hvf: String,
+    pub tcg: String,
+}
+
+impl Preset {
+    pub fn for_arch(arch: &str) -> Option<Preset> {
+        let text = match arch {
+            "x86_64" => include_str!("../../qemu/x86_64.toml"),
+            "aarch64" => include_str!("../../qemu/aarch64.toml"),
+            _ => return None,
+        };
+        Some(toml::from_str(text).expect("qemu presets are valid (tested)"))
+    }
+
+    fn cpu(&self, accel: Accelerator) -> &str {
+        match accel {
+            Accelerator::Kvm => &self.cpu.kvm,
+            Accelerator::Hvf => &self.cpu.hvf,
+            Accelerator::Tcg => &self.cpu.tcg,
+        }
+    }
+}
+
+/// How a share reaches the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareKind {
+    /// QEMU's own 9p server (`-virtfs`).
+    NineP,
+    /// A virtiofsd listening on this socket.
+    Virtiofs { socket: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub host: PathBuf,
+    pub access: Access,
+    pub kind: ShareKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// QEMU user networking with SSH forwarded from 127.0.0.1:`ssh_port`.
+    User { ssh_port: u16 },
+    /// No network device (tests, image preparation).
+    None,
+}
+
+/// Everything one VM's command line depends on.
+#[derive(Debug, Clone)]
+pub struct Spec<'a> {
+    pub preset: &'a Preset,
+    pub accel: Accelerator,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub cmdline: &'a str,
+    pub disk: &'a Path,
+    /// `opt/org.vibebox/<key>` → file holding the value.
+    pub fw_cfg: &'a [(String, PathBuf)],
+    pub console_log: &'a Path,
+    /// Socket QEMU serves for the guest's ready port; relative to QEMU's working
+    /// directory so it works whatever the length of the absolute path.
+    pub ready_socket: &'a Path,
+    pub qmp_socket: &'a Path,
+    pub network: Network,
+    pub shares: &'a [Share],
+}
+
+/// QEMU option values use `,` as separator: a literal comma is written `,,`.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn esc_path(p: &Path) -> String {
+    escape(&p.to_string_lossy())
+}
+
+/// The fw_cfg name vibebox-init reads.
+pub fn fw_cfg_name(key: &str) -> String {
+    format!("opt/org.vibebox/{key}")
+}
+
+pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
+    let virtiofs = spec
+        .shares
+        .iter()
+        .any(|s| matches!(s.kind, ShareKind::Virtiofs { .. }));
+
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-machine", &spec.preset.machine]);
+    push(&["-accel", spec.accel.as_str()]);
+    push(&["-cpu", spec.preset.cpu(spec.accel)]);
+    push(&["-smp", &spec.cpus.to_string()]);
+    push(&["-m", &format!("{}M", spec.memory_mb)]);
+    if virtiofs {
+        // vhost-user devices need guest RAM that virtiofsd can map.
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                spec.memory_mb
+            ),
+            "-numa",
+            "node,memdev=mem",
+        ]);
+    }
+    // -kernel/-initrd/-append take the whole value: no comma escaping there.
+    push(&["-kernel", &spec.kernel.to_string_lossy()]);
+    push(&["-initrd", &spec.initrd.to_string_lossy()]);
+    push(&[
+        "-append",
+        &format!("{} console={}", spec.cmdline, spec.preset.console),
+    ]);
+    push(&[
+        "-drive",
+        &format!(
+            "file={},if=virtio,format=qcow2,discard=unmap,cache=writeback",
+            esc_path(spec.disk)
+        ),
+    ]);
+    push(&["-device", "virtio-rng-pci"]);
+    push(&[
+        "-chardev",
+        &format!("file,id=console,path={}", esc_path(spec.console_log)),
+        "-serial",
+        "chardev:console",
+    ]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", esc_path(spec.qmp_socket)),
+    ]);
+    push(&[
+        "-device",
+        "virtio-serial-pci,id=vbxserial",
+        "-chardev",
+        &format!(
+            "socket,id=vbxguest,path={},server=on,wait=off",
+            esc_path(spec.ready_socket)
+        ),
+        "-device",
+        "virtserialport,bus=vbxserial.0,chardev=vbxguest,name=org.vibebox.guest",
+    ]);
+    for (key, file) in spec.fw_cfg {
+        push(&[
+            "-fw_cfg",
+            &format!("name={},file={}", fw_cfg_name(key), esc_path(file)),
+        ]);
+    }
+    match spec.network {
+        Network::User { ssh_port } => push(&[
+            "-netdev",
+            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ]),
+        Network::None => {}
+    }
+    for (i, share) in spec.shares.iter().enumerate() {
+        match &share.kind {
+            ShareKind::NineP => {
+                let mut v = format!(
+                    "local,id=fs{i},path={},mount_tag={},security_model=none,multidevs=remap",
+                    esc_path(&share.host),
+                    escape(&share.tag)
+                );
+                if share.access == Access::ReadOnly {
+                    v.push_str(",readonly=on");
+                }
+                push(&["-virtfs", &v]);
+            }
+            ShareKind::Virtiofs { socket } => push(&[
+                "-chardev",
+                &format!("socket,id=vfs{i},path={}", esc_path(socket)),
+                "-device",
+                &format!(
+                    "vhost-user-fs-pci,chardev=vfs{i},tag={}",
+                    escape(&share.tag)
+                ),
+            ]),
+        }
+    }
+    a.into_iter().map(OsString::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base<'a>(preset: &'a Preset, shares: &'a [Share], fw: &'a [(String, PathBuf)]) -> Spec<'a> {
+        Spec {
+            preset,
+            accel: Accelerator::Tcg,
+            cpus: 2,
+            memory_mb: 1024,
+            kernel: Path::new("/img/vmlinuz"),
+            initrd: Path::new("/img/initrd.img"),
+            cmdline: "root=/dev/vda rw",
+            disk: Path::new("/s/disk.qcow2"),
+            fw_cfg: fw,
+            console_log: Path::new("logs/console.log"),
+            ready_socket: Path::new("ready.sock"),
+            qmp_socket: Path::new("qmp.sock"),
+            network: Network::User { ssh_port: 2222 },
+            shares,
+        }
+    }
+
+    fn strings(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    fn after<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn presets_parse() {
+        let x = Preset::for_arch("x86_64").unwrap();
+        assert_eq!(x.binary, "qemu-system-x86_64");
+        assert_eq!(x.console, "ttyS0");
+        let a = Preset::for_arch("aarch64").unwrap();
+        assert_eq!(a.machine, "virt");
+        assert!(Preset::for_arch("riscv64").is_none());
+    }
+
+    #[test]
+    fn direct_kernel_boot_with_escaped_values() {
+        let p = Preset::for_arch("x86_64").unwrap();
+        let shares = [Share {
+            tag: "vbx0".into(),
+            host: PathBuf::from("/home/al/my proj, \"v2\" é"),
+            access: Access::ReadOnly,
+            kind: ShareKind::NineP,
+        }];
+        let fw = [("user".to_string(), PathBuf::from("/s/fw,cfg/user"))];
+        let argv = strings(argv(&base(&p, &shares, &fw)));
+        assert_eq!(after(&argv, "-accel"), ["tcg"]);
+        assert_eq!(after(&argv, "-cpu"), ["max"]);
+        assert_eq!(after(&argv, "-kernel"), ["/img/vmlinuz"]);
+        assert_eq!(after(&argv, "-append"), ["root=/dev/vda rw console=ttyS0"]);
+        assert_eq!(
+            after(&argv, "-drive"),
+            ["file=/s/disk.qcow2,if=virtio,format=qcow2,discard=unmap,cache=writeback"]
+        );
+        assert_eq!(
+            after(&argv, "-fw_cfg"),
+            ["name=opt/org.vibebox/user,file=/s/fw,,cfg/user"]
+        );
+        assert_eq!(
+            after(&argv, "-virtfs"),
+            [
+                "local,id=fs0,path=/home/al/my proj,, \"v2\" é,mount_tag=vbx0,security_model=none,multidevs=remap,readonly=on"
+            ]
+        );
+        assert!(after(&argv, "-netdev")[0].contains("hostfwd=tcp:127.0.0.1:2222-:22"));
+        assert!(argv.iter().any(|a| a.contains("name=org.vibebox.guest")));
+        assert_eq!(after(&argv, "-qmp"), ["unix:qmp.sock,server=on,wait=off"]);
+        assert!(!argv.iter().any(|a| a.contains("memory-backend")));
+    }
+
+    #[test]
+    fn virtiofs_needs_shared_memory() {
+        let p = Preset::for_arch("x86_64").unwrap();
+        let shares = [Share {
+            tag: "vbx0".into(),
+            host: PathBuf::from("/p"),
+            access: Access::ReadWrite,
+            kind: ShareKind::Virtiofs {
+                socket: PathBuf::from("vfs0.sock"),
+            },
+        }];
+        let argv = strings(argv(&base(&p, &shares, &[])));
+        assert_eq!(
+            after(&argv, "-object"),
+            ["memory-backend-memfd,id=mem,size=1024M,share=on"]
+        );
+        assert!(after(&argv, "-device").contains(&"vhost-user-fs-pci,chardev=vfs0,tag=vbx0"));
+        assert!(after(&argv, "-chardev").contains(&"socket,id=vfs0,path=vfs0.sock"));
+    }
+}
