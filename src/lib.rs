@@ -10,6 +10,7 @@ pub mod interrupt;
 pub mod net;
 pub mod paths;
 pub mod session;
+pub mod ssh;
 pub mod statefile;
 pub mod supervisor;
 pub mod tomlpos;

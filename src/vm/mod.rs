@@ -1,7 +1,9 @@
 //! Everything about the virtual machine: host facts, the QEMU command line, who the
 //! guest user is and what is shared into it.
 
+pub mod fwcfg;
 pub mod guest;
 pub mod host;
 pub mod mounts;
 pub mod qemu;
+pub mod ready;

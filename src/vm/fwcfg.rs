@@ -1,0 +1,151 @@
+//! The per-boot guest configuration handed to `vibebox-init` through QEMU fw_cfg
+//! entries (`opt/org.vibebox/<key>`). The contract is documented at the top of
+//! `images/guest/vibebox-init`.
+
+use std::path::{Path, PathBuf};
+
+use super::mounts::Access;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    NineP,
+    Virtiofs,
+}
+
+/// One share as the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMount {
+    pub fstype: FsType,
+    pub tag: String,
+    pub access: Access,
+    pub guest_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub user: String,
+    pub uid: u32,
+    pub authorized_keys: String,
+    pub host_key: String,
+    pub host_key_pub: String,
+    pub hostname: String,
+    pub workdir: Option<PathBuf>,
+    pub explain: String,
+    pub mounts: Vec<GuestMount>,
+}
+
+/// The mount table: `fstype<TAB>tag<TAB>mode<TAB>guest_path` per line. Paths with a
+/// newline cannot be represented; config validation refuses control characters.
+pub fn mounts_table(mounts: &[GuestMount]) -> String {
+    mounts
+        .iter()
+        .map(|m| {
+            format!(
+                "{}\t{}\t{}\t{}\n",
+                match m.fstype {
+                    FsType::NineP => "9p",
+                    FsType::Virtiofs => "virtiofs",
+                },
+                m.tag,
+                m.access.as_str(),
+                m.guest_path.display()
+            )
+        })
+        .collect()
+}
+
+/// Guest hostnames are DNS labels: `vibebox-<project dir name>`, lowercased, other
+/// characters turned into '-', at most 63 characters.
+pub fn hostname_for(project: &Path) -> String {
+    let base = project
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let mut label: String = base
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    label = label.trim_matches('-').to_string();
+    while label.contains("--") {
+        label = label.replace("--", "-");
+    }
+    let mut h = if label.is_empty() {
+        "vibebox".to_string()
+    } else {
+        format!("vibebox-{label}")
+    };
+    h.truncate(63);
+    h.trim_end_matches('-').to_string()
+}
+
+impl GuestConfig {
+    /// The entries as (key, value) pairs.
+    pub fn entries(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut e = vec![
+            ("user", self.user.clone().into_bytes()),
+            ("uid", self.uid.to_string().into_bytes()),
+            (
+                "authorized_keys",
+                format!("{}\n", self.authorized_keys.trim()).into_bytes(),
+            ),
+            ("ssh_host_ed25519_key", self.host_key.clone().into_bytes()),
+            (
+                "ssh_host_ed25519_key.pub",
+                format!("{}\n", self.host_key_pub.trim()).into_bytes(),
+            ),
+            ("hostname", self.hostname.clone().into_bytes()),
+            ("explain", self.explain.clone().into_bytes()),
+            ("mounts", mounts_table(&self.mounts).into_bytes()),
+        ];
+        if let Some(w) = &self.workdir {
+            e.push(("workdir", w.display().to_string().into_bytes()));
+        }
+        e
+    }
+
+    /// Writes each entry to a file in `dir` (private: it holds the guest's host key)
+    /// and returns the (key, file) list for the QEMU command line.
+    pub fn write(&self, dir: &Path) -> Result<Vec<(String, PathBuf)>, crate::statefile::Error> {
+        crate::statefile::ensure_dir(dir, 0o700)?;
+        let mut out = Vec::new();
+        for (key, value) in self.entries() {
+            let path = dir.join(key);
+            crate::statefile::write_atomic(&path, &value, 0o600)?;
+            out.push((key.to_string(), path));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_and_hostname() {
+        let t = mounts_table(&[
+            GuestMount {
+                fstype: FsType::NineP,
+                tag: "vbx0".into(),
+                access: Access::ReadWrite,
+                guest_path: "/home/al/my proj, \"x\"".into(),
+            },
+            GuestMount {
+                fstype: FsType::Virtiofs,
+                tag: "vbx1".into(),
+                access: Access::ReadOnly,
+                guest_path: "/mnt/ro".into(),
+            },
+        ]);
+        assert_eq!(
+            t,
+            "9p\tvbx0\trw\t/home/al/my proj, \"x\"\nvirtiofs\tvbx1\tro\t/mnt/ro\n"
+        );
+        assert_eq!(
+            hostname_for(Path::new("/x/My Project_2")),
+            "vibebox-my-project-2"
+        );
+        assert_eq!(hostname_for(Path::new("/x/ééé")), "vibebox");
+        assert!(hostname_for(Path::new(&format!("/x/{}", "a".repeat(100)))).len() <= 63);
+    }
+}
