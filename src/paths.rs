@@ -44,7 +44,7 @@ impl Home {
         Ok(Home { root })
     }
 
-    pub fn at(root: PathBuf) -> Self {
+    pub fn from_dir(root: PathBuf) -> Self {
         Home { root }
     }
 
