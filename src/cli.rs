@@ -19,6 +19,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Set this project up without starting its VM: write vibebox.toml if missing,
+    /// find or create the session, print its id.
+    Init,
     /// List all sessions (one per project directory).
     List {
         /// Print a JSON array instead of a table.
@@ -33,6 +36,20 @@ pub enum Command {
         #[arg(short = 'y', long = "yes")]
         yes: bool,
     },
+    /// Run one command in the project's VM (starting it if needed), in the project
+    /// directory; stdin, stdout, stderr and the exit code pass through.
+    Exec {
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Shut a session's VM down now (this project's, or the one named).
+    Stop {
+        /// A session id or unique prefix; default: this project's session.
+        id: Option<String>,
+    },
+    /// Print an ssh config block for this project's VM (for editors, scp, rsync).
+    SshConfig,
     /// Manage base images (`~/.vibebox/images/`).
     #[command(subcommand)]
     Image(ImageCommand),
@@ -41,6 +58,14 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// The supervisor of one session (started by vibebox itself, detached).
+    #[command(name = "__supervise", hide = true)]
+    Supervise {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        project: PathBuf,
     },
 }
 

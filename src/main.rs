@@ -16,6 +16,8 @@ fn main() -> ExitCode {
         .init();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A guest command's status is passed through without a message of ours.
+        Err(commands::Error::Exit(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("vibebox: {e}");
             ExitCode::from(e.exit_code())

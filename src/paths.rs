@@ -92,7 +92,30 @@ impl SessionDir {
     pub fn instance(&self) -> PathBuf {
         self.dir.join("instance.toml")
     }
+    pub fn fw_cfg(&self) -> PathBuf {
+        self.dir.join("fwcfg")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.logs().join("console.log")
+    }
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.logs().join("supervisor.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.logs().join("qemu.log")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join(CONTROL_SOCKET)
+    }
 }
+
+/// Socket and lock names inside a session directory. The supervisor runs with the
+/// session directory as its working directory and binds these relative names, so a
+/// deep `VIBEBOX_HOME` never hits the 104/108-byte limit of unix socket paths.
+pub const CONTROL_SOCKET: &str = "control.sock";
+pub const QMP_SOCKET: &str = "qmp.sock";
+pub const READY_SOCKET: &str = "ready.sock";
+pub const SUPERVISOR_LOCK: &str = "supervisor.lock";
 
 /// Paths inside one project directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,8 @@ pub enum Error {
     NoKeygen,
     #[error("ssh-keygen failed for {path}: {message}")]
     Keygen { path: PathBuf, message: String },
+    #[error("ssh to the guest failed: {0}")]
+    Remote(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -87,9 +89,159 @@ pub fn known_hosts_line(host: &str, port: u16, host_public_key: &str) -> String 
     }
 }
 
+/// Runs a shell script in the guest through the session's ssh config (the `openssh`
+/// crate drives the system ssh with its own control master) and returns its stdout.
+pub async fn guest_output(
+    session: &crate::paths::SessionDir,
+    script: &str,
+) -> Result<String, Error> {
+    let config = session.ssh_dir().join("config");
+    let alias = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .next()
+                .and_then(|l| l.strip_prefix("Host "))
+                .map(String::from)
+        })
+        .ok_or_else(|| Error::Io {
+            path: config.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no Host line"),
+        })?;
+    let guest = openssh::SessionBuilder::default()
+        .config_file(&config)
+        .known_hosts_check(openssh::KnownHosts::Strict)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect(&alias)
+        .await
+        .map_err(|e| Error::Remote(e.to_string()))?;
+    let out = guest
+        .command("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .await
+        .map_err(|e| Error::Remote(e.to_string()));
+    let _ = guest.close().await;
+    let out = out?;
+    if !out.status.success() {
+        return Err(Error::Remote(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `Host` alias written in a session's ssh config.
+pub fn alias(id: &str) -> String {
+    format!("vibebox-{}", &id[..id.len().min(8)])
+}
+
+/// Runs the system `ssh` with the session's config: an interactive login shell when
+/// `command` is empty, else that command (already shell-quoted). Returns ssh's exit
+/// code (the remote command's, or 255 when ssh itself failed).
+pub fn run(config: &Path, alias: &str, command: Option<&str>, tty: bool) -> std::io::Result<i32> {
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-F").arg(config);
+    cmd.arg(if tty { "-t" } else { "-T" });
+    cmd.arg(alias);
+    if let Some(c) = command {
+        cmd.arg("--").arg(c);
+    }
+    let status = cmd.status()?;
+    Ok(status.code().unwrap_or(255))
+}
+
+/// Quotes one word for a POSIX shell.
+pub fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b))
+    {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+/// Everything the ssh client config of a session says.
+#[derive(Debug, Clone)]
+pub struct ClientConfig<'a> {
+    pub alias: &'a str,
+    pub port: u16,
+    pub user: &'a str,
+    pub identity: &'a Path,
+    pub known_hosts: &'a Path,
+    pub control_path: &'a Path,
+}
+
+/// ssh_config quotes values with double quotes; paths are written that way so that
+/// spaces work.
+fn quoted(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+/// The `Host` block: pinned host key (never `StrictHostKeyChecking=no`), only the
+/// session's key, and a control master so the next terminal attaches without a new
+/// handshake.
+pub fn config_block(c: &ClientConfig<'_>) -> String {
+    format!(
+        "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {id}\n  IdentitiesOnly yes\n  IdentityAgent none\n  UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n  CheckHostIP no\n  ControlMaster auto\n  ControlPath {cp}\n  ControlPersist 60s\n  ServerAliveInterval 15\n  LogLevel ERROR\n",
+        alias = c.alias,
+        port = c.port,
+        user = c.user,
+        id = quoted(c.identity),
+        kh = quoted(c.known_hosts),
+        cp = quoted(c.control_path),
+    )
+}
+
+/// The control socket path: in the session directory when that is short enough for
+/// a unix socket (ssh appends a random suffix while creating it), else a hashed name
+/// in the temp directory.
+pub fn control_path(ssh_dir: &Path) -> PathBuf {
+    let p = ssh_dir.join("cm");
+    if p.as_os_str().len() <= 80 {
+        p
+    } else {
+        std::env::temp_dir().join(format!("vbx-{}-%C", nix::unistd::getuid()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_block_pins_and_quotes() {
+        let b = config_block(&ClientConfig {
+            alias: "vibebox-019bf290",
+            port: 2222,
+            user: "al",
+            identity: Path::new("/h/my home/.vibebox/s/ssh/id_ed25519"),
+            known_hosts: Path::new("/h/kh"),
+            control_path: Path::new("/h/cm"),
+        });
+        assert!(b.starts_with("Host vibebox-019bf290\n"));
+        assert!(b.contains("  Port 2222\n"));
+        assert!(b.contains("  IdentityFile \"/h/my home/.vibebox/s/ssh/id_ed25519\"\n"));
+        assert!(b.contains("  StrictHostKeyChecking yes\n"));
+        assert!(b.contains("  ControlMaster auto\n"));
+        assert!(!b.contains("StrictHostKeyChecking no"));
+        assert_eq!(control_path(Path::new("/s/ssh")), Path::new("/s/ssh/cm"));
+        let long = Path::new("/x").join("y".repeat(100));
+        assert!(control_path(&long).to_string_lossy().ends_with("-%C"));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("ls"), "ls");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+        assert_eq!(alias("019bf290-cccc"), "vibebox-019bf290");
+    }
 
     #[test]
     fn known_hosts_format() {

@@ -11,7 +11,7 @@ use common::{Env, index_entries, printed_id, run, session_file_id};
 fn first_run_writes_config_and_session_then_reuses_it() {
     let env = Env::new();
     let p = env.project("proj");
-    let out = run(env.cmd(&p));
+    let out = run(env.init(&p));
     assert_eq!(out.code, 0, "{}", out.stderr);
     let id = printed_id(&out);
     assert!(out.stdout.contains("(new)"));
@@ -26,7 +26,7 @@ fn first_run_writes_config_and_session_then_reuses_it() {
         vec![(id.clone(), p.display().to_string())]
     );
 
-    let again = run(env.cmd(&p));
+    let again = run(env.init(&p));
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(printed_id(&again), id);
     assert!(again.stdout.contains("(existing)"));
@@ -38,21 +38,21 @@ fn first_run_writes_config_and_session_then_reuses_it() {
 fn root_discovery_walks_up_and_dash_c_works() {
     let env = Env::new();
     let p = env.project("proj");
-    let id = printed_id(&run(env.cmd(&p)));
+    let id = printed_id(&run(env.init(&p)));
     let deep = p.join("src/deep");
     fs::create_dir_all(&deep).unwrap();
-    let out = run(env.cmd(&deep));
+    let out = run(env.init(&deep));
     assert_eq!(printed_id(&out), id);
     assert!(!deep.join("vibebox.toml").exists() && !deep.join(".vibebox").exists());
 
     let elsewhere = env.project("elsewhere");
-    let mut c = env.cmd(&elsewhere);
+    let mut c = env.init(&elsewhere);
     c.args(["-C", p.join("src").to_str().unwrap()]);
     let out = run(c);
     assert_eq!(printed_id(&out), id);
     assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
 
-    let mut c = env.cmd(&elsewhere);
+    let mut c = env.init(&elsewhere);
     c.args(["-C", "does-not-exist"]);
     let out = run(c);
     assert_eq!(out.code, 2);
@@ -65,7 +65,7 @@ fn fifty_concurrent_starts_in_one_directory_make_one_session() {
     let p = env.project("proj");
     let children: Vec<_> = (0..50)
         .map(|_| {
-            let mut c = env.cmd(&p);
+            let mut c = env.init(&p);
             c.stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -96,7 +96,7 @@ fn fifty_concurrent_starts_in_fifty_directories_lose_none() {
     let children: Vec<_> = dirs
         .iter()
         .map(|d| {
-            let mut c = env.cmd(d);
+            let mut c = env.init(d);
             c.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
@@ -126,7 +126,7 @@ fn pruning_drops_sessions_whose_directory_lost_them() {
     let b = env.project("b");
     let c = env.project("c");
     for p in [&a, &b, &c] {
-        assert_eq!(run(env.cmd(p)).code, 0);
+        assert_eq!(run(env.init(p)).code, 0);
     }
     let keep = session_file_id(&c);
     let state = |p: &std::path::Path| env.vibebox_home().join("sessions").join(session_file_id(p));
@@ -158,10 +158,10 @@ fn pruning_drops_sessions_whose_directory_lost_them() {
 fn renamed_project_keeps_its_session() {
     let env = Env::new();
     let a = env.project("a");
-    let id = printed_id(&run(env.cmd(&a)));
+    let id = printed_id(&run(env.init(&a)));
     let moved = env.tmp.path().join("moved here");
     fs::rename(&a, &moved).unwrap();
-    let out = run(env.cmd(&moved));
+    let out = run(env.init(&moved));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(printed_id(&out), id);
     assert!(out.stderr.contains("moved from"), "{}", out.stderr);
@@ -175,7 +175,7 @@ fn renamed_project_keeps_its_session() {
 fn copied_project_gets_a_new_session_and_is_told() {
     let env = Env::new();
     let a = env.project("a");
-    let id = printed_id(&run(env.cmd(&a)));
+    let id = printed_id(&run(env.init(&a)));
     let state_a = env.vibebox_home().join("sessions").join(&id);
     fs::create_dir_all(state_a.join("ssh")).unwrap();
     fs::write(state_a.join("ssh/id_ed25519"), "secret of a").unwrap();
@@ -185,7 +185,7 @@ fn copied_project_gets_a_new_session_and_is_told() {
         .status()
         .unwrap();
     assert!(status.success());
-    let out = run(env.cmd(&b));
+    let out = run(env.init(&b));
     assert_eq!(out.code, 0, "{}", out.stderr);
     let new_id = printed_id(&out);
     assert_ne!(new_id, id);
@@ -210,21 +210,21 @@ fn copied_project_gets_a_new_session_and_is_told() {
     want.sort();
     assert_eq!(entries, want);
     // And it stays the copy's own from then on.
-    assert_eq!(printed_id(&run(env.cmd(&b))), new_id);
+    assert_eq!(printed_id(&run(env.init(&b))), new_id);
 }
 
 #[test]
 fn corrupt_index_is_reported_and_left_byte_for_byte() {
     let env = Env::new();
     let p = env.project("p");
-    assert_eq!(run(env.cmd(&p)).code, 0);
+    assert_eq!(run(env.init(&p)).code, 0);
     let garbage =
         b"[[session]]\nid = \"019bf290-cccc-7c23-ba1d-dce7e6d40693\"\ndirectory = \n\xff junk";
     fs::write(env.index(), garbage).unwrap();
     for args in [
         vec!["list"],
         vec!["list", "--json"],
-        vec![],
+        vec!["init"],
         vec!["delete", "-y", "0"],
     ] {
         let mut c = env.cmd(&p);
@@ -325,7 +325,7 @@ fn every_validation_error_names_file_line_and_column() {
         );
     for (text, at, msg) in all {
         fs::write(p.join("vibebox.toml"), &text).unwrap();
-        for args in [vec![], vec!["explain"]] {
+        for args in [vec!["init"], vec!["explain"]] {
             let mut c = env.cmd(&p);
             c.args(&args);
             let out = run(c);
@@ -367,8 +367,8 @@ fn list_table_json_and_empty() {
 
     let a = env.project("a");
     let long = env.project(&format!("b-{}", "x".repeat(80)));
-    let id_a = printed_id(&run(env.cmd(&a)));
-    let id_b = printed_id(&run(env.cmd(&long)));
+    let id_a = printed_id(&run(env.init(&a)));
+    let id_b = printed_id(&run(env.init(&long)));
     let mut c = env.cmd(&empty);
     c.arg("list").env("COLUMNS", "100");
     let out = run(c);
@@ -439,9 +439,9 @@ fn delete_by_full_id_prefix_and_the_errors() {
     let a = env.project("a");
     let b = env.project("b");
     let c = env.project("c");
-    let id_a = printed_id(&run(env.cmd(&a)));
-    let id_b = printed_id(&run(env.cmd(&b)));
-    let id_c = printed_id(&run(env.cmd(&c)));
+    let id_a = printed_id(&run(env.init(&a)));
+    let id_b = printed_id(&run(env.init(&b)));
+    let id_c = printed_id(&run(env.init(&c)));
 
     // Ambiguous: ids made within the same second share a prefix.
     let common: String = id_a
@@ -492,7 +492,7 @@ fn delete_by_full_id_prefix_and_the_errors() {
 fn delete_stale_entry_whose_directory_is_gone() {
     let env = Env::new();
     let a = env.project("a");
-    let id = printed_id(&run(env.cmd(&a)));
+    let id = printed_id(&run(env.init(&a)));
     fs::remove_dir_all(&a).unwrap();
     let cwd = env.project("cwd");
     let out = delete(&env, &cwd, &["-y", &id]);
@@ -509,7 +509,7 @@ fn delete_asks_on_a_terminal() {
     }
     let env = Env::new();
     let a = env.project("a");
-    let id = printed_id(&run(env.cmd(&a)));
+    let id = printed_id(&run(env.init(&a)));
     let bin = env!("CARGO_BIN_EXE_vibebox");
     let on_tty = |answer: &str| {
         let mut c = std::process::Command::new("script");
@@ -572,8 +572,14 @@ fn explain_text_and_json() {
         mounts[1].contains(".gitconfig.d") && mounts[1].contains("  ro"),
         "{t}"
     );
+    // Root on the host is root in the guest; anyone else gets /home/<name>.
+    let guest_home = if nix::unistd::getuid().is_root() {
+        "-> /root/"
+    } else {
+        "-> /home/"
+    };
     assert!(
-        mounts[1].contains("-> /home/"),
+        mounts[1].contains(guest_home),
         "guest side is the guest home: {t}"
     );
     assert!(mounts[2].contains("skipped: not on this host"), "{t}");
@@ -605,7 +611,7 @@ fn a_symlinked_state_directory_is_refused() {
     let victim = env.project("victim");
     std::os::unix::fs::symlink(&victim, p.join(".vibebox")).unwrap();
     fs::write(p.join("vibebox.toml"), "").unwrap();
-    let out = run(env.cmd(&p));
+    let out = run(env.init(&p));
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stderr.contains("symbolic link"), "{}", out.stderr);
     assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);

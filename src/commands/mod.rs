@@ -1,9 +1,13 @@
 //! One module per command. Each returns [`Error`], which knows its exit code.
 
 pub mod delete;
+pub mod exec;
 pub mod explain;
 pub mod image;
+pub mod init;
 pub mod list;
+pub mod ssh_config;
+pub mod stop;
 pub mod table;
 pub mod up;
 
@@ -26,6 +30,13 @@ pub enum Error {
     Image(#[from] crate::image::Error),
     #[error(transparent)]
     Build(#[from] crate::image::build::BuildError),
+    #[error(transparent)]
+    Client(#[from] crate::supervisor::client::Error),
+    /// A guest command's exit status, passed through.
+    #[error("exit status {0}")]
+    Exit(i32),
+    #[error("supervisor: {0}")]
+    Supervisor(String),
     /// Refused because something still uses it; the message names what.
     #[error("{0}")]
     InUse(String),
@@ -49,6 +60,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) | Error::Dir { .. } | Error::Paths(_) => 2,
+            Error::Exit(c) => u8::try_from(*c).unwrap_or(1),
             Error::Build(crate::image::build::BuildError::Interrupted) => 130,
             Error::Build(
                 crate::image::build::BuildError::BadArch(_)
@@ -85,7 +97,15 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         None => up::run(&home, &start_dir(&cli)?),
         Some(Command::List { json }) => list::run(&home, *json),
         Some(Command::Delete { id, yes }) => delete::run(&home, id, *yes),
+        Some(Command::Init) => init::run(&home, &start_dir(&cli)?),
         Some(Command::Image(cmd)) => image::run(&home, cmd),
+        Some(Command::Exec { command }) => exec::run(&home, &start_dir(&cli)?, command),
+        Some(Command::Stop { id }) => stop::run(&home, &start_dir(&cli)?, id.as_deref()),
+        Some(Command::SshConfig) => ssh_config::run(&home, &start_dir(&cli)?),
+        Some(Command::Supervise { id, project }) => {
+            let id = id.parse().map_err(|e: String| Error::Usage(e))?;
+            crate::supervisor::daemon::run(&home, project, id).map_err(Error::Supervisor)
+        }
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
     }
 }

@@ -1,16 +1,29 @@
-//! `vibebox` with no command: find or create this project's session.
+//! `vibebox` with no command: find or create this project's session, boot or attach
+//! to its VM, and open a shell in the project.
 
-use std::io::Write;
-use std::path::Path;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
 use super::Error;
-use crate::config::{self, Host};
+use crate::config::{self, Config, Host};
+use crate::image::build::{self, Options};
+use crate::image::store::Store;
 use crate::paths::{Home, Project};
-use crate::session::project::{self, Found};
+use crate::session::SessionId;
+use crate::session::index::Index;
+use crate::session::project::{self, Found, Outcome};
+use crate::ssh;
 use crate::statefile;
+use crate::supervisor::client::{self, Attached};
+use crate::supervisor::protocol::Message;
 use crate::vm::guest::GuestUser;
 
-pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
+/// Exit status of the guest shell that means `:new` (see images/guest/vibebox.sh).
+pub const NEW_SESSION_STATUS: i32 = 75;
+
+/// Root discovery, the default config on first run, validation, find-or-create, and
+/// the notes the user should see (moved, copied, config written).
+pub fn open_project(home: &Home, start: &Path) -> Result<(PathBuf, Outcome, Config), Error> {
     let root = project::find_root(start, home)?;
     let paths = Project::new(root.clone());
     let created_config = statefile::write_new_atomic(
@@ -19,9 +32,8 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
         0o644,
     )?;
     let host = Host::detect(GuestUser::current().home())?;
-    config::load(&paths.config(), &root, &host)?;
+    let config = config::load(&paths.config(), &root, &host)?;
     let outcome = project::find_or_create(home, &root)?;
-
     let mut err = std::io::stderr().lock();
     match &outcome.found {
         Found::Moved { from } => writeln!(
@@ -50,12 +62,110 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
             paths.config().display()
         )?;
     }
-    let what = match outcome.found {
-        Found::Created | Found::Copied { .. } => "new",
-        _ => "existing",
-    };
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "session {} ({what})", outcome.id)?;
-    writeln!(out, "project {}", root.display())?;
+    Ok((root, outcome, config))
+}
+
+/// Makes sure a base image exists for the config, building one on Linux when there
+/// is none (the one-time cost of a first start), and saying so.
+pub fn ensure_image(home: &Home, config: &Config) -> Result<(), Error> {
+    let arch = crate::image::host_arch();
+    if Store::new(home).find(&config.image, arch)?.is_some() {
+        return Ok(());
+    }
+    if config.image != crate::config::DEFAULT_IMAGE {
+        return Err(Error::Usage(format!(
+            "no base image named {:?} for {arch}; `vibebox image list` shows the images, or set image = \"default\" in vibebox.toml",
+            config.image
+        )));
+    }
+    eprintln!(
+        "vibebox: no base image yet; building one from Debian's packages (once, a few minutes)"
+    );
+    build::build(home, &Options::default())?;
     Ok(())
+}
+
+/// Attaches to the session's VM (booting it if needed), printing progress.
+pub fn attach(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<Attached, Error> {
+    let say = |m: &str| {
+        if !quiet {
+            eprintln!("vibebox: {m}");
+        }
+    };
+    let attached = client::attach(home, root, id, |msg| match msg {
+        Message::Booting { accel, image } if accel == "tcg" => say(&format!(
+            "booting {image} with tcg (no hardware virtualization here: expect a slow boot)"
+        )),
+        Message::Booting { accel, image } => say(&format!("booting {image} with {accel}")),
+        Message::Stopping => say("the VM is shutting down; it will boot again"),
+        _ => {}
+    })?;
+    for w in &attached.warnings {
+        eprintln!("vibebox: the guest reported: {w}");
+    }
+    Ok(attached)
+}
+
+pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
+    let (root, outcome, config) = open_project(home, start)?;
+    ensure_image(home, &config)?;
+    let mut id = outcome.id;
+    loop {
+        let attached = attach(home, &root, id, false)?;
+        let sd = home.session(id);
+        let code = ssh::run(
+            &sd.ssh_dir().join("config"),
+            &ssh::alias(&id.to_string()),
+            None,
+            true,
+        )
+        .map_err(|e| Error::Usage(format!("cannot run ssh: {e}; install OpenSSH")))?;
+        if code != NEW_SESSION_STATUS {
+            drop(attached);
+            return match code {
+                0 => Ok(()),
+                c => Err(Error::Exit(c)),
+            };
+        }
+        // `:new` asked for a fresh session; only the host user can grant it.
+        let others = crate::supervisor::status(&sd).clients.saturating_sub(1);
+        if !confirm_new(id, &root, others)? {
+            eprintln!("vibebox: kept session {id}; back to its shell");
+            continue;
+        }
+        drop(attached);
+        client::stop(&sd)?;
+        let mut index = Index::open(home)?;
+        project::remove_cache(&Project::new(root.clone()), id)?;
+        index.delete(id)?;
+        index.save()?;
+        drop(index);
+        let (_, outcome, _) = open_project(home, &root)?;
+        eprintln!("vibebox: deleted session {id}; new session {}", outcome.id);
+        id = outcome.id;
+    }
+}
+
+fn confirm_new(id: SessionId, root: &Path, others: u32) -> Result<bool, Error> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        eprintln!("vibebox: :new needs a confirmation on the host terminal; none here");
+        return Ok(false);
+    }
+    let cut = match others {
+        0 => "no other terminal is attached".to_string(),
+        1 => "1 other terminal will be cut off".to_string(),
+        n => format!("{n} other terminals will be cut off"),
+    };
+    eprint!(
+        "Delete session {id} of {} (its VM disk and everything in it outside the project) and start a new one? {cut}. [y/N] ",
+        root.display()
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
 }

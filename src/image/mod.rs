@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod digest;
+pub mod download;
 pub mod manifest;
 pub mod qcow2;
 pub mod recipe;

@@ -1,5 +1,9 @@
-//! The per-session supervisor that owns QEMU. For now only the status query exists:
-//! with no supervisor implemented, every session is stopped with no clients.
+//! The per-session supervisor that owns QEMU, and the client side that talks to it.
+
+pub mod client;
+pub mod daemon;
+pub mod instance;
+pub mod protocol;
 
 use serde::Serialize;
 
@@ -23,6 +27,15 @@ impl State {
             State::Stopped => "stopped",
         }
     }
+
+    fn parse(s: &str) -> State {
+        match s {
+            "running" => State::Running,
+            "booting" => State::Booting,
+            "stopping" => State::Stopping,
+            _ => State::Stopped,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,10 +44,17 @@ pub struct Status {
     pub clients: u32,
 }
 
-/// What the supervisor of a session reports.
-pub fn status(_session: &SessionDir) -> Status {
-    Status {
-        state: State::Stopped,
-        clients: 0,
+/// What the session's supervisor reports; a session without a live supervisor is
+/// stopped with no clients.
+pub fn status(session: &SessionDir) -> Status {
+    match client::query_status(session) {
+        Some((state, clients)) => Status {
+            state: State::parse(&state),
+            clients,
+        },
+        None => Status {
+            state: State::Stopped,
+            clients: 0,
+        },
     }
 }

@@ -4,6 +4,8 @@
 pub mod fwcfg;
 pub mod guest;
 pub mod host;
+pub mod launch;
 pub mod mounts;
 pub mod qemu;
+pub mod qmp;
 pub mod ready;

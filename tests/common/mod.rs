@@ -51,6 +51,15 @@ impl Env {
     }
 }
 
+impl Env {
+    /// `vibebox init` in `dir`: find or create the session without booting.
+    pub fn init(&self, dir: &Path) -> Command {
+        let mut c = self.cmd(dir);
+        c.arg("init");
+        c
+    }
+}
+
 pub struct Out {
     pub code: i32,
     pub stdout: String,

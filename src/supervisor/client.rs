@@ -1,0 +1,240 @@
+//! The client side of the control socket: find or start the supervisor, attach (hold
+//! a reference), ask for status, ask it to stop.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::protocol::{self, Endpoint, Message, Op, Request};
+use crate::paths::{self, Home, SessionDir};
+use crate::session::SessionId;
+use crate::statefile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message}; see {log}")]
+    Failed { message: String, log: String },
+    #[error("the supervisor did not start; see {0}")]
+    NoSupervisor(PathBuf),
+    #[error("the supervisor stopped answering; see {0}")]
+    Lost(PathBuf),
+    #[error("cannot start the supervisor: {0}")]
+    Spawn(std::io::Error),
+    #[error(transparent)]
+    State(#[from] statefile::Error),
+}
+
+/// Connects to a unix socket whatever the length of its path: paths past the
+/// sockaddr limit go through /proc/self/fd on Linux.
+pub fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    if path.as_os_str().len() < 100 {
+        return UnixStream::connect(path);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?;
+        let name = path.file_name().unwrap_or_default();
+        let short = Path::new("/proc/self/fd")
+            .join(dir.as_raw_fd().to_string())
+            .join(name);
+        UnixStream::connect(short)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        UnixStream::connect(path)
+    }
+}
+
+fn send(stream: &mut UnixStream, op: Op) -> std::io::Result<()> {
+    stream.write_all(
+        protocol::encode(&Request {
+            v: protocol::VERSION,
+            op,
+        })
+        .as_bytes(),
+    )
+}
+
+/// `(state, clients)` from a live supervisor, or `None` when none answers.
+pub fn query_status(session: &SessionDir) -> Option<(String, u32)> {
+    let mut s = connect(&session.control_socket()).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    send(&mut s, Op::Status).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    match serde_json::from_str(&line).ok()? {
+        Message::Status { vm, clients } => Some((vm, clients)),
+        _ => None,
+    }
+}
+
+/// Starts a supervisor for the session, detached: its own session (no controlling
+/// terminal), stdio to its log. A second one started at the same time loses the lock
+/// race and exits quietly.
+pub fn spawn_supervisor(home: &Home, project: &Path, id: SessionId) -> Result<(), Error> {
+    let sd = home.session(id);
+    statefile::ensure_dir(sd.dir(), 0o700)?;
+    statefile::ensure_dir(&sd.logs(), 0o700)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(sd.supervisor_log())
+        .map_err(Error::Spawn)?;
+    let exe = std::env::current_exe().map_err(Error::Spawn)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__supervise")
+        .arg("--id")
+        .arg(id.to_string())
+        .arg("--project")
+        .arg(project)
+        .env("VIBEBOX_HOME", home.root())
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(Error::Spawn)?)
+        .stderr(log);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut child = cmd.spawn().map_err(Error::Spawn)?;
+    // Reap it in the background so it never lingers as a zombie of this client.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(())
+}
+
+/// A held reference on a running VM: dropping it (or this process dying) releases it.
+pub struct Attached {
+    pub endpoint: Endpoint,
+    pub warnings: Vec<String>,
+    _watcher: std::thread::JoinHandle<()>,
+}
+
+/// Connects to (or starts) the session's supervisor and attaches; `progress` sees
+/// each state until the VM is ready. After that a watcher thread keeps the
+/// connection (the reference) and reports if the VM goes away.
+pub fn attach(
+    home: &Home,
+    project: &Path,
+    id: SessionId,
+    mut progress: impl FnMut(&Message),
+) -> Result<Attached, Error> {
+    let sd = home.session(id);
+    for _attempt in 0..3 {
+        let mut stream = match connect(&sd.control_socket()) {
+            Ok(s) => s,
+            Err(_) => {
+                spawn_supervisor(home, project, id)?;
+                wait_for_socket(&sd)?
+            }
+        };
+        send(&mut stream, Op::Attach).map_err(|_| Error::Lost(sd.supervisor_log()))?;
+        let mut reader = BufReader::new(stream.try_clone().map_err(Error::Spawn)?);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let Ok(msg) = serde_json::from_str::<Message>(&line) else {
+                continue;
+            };
+            progress(&msg);
+            match msg {
+                Message::Ready { ssh, warnings } => {
+                    let watcher = std::thread::spawn(move || watch(reader, stream));
+                    return Ok(Attached {
+                        endpoint: ssh,
+                        warnings,
+                        _watcher: watcher,
+                    });
+                }
+                Message::Error { message, log } => return Err(Error::Failed { message, log }),
+                _ => {}
+            }
+        }
+        // The supervisor went away before the VM was ready (it was finishing a
+        // shutdown as we arrived): start over with a fresh one.
+    }
+    Err(Error::Lost(sd.supervisor_log()))
+}
+
+fn wait_for_socket(sd: &SessionDir) -> Result<UnixStream, Error> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(s) = connect(&sd.control_socket()) {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::NoSupervisor(sd.supervisor_log()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Holds the reference for the rest of the process and tells the user when the VM
+/// stops under them (killed, stopped from another terminal).
+fn watch(mut reader: BufReader<UnixStream>, _stream: UnixStream) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        match serde_json::from_str::<Message>(&line) {
+            Ok(Message::Error { message, log }) => {
+                eprintln!("\r\nvibebox: {message}; see {log}\r");
+            }
+            Ok(Message::Stopping) => eprintln!("\r\nvibebox: the VM is shutting down\r"),
+            _ => {}
+        }
+    }
+}
+
+/// Asks a running supervisor to shut the VM down and waits until it has. Returns
+/// false when no supervisor was running.
+pub fn stop(session: &SessionDir) -> Result<bool, Error> {
+    let Ok(mut s) = connect(&session.control_socket()) else {
+        return Ok(false);
+    };
+    send(&mut s, Op::Stop).map_err(|_| Error::Lost(session.supervisor_log()))?;
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if matches!(
+            serde_json::from_str::<Message>(&line),
+            Ok(Message::Stopped | Message::Error { .. })
+        ) {
+            break;
+        }
+    }
+    // The supervisor exits right after; wait for it to let go of its lock so a
+    // following start never races a dying supervisor.
+    let lock = session.dir().join(paths::SUPERVISOR_LOCK);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if statefile::Lock::try_exclusive(&lock)?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(true)
+}

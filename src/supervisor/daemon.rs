@@ -1,0 +1,492 @@
+//! The supervisor process: one per running session, detached from any terminal.
+//! It holds `supervisor.lock` for its whole life, owns QEMU, serves the control
+//! socket, counts attached clients, and shuts the VM down when nobody uses it.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Notify, watch};
+
+use super::instance::Instance;
+use super::protocol::{self, Endpoint, Message, Op, Request};
+use crate::config::{self, Host};
+use crate::explain::{self, Facts};
+use crate::image::store::Store;
+use crate::paths::{self, Home, SessionDir};
+use crate::session::SessionId;
+use crate::ssh;
+use crate::statefile::{self, Lock};
+use crate::vm::guest::GuestUser;
+use crate::vm::host::{self, Probe};
+use crate::vm::launch::{self, Plan};
+use crate::vm::qmp::Qmp;
+use crate::vm::ready;
+
+/// How long the guest may take from QEMU start to "ready" before the boot is
+/// declared failed. TCG on a slow machine takes about a minute.
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bounded waits of the shutdown sequence: guest power-off, QMP quit, kill.
+const POWEROFF_WAIT: Duration = Duration::from_secs(30);
+const QUIT_WAIT: Duration = Duration::from_secs(5);
+/// While idle with live login sessions in the guest, look again this often.
+const LOGIN_RECHECK: Duration = Duration::from_secs(15);
+
+struct Shared {
+    state: watch::Sender<Message>,
+    clients: watch::Sender<u32>,
+    stop: Notify,
+    stop_requested: AtomicBool,
+}
+
+impl Shared {
+    fn set(&self, m: Message) {
+        tracing::info!("state: {m:?}");
+        self.state.send_replace(m);
+    }
+}
+
+/// Runs the supervisor of session `id` for the project at `project`. Returns at once
+/// (quietly) when another supervisor already holds the lock.
+pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
+    let sd = home.session(id);
+    statefile::ensure_dir(sd.dir(), 0o700).map_err(|e| e.to_string())?;
+    std::env::set_current_dir(sd.dir()).map_err(|e| e.to_string())?;
+    let Some(_lock) =
+        Lock::try_exclusive(Path::new(paths::SUPERVISOR_LOCK)).map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    stop_orphan(&sd);
+    let _ = fs::remove_file(paths::CONTROL_SOCKET);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let listener =
+            UnixListener::bind(paths::CONTROL_SOCKET).map_err(|e| format!("bind: {e}"))?;
+        let shared = Arc::new(Shared {
+            state: watch::Sender::new(Message::Starting),
+            clients: watch::Sender::new(0),
+            stop: Notify::new(),
+            stop_requested: AtomicBool::new(false),
+        });
+        let acceptor = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(handle(stream, shared.clone()));
+                }
+            })
+        };
+        lifecycle(&shared, home, project, &sd).await;
+        // Let clients read the final state before the socket goes away.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = fs::remove_file(paths::CONTROL_SOCKET);
+        acceptor.abort();
+        Ok::<(), String>(())
+    })
+}
+
+/// A QEMU left by an earlier supervisor (one killed with SIGKILL on a host without
+/// parent-death signals) is stopped before a new boot, so a disk never has two
+/// writers.
+fn stop_orphan(sd: &SessionDir) {
+    let Some(inst) = Instance::read(sd) else {
+        return;
+    };
+    let pid = nix::unistd::Pid::from_raw(inst.qemu_pid as i32);
+    if !is_our_qemu(inst.qemu_pid, &sd.disk()) {
+        return;
+    }
+    tracing::warn!(
+        "stopping QEMU {} left by an earlier supervisor",
+        inst.qemu_pid
+    );
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..50 {
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Whether `pid` is a QEMU running this session's disk (pids get reused).
+fn is_our_qemu(pid: u32, disk: &Path) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        // Without /proc (macOS) trust the pid only while it is alive.
+        return !cfg!(target_os = "linux")
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+    };
+    let needle = disk.to_string_lossy().replace(',', ",,");
+    String::from_utf8_lossy(&cmdline).contains(&needle)
+}
+
+enum Outcome {
+    Crashed(String),
+    Stopped,
+}
+
+async fn lifecycle(shared: &Arc<Shared>, home: &Home, project: &Path, sd: &SessionDir) {
+    loop {
+        shared.set(Message::Starting);
+        let outcome = match boot_and_run(shared, home, project, sd).await {
+            Ok(o) => o,
+            Err(message) => {
+                shared.set(Message::Error {
+                    message,
+                    log: sd.supervisor_log().display().to_string(),
+                });
+                return;
+            }
+        };
+        let _ = fs::remove_file(sd.instance());
+        match outcome {
+            Outcome::Crashed(message) => {
+                shared.set(Message::Error {
+                    message,
+                    log: sd.qemu_log().display().to_string(),
+                });
+                return;
+            }
+            Outcome::Stopped => shared.set(Message::Stopped),
+        }
+        // A client that attached while the VM was stopping gets a new boot, never a
+        // dead VM; an explicit stop or nobody attached ends the supervisor.
+        if shared.stop_requested.load(Ordering::SeqCst) || *shared.clients.borrow() == 0 {
+            return;
+        }
+    }
+}
+
+async fn boot_and_run(
+    shared: &Arc<Shared>,
+    home: &Home,
+    project: &Path,
+    sd: &SessionDir,
+) -> Result<Outcome, String> {
+    let user = GuestUser::current();
+    let host_facts = Host::detect(user.home()).map_err(|e| e.to_string())?;
+    let project_paths = paths::Project::new(project.to_path_buf());
+    let config =
+        config::load(&project_paths.config(), project, &host_facts).map_err(|e| e.to_string())?;
+    let arch = crate::image::host_arch();
+    let image = Store::new(home)
+        .find(&config.image, arch)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "no base image {:?} for {arch}: run `vibebox image build`",
+                config.image
+            )
+        })?;
+    let wanted = host::env_accel().unwrap_or(config.accel);
+    let accel = host::choose(wanted, Probe::detect()).map_err(|e| e.to_string())?;
+    let qemu = host::qemu_binary(arch).ok_or_else(|| {
+        format!(
+            "qemu-system-{arch} is not installed: install QEMU (Debian: `sudo apt install qemu-system-x86`, macOS: `brew install qemu`), or set VIBEBOX_QEMU"
+        )
+    })?;
+    let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
+    let explain_text = explain::text(&Facts {
+        project,
+        session: sd
+            .dir()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok()),
+        config: &config,
+        present: &present,
+        enforced: false,
+    });
+    shared.set(Message::Booting {
+        accel: accel.as_str().to_string(),
+        image: image.id(),
+    });
+    let started = launch::start(&Plan {
+        session: sd,
+        project,
+        config: &config,
+        image: &image,
+        accel,
+        qemu,
+        explain: explain_text,
+    })
+    .map_err(|e| e.to_string())?;
+    let qemu_pid = started.child.id();
+    let exited = Arc::new(AtomicBool::new(false));
+    let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
+    {
+        let exited = exited.clone();
+        let mut child = started.child;
+        std::thread::spawn(move || {
+            let status = child.wait();
+            exited.store(true, Ordering::SeqCst);
+            let _ = exit_tx.send(status.map(|s| s.to_string()).unwrap_or_default());
+        });
+    }
+    Instance {
+        supervisor_pid: std::process::id(),
+        qemu_pid,
+        ssh_host: "127.0.0.1".into(),
+        ssh_port: started.ssh_port,
+        guest_ipv4: None,
+        accel: accel.as_str().to_string(),
+    }
+    .write(sd)
+    .map_err(|e| e.to_string())?;
+
+    let ready_path = sd.dir().join(paths::READY_SOCKET);
+    let alive = exited.clone();
+    let waited = tokio::task::spawn_blocking(move || {
+        ready::wait(
+            &ready_path,
+            READY_TIMEOUT,
+            || !alive.load(Ordering::SeqCst),
+            |e| tracing::info!("guest: {e:?}"),
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let r = match waited {
+        Ok(r) => r,
+        Err(e) => {
+            kill(qemu_pid);
+            return Err(format!(
+                "{e}; the guest console log is {}",
+                sd.console_log().display()
+            ));
+        }
+    };
+    let alias = ssh::alias(&sd_id(sd));
+    let cfg = ssh::config_block(&ssh::ClientConfig {
+        alias: &alias,
+        port: started.ssh_port,
+        user: &started.user.name,
+        identity: &launch::client_key(sd).private,
+        known_hosts: &launch::known_hosts(sd),
+        control_path: &ssh::control_path(&sd.ssh_dir()),
+    });
+    statefile::write_atomic(&sd.ssh_dir().join("config"), cfg.as_bytes(), 0o600)
+        .map_err(|e| e.to_string())?;
+    let mut inst = Instance::read(sd).unwrap_or_default();
+    inst.guest_ipv4 = r.ipv4.clone();
+    let _ = inst.write(sd);
+
+    let qmp = Qmp::connect(Path::new(paths::QMP_SOCKET)).await.ok();
+    shared.set(Message::Ready {
+        ssh: Endpoint {
+            host: "127.0.0.1".into(),
+            port: started.ssh_port,
+            user: started.user.name.clone(),
+            guest_ipv4: r.ipv4,
+        },
+        warnings: r.errors,
+    });
+
+    let auto_shutdown = Duration::from_millis(config.auto_shutdown_ms);
+    tokio::select! {
+        status = &mut exit_rx => {
+            return Ok(Outcome::Crashed(format!(
+                "QEMU exited unexpectedly ({})",
+                status.unwrap_or_default()
+            )));
+        }
+        _ = shared.stop.notified() => {}
+        _ = idle(shared, sd, auto_shutdown) => {}
+    }
+    shared.set(Message::Stopping);
+    shutdown(qmp, qemu_pid, &mut exit_rx, sd).await;
+    Ok(Outcome::Stopped)
+}
+
+fn sd_id(sd: &SessionDir) -> String {
+    sd.dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn kill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Resolves when no client has been attached for `grace` and the guest has no live
+/// login session (an ssh the user opened by hand, an editor's remote session).
+async fn idle(shared: &Arc<Shared>, sd: &SessionDir, grace: Duration) {
+    let mut clients = shared.clients.subscribe();
+    loop {
+        while *clients.borrow_and_update() > 0 {
+            if clients.changed().await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = clients.changed() => continue,
+            _ = tokio::time::sleep(grace) => {}
+        }
+        match guest_login_sessions(sd).await {
+            Some(0) | None => return,
+            Some(n) => {
+                tracing::info!(
+                    "idle, but {n} login session(s) live in the guest; keeping the VM up"
+                );
+                tokio::select! {
+                    _ = clients.changed() => {}
+                    _ = tokio::time::sleep(LOGIN_RECHECK) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Login sessions in the guest other than the one this check opens. `None` when the
+/// guest cannot be asked (then nothing keeps it up).
+async fn guest_login_sessions(sd: &SessionDir) -> Option<usize> {
+    let script =
+        "loginctl list-sessions --no-legend --no-pager -o json; echo; echo \"${XDG_SESSION_ID:-}\"";
+    let out = ssh::guest_output(sd, script).await.ok()?;
+    count_other_sessions(&out)
+}
+
+/// Counts `class=user` sessions in `loginctl -o json` output, minus the caller's own
+/// (whose id is on the last line).
+pub fn count_other_sessions(output: &str) -> Option<usize> {
+    let mut lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    let me = lines.pop()?.trim().to_string();
+    let json: serde_json::Value = serde_json::from_str(&lines.join("\n")).ok()?;
+    Some(
+        json.as_array()?
+            .iter()
+            .filter(|s| s.get("class").and_then(|c| c.as_str()).unwrap_or("user") == "user")
+            .filter(|s| s.get("session").and_then(|c| c.as_str()) != Some(me.as_str()))
+            .count(),
+    )
+}
+
+/// Graceful first (ACPI power button through QMP), then QMP `quit`, then SIGKILL,
+/// each with a bounded wait. The disk stays for the next boot.
+async fn shutdown(
+    qmp: Option<Qmp>,
+    pid: u32,
+    exit_rx: &mut tokio::sync::oneshot::Receiver<String>,
+    sd: &SessionDir,
+) {
+    if let Some(q) = &qmp {
+        if q.powerdown().await.is_ok()
+            && tokio::time::timeout(POWEROFF_WAIT, &mut *exit_rx)
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        tracing::warn!("guest did not power off in {POWEROFF_WAIT:?}; quitting QEMU");
+        let _ = q.quit().await;
+        if tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await.is_ok() {
+            return;
+        }
+    }
+    tracing::warn!("QEMU did not quit; killing it");
+    kill(pid);
+    let _ = tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await;
+    let _ = sd;
+}
+
+async fn handle(stream: UnixStream, shared: Arc<Shared>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let req: Option<Request> =
+        match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
+            Ok(Ok(Some(l))) => serde_json::from_str(&l).ok(),
+            _ => None,
+        };
+    let Some(req) = req.filter(|r| r.v == protocol::VERSION) else {
+        let _ = write
+            .write_all(
+                protocol::encode(&Message::Error {
+                    message: format!(
+                        "this supervisor speaks control protocol {}; upgrade or stop it (`vibebox stop`)",
+                        protocol::VERSION
+                    ),
+                    log: String::new(),
+                })
+                .as_bytes(),
+            )
+            .await;
+        return;
+    };
+    match req.op {
+        Op::Status => {
+            let vm = match &*shared.state.borrow() {
+                Message::Starting | Message::Booting { .. } => "booting",
+                Message::Ready { .. } => "running",
+                Message::Stopping => "stopping",
+                _ => "stopped",
+            }
+            .to_string();
+            let clients = *shared.clients.borrow();
+            let _ = write
+                .write_all(protocol::encode(&Message::Status { vm, clients }).as_bytes())
+                .await;
+        }
+        Op::Attach | Op::Stop => {
+            let attach = req.op == Op::Attach;
+            if attach {
+                shared.clients.send_modify(|c| *c += 1);
+            } else {
+                shared.stop_requested.store(true, Ordering::SeqCst);
+                shared.stop.notify_one();
+            }
+            let mut state = shared.state.subscribe();
+            loop {
+                let msg = state.borrow_and_update().clone();
+                if write
+                    .write_all(protocol::encode(&msg).as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                if !attach && matches!(msg, Message::Stopped | Message::Error { .. }) {
+                    break;
+                }
+                tokio::select! {
+                    changed = state.changed() => if changed.is_err() { break },
+                    line = lines.next_line() => match line {
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    },
+                }
+            }
+            if attach {
+                shared.clients.send_modify(|c| *c = c.saturating_sub(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_other_login_sessions() {
+        let out = r#"[{"session":"3","uid":0,"user":"root","seat":null,"leader":1,"class":"user","tty":"pts/0"},{"session":"5","uid":0,"user":"root","class":"user","tty":null},{"session":"c1","class":"manager"}]
+5
+"#;
+        assert_eq!(count_other_sessions(out), Some(1));
+        assert_eq!(count_other_sessions("[]\n7\n"), Some(0));
+        assert_eq!(count_other_sessions("garbage\n"), None);
+    }
+}

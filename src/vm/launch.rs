@@ -1,0 +1,228 @@
+//! Turning a session into a running QEMU: the disk overlay, keys, fw_cfg entries,
+//! shares and the command line, then the process itself. Runs in the supervisor,
+//! whose working directory is the session directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::fwcfg::{FsType, GuestConfig, GuestMount};
+use super::guest::GuestUser;
+use super::host::Accelerator;
+use super::qemu::{self, Network, Preset, Share, ShareKind, Spec};
+use crate::config::Config;
+use crate::image::store::Image;
+use crate::paths::{self, SessionDir};
+use crate::ssh::{self, KeyPair};
+use crate::statefile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "mount {host} -> {guest}: the host path does not exist; create it or remove the line from vibebox.toml"
+    )]
+    MissingMount { host: PathBuf, guest: PathBuf },
+    #[error("cannot create the VM disk {path}: {message}")]
+    Disk { path: PathBuf, message: String },
+    #[error("qemu-img is not installed: install qemu-utils (Debian) or qemu (Homebrew)")]
+    NoQemuImg,
+    #[error(
+        "{binary} is not installed: install QEMU (Debian: `sudo apt install qemu-system-x86`, macOS: `brew install qemu`), or set VIBEBOX_QEMU"
+    )]
+    NoQemu { binary: String },
+    #[error("no QEMU machine preset for the {0} architecture")]
+    NoPreset(String),
+    #[error("cannot start QEMU: {0}")]
+    Spawn(std::io::Error),
+    #[error("cannot find a free local port for SSH: {0}")]
+    Port(std::io::Error),
+    #[error(transparent)]
+    Ssh(#[from] ssh::Error),
+    #[error(transparent)]
+    State(#[from] statefile::Error),
+}
+
+/// What a started VM needs the supervisor to know.
+pub struct Started {
+    pub child: Child,
+    pub ssh_port: u16,
+    pub user: GuestUser,
+}
+
+pub fn client_key(session: &SessionDir) -> KeyPair {
+    KeyPair::at(session.ssh_dir().join("id_ed25519"))
+}
+
+pub fn host_key(session: &SessionDir) -> KeyPair {
+    KeyPair::at(session.ssh_dir().join("host_ed25519"))
+}
+
+pub fn known_hosts(session: &SessionDir) -> PathBuf {
+    session.ssh_dir().join("known_hosts")
+}
+
+/// Creates the session's qcow2 overlay on the base image if it does not exist yet.
+/// Made under a temp name and renamed, so a failure (disk full) leaves no half disk.
+pub fn ensure_disk(disk: &Path, base: &Path, size_gb: u64) -> Result<bool, Error> {
+    if disk.exists() {
+        return Ok(false);
+    }
+    let qemu_img = which::which("qemu-img").map_err(|_| Error::NoQemuImg)?;
+    let tmp = disk.with_extension("qcow2.tmp");
+    let _ = fs::remove_file(&tmp);
+    let out = Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg(&tmp)
+        .arg(format!("{size_gb}G"))
+        .output()
+        .map_err(|e| Error::Disk {
+            path: disk.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if !out.status.success() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::Disk {
+            path: disk.to_path_buf(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    fs::rename(&tmp, disk).map_err(|e| Error::Disk {
+        path: disk.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(true)
+}
+
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(Error::Port)
+}
+
+/// The shares for the config's mounts: present ones get a tag; a missing optional
+/// one is skipped; a missing required one is an error naming it.
+pub fn shares(config: &Config) -> Result<(Vec<Share>, Vec<GuestMount>), Error> {
+    let mut shares = Vec::new();
+    let mut mounts = Vec::new();
+    for m in &config.mounts {
+        if !m.host.exists() {
+            if m.optional {
+                continue;
+            }
+            return Err(Error::MissingMount {
+                host: m.host.clone(),
+                guest: m.guest.clone(),
+            });
+        }
+        let tag = format!("vbx{}", shares.len());
+        shares.push(Share {
+            tag: tag.clone(),
+            host: m.host.clone(),
+            access: m.access,
+            kind: ShareKind::NineP,
+        });
+        mounts.push(GuestMount {
+            fstype: FsType::NineP,
+            tag,
+            access: m.access,
+            guest_path: m.guest.clone(),
+        });
+    }
+    Ok((shares, mounts))
+}
+
+pub struct Plan<'a> {
+    pub session: &'a SessionDir,
+    pub project: &'a Path,
+    pub config: &'a Config,
+    pub image: &'a Image,
+    pub accel: Accelerator,
+    pub qemu: PathBuf,
+    pub explain: String,
+}
+
+/// Prepares everything and starts QEMU (with the session directory as its working
+/// directory, so its sockets are short relative paths).
+pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
+    let s = plan.session;
+    for d in [s.dir().to_path_buf(), s.logs(), s.ssh_dir(), s.fw_cfg()] {
+        statefile::ensure_dir(&d, 0o700)?;
+    }
+    ensure_disk(&s.disk(), &plan.image.disk(), plan.config.disk_gb)?;
+    let client = ssh::ensure_keypair(&client_key(s).private, "vibebox client")?;
+    let host = ssh::ensure_keypair(&host_key(s).private, "vibebox guest host key")?;
+    let port = free_port()?;
+    statefile::write_atomic(
+        &known_hosts(s),
+        ssh::known_hosts_line("127.0.0.1", port, &host.public_key()?).as_bytes(),
+        0o600,
+    )?;
+    let user = GuestUser::current();
+    let (shares, mounts) = shares(plan.config)?;
+    let guest = GuestConfig {
+        user: user.name.clone(),
+        uid: user.uid,
+        authorized_keys: client.public_key()?,
+        host_key: fs::read_to_string(&host.private).map_err(|source| ssh::Error::Io {
+            path: host.private.clone(),
+            source,
+        })?,
+        host_key_pub: host.public_key()?,
+        hostname: super::fwcfg::hostname_for(plan.project),
+        workdir: Some(plan.project.to_path_buf()),
+        explain: plan.explain.clone(),
+        mounts,
+    };
+    let fw = guest.write(&s.fw_cfg())?;
+    let arch = plan.image.manifest.arch.clone();
+    let preset = Preset::for_arch(&arch).ok_or(Error::NoPreset(arch))?;
+    for p in [paths::QMP_SOCKET, paths::READY_SOCKET] {
+        let _ = fs::remove_file(s.dir().join(p));
+    }
+    let spec = Spec {
+        preset: &preset,
+        accel: plan.accel,
+        cpus: plan.config.cpus,
+        memory_mb: plan.config.memory_mb,
+        kernel: &plan.image.kernel(),
+        initrd: &plan.image.initrd(),
+        cmdline: &plan.image.manifest.kernel_cmdline,
+        disk: &s.disk(),
+        fw_cfg: &fw,
+        console_log: &s.console_log(),
+        ready_socket: Path::new(paths::READY_SOCKET),
+        qmp_socket: Path::new(paths::QMP_SOCKET),
+        network: Network::User { ssh_port: port },
+        shares: &shares,
+    };
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.qemu_log())
+        .map_err(Error::Spawn)?;
+    let mut cmd = Command::new(&plan.qemu);
+    cmd.args(qemu::argv(&spec))
+        .current_dir(s.dir())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(Error::Spawn)?)
+        .stderr(log);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // QEMU never outlives its supervisor: SIGTERM makes it quit cleanly.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let child = cmd.spawn().map_err(Error::Spawn)?;
+    Ok(Started {
+        child,
+        ssh_port: port,
+        user,
+    })
+}
