@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -22,21 +22,14 @@ use vibebox::vm::mounts::Access;
 use vibebox::vm::qemu::{self, Network, Preset, Share, ShareKind, Spec};
 use vibebox::vm::ready;
 
-pub fn test_image() -> Option<Image> {
-    let Some(dir) = std::env::var_os("VIBEBOX_TEST_IMAGES") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set VIBEBOX_TEST_IMAGES to a directory with a built image"
-        );
-        eprintln!("skipped: set VIBEBOX_TEST_IMAGES to a directory holding a built image");
-        return None;
-    };
-    let home = Home::from_dir(PathBuf::from(dir).parent().unwrap().to_path_buf());
-    let img = Store::new(&home)
+fn test_image() -> Option<Image> {
+    let dir = common::test_images()?;
+    let home = Home::from_dir(dir.parent().unwrap().to_path_buf());
+    let image = Store::new(&home)
         .find("default", std::env::consts::ARCH)
         .unwrap();
-    assert!(img.is_some(), "no image in VIBEBOX_TEST_IMAGES");
-    img
+    assert!(image.is_some(), "no {} image in {}", std::env::consts::ARCH, dir.display());
+    image
 }
 
 fn free_port() -> u16 {

@@ -25,10 +25,5 @@ pub fn run(home: &Home, start: &Path, command: &[String]) -> Result<(), Error> {
         false,
     )
     .map_err(|e| Error::Usage(format!("cannot run ssh: {e}; install OpenSSH")))?;
-    drop(attached);
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(Error::Exit(code))
-    }
+    up::finish(attached, code)
 }

@@ -121,11 +121,7 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
         )
         .map_err(|e| Error::Usage(format!("cannot run ssh: {e}; install OpenSSH")))?;
         if code != NEW_SESSION_STATUS {
-            drop(attached);
-            return match code {
-                0 => Ok(()),
-                c => Err(Error::Exit(c)),
-            };
+            return finish(attached, code);
         }
         // `:new` asked for a fresh session; only the host user can grant it.
         let others = crate::supervisor::status(&sd).clients.saturating_sub(1);
@@ -144,6 +140,27 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
         eprintln!("vibebox: deleted session {id}; new session {}", outcome.id);
         id = outcome.id;
     }
+}
+
+/// Ends a client: a non-zero status from ssh may mean the VM went away under it;
+/// then the user gets the supervisor's reason instead of a bare status.
+pub fn finish(attached: Attached, code: i32) -> Result<(), Error> {
+    if code == 0 {
+        return Ok(());
+    }
+    if code == 255 {
+        match attached.vm_ended(std::time::Duration::from_secs(3)) {
+            Some(Message::Error { message, log }) => {
+                return Err(client::Error::Failed { message, log }.into());
+            }
+            Some(_) => {
+                eprintln!("vibebox: the VM was shut down");
+                return Err(Error::Exit(code));
+            }
+            None => {}
+        }
+    }
+    Err(Error::Exit(code))
 }
 
 fn confirm_new(id: SessionId, root: &Path, others: u32) -> Result<bool, Error> {

@@ -118,7 +118,37 @@ pub fn spawn_supervisor(home: &Home, project: &Path, id: SessionId) -> Result<()
 pub struct Attached {
     pub endpoint: Endpoint,
     pub warnings: Vec<String>,
-    _watcher: std::thread::JoinHandle<()>,
+    /// The connection, shared with the watcher thread; shut down on drop so the
+    /// reference goes now, not when the process ends.
+    stream: UnixStream,
+    /// What the supervisor said after "ready" (the VM stopping or dying).
+    later: std::sync::mpsc::Receiver<Message>,
+}
+
+impl Attached {
+    /// After the shell or command ended abnormally: why, if the VM stopped or died
+    /// under it. Waits up to `wait` for the supervisor to say so.
+    pub fn vm_ended(&self, wait: Duration) -> Option<Message> {
+        let deadline = Instant::now() + wait;
+        let mut last = None;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let got = self.later.recv_timeout(left);
+            tracing::debug!("after the session: {got:?}");
+            match got {
+                Ok(m @ Message::Error { .. }) => return Some(m),
+                Ok(m @ (Message::Stopping | Message::Stopped)) => last = Some(m),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        last
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// Connects to (or starts) the session's supervisor and attaches; `progress` sees
@@ -154,11 +184,13 @@ pub fn attach(
             progress(&msg);
             match msg {
                 Message::Ready { ssh, warnings } => {
-                    let watcher = std::thread::spawn(move || watch(reader, stream));
+                    let (tx, later) = std::sync::mpsc::channel();
+                    std::thread::spawn(move || watch(reader, tx));
                     return Ok(Attached {
                         endpoint: ssh,
                         warnings,
-                        _watcher: watcher,
+                        stream,
+                        later,
                     });
                 }
                 Message::Error { message, log } => return Err(Error::Failed { message, log }),
@@ -184,9 +216,9 @@ fn wait_for_socket(sd: &SessionDir) -> Result<UnixStream, Error> {
     }
 }
 
-/// Holds the reference for the rest of the process and tells the user when the VM
-/// stops under them (killed, stopped from another terminal).
-fn watch(mut reader: BufReader<UnixStream>, _stream: UnixStream) {
+/// Reads what the supervisor says after "ready" and hands it to the main thread,
+/// which reports it once the shell or command has ended.
+fn watch(mut reader: BufReader<UnixStream>, tx: std::sync::mpsc::Sender<Message>) {
     let mut line = String::new();
     loop {
         line.clear();
@@ -194,12 +226,11 @@ fn watch(mut reader: BufReader<UnixStream>, _stream: UnixStream) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        match serde_json::from_str::<Message>(&line) {
-            Ok(Message::Error { message, log }) => {
-                eprintln!("\r\nvibebox: {message}; see {log}\r");
-            }
-            Ok(Message::Stopping) => eprintln!("\r\nvibebox: the VM is shutting down\r"),
-            _ => {}
+        tracing::debug!("supervisor says: {}", line.trim());
+        if let Ok(m) = serde_json::from_str::<Message>(&line)
+            && tx.send(m).is_err()
+        {
+            return;
         }
     }
 }

@@ -28,8 +28,17 @@ use crate::vm::qmp::Qmp;
 use crate::vm::ready;
 
 /// How long the guest may take from QEMU start to "ready" before the boot is
-/// declared failed. TCG on a slow machine takes about a minute.
+/// declared failed. TCG on a slow machine takes about a minute;
+/// `VIBEBOX_READY_TIMEOUT_MS` overrides it.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn ready_timeout() -> Duration {
+    std::env::var("VIBEBOX_READY_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(READY_TIMEOUT)
+}
 /// Bounded waits of the shutdown sequence: guest power-off, QMP quit, kill.
 const POWEROFF_WAIT: Duration = Duration::from_secs(30);
 const QUIT_WAIT: Duration = Duration::from_secs(5);
@@ -249,7 +258,7 @@ async fn boot_and_run(
     let waited = tokio::task::spawn_blocking(move || {
         ready::wait(
             &ready_path,
-            READY_TIMEOUT,
+            ready_timeout(),
             || !alive.load(Ordering::SeqCst),
             |e| tracing::info!("guest: {e:?}"),
         )

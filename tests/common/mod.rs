@@ -52,12 +52,37 @@ impl Env {
 }
 
 impl Env {
+    /// Shares the prebuilt images with this test's vibebox home.
+    pub fn link_images(&self, images: &Path) {
+        std::os::unix::fs::symlink(images, self.vibebox_home().join("images")).unwrap();
+    }
+
     /// `vibebox init` in `dir`: find or create the session without booting.
     pub fn init(&self, dir: &Path) -> Command {
         let mut c = self.cmd(dir);
         c.arg("init");
         c
     }
+}
+
+/// The directory of prebuilt images the VM tests use (`VIBEBOX_TEST_IMAGES`, which
+/// `.ci/run` sets after building the image). `None` outside CI when it is unset; on
+/// CI a missing image fails the test instead of skipping it.
+pub fn test_images() -> Option<PathBuf> {
+    let Some(dir) = std::env::var_os("VIBEBOX_TEST_IMAGES") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set VIBEBOX_TEST_IMAGES to a directory with a built image"
+        );
+        eprintln!("skipped: set VIBEBOX_TEST_IMAGES to a directory holding a built image");
+        return None;
+    };
+    let dir = PathBuf::from(dir);
+    let has_image = std::fs::read_dir(&dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().join("image.toml").is_file()))
+        .unwrap_or(false);
+    assert!(has_image, "no image in {}", dir.display());
+    Some(dir)
 }
 
 pub struct Out {

@@ -1,0 +1,472 @@
+//! End-to-end: the real binary boots real VMs under QEMU (TCG on CI) from the image
+//! `.ci/run` builds. VM tests run one at a time (a lock) because each guest takes a
+//! core; where it keeps a test meaningful, one boot serves several checks.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{Env, Out, run};
+
+static VM: Mutex<()> = Mutex::new(());
+
+fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    VM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Box {
+    env: Env,
+    project: PathBuf,
+}
+
+impl Box {
+    fn new(images: &Path, name: &str, config: &str) -> Box {
+        let env = Env::new();
+        env.link_images(images);
+        let project = env.project(name);
+        fs::write(project.join("vibebox.toml"), config).unwrap();
+        Box { env, project }
+    }
+
+    fn cmd(&self) -> Command {
+        self.env.cmd(&self.project)
+    }
+
+    fn vibebox(&self, args: &[&str]) -> Out {
+        let mut c = self.cmd();
+        c.args(args);
+        run(c)
+    }
+
+    fn exec(&self, script: &str) -> Out {
+        self.vibebox(&["exec", "--", "sh", "-c", script])
+    }
+
+    fn spawn_exec(&self, script: &str) -> Child {
+        let mut c = self.cmd();
+        c.args(["exec", "--", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    }
+
+    fn id(&self) -> String {
+        common::session_file_id(&self.project)
+    }
+
+    fn session_dir(&self) -> PathBuf {
+        self.env.vibebox_home().join("sessions").join(self.id())
+    }
+
+    fn instance(&self) -> toml::Table {
+        let text = fs::read_to_string(self.session_dir().join("instance.toml")).unwrap();
+        toml::from_str(&text).unwrap()
+    }
+
+    fn status(&self) -> (String, u64) {
+        let out = self.vibebox(&["list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let s = &v[0];
+        (
+            s["state"].as_str().unwrap().to_string(),
+            s["clients"].as_u64().unwrap(),
+        )
+    }
+
+    /// Polls `vibebox list` until `pred` holds, for at most `secs`.
+    fn wait_status(&self, secs: u64, pred: impl Fn(&str, u64) -> bool) -> (String, u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (state, clients) = self.status();
+            if pred(&state, clients) {
+                return (state, clients);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out; last state {state}, clients {clients}; supervisor log:\n{}",
+                fs::read_to_string(self.session_dir().join("logs/supervisor.log"))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn qemu_img_check(&self) {
+        let out = Command::new("qemu-img")
+            .args(["check", "-q"])
+            .arg(self.session_dir().join("disk.qcow2"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "qemu-img check: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Box {
+    fn drop(&mut self) {
+        let _ = self.vibebox(&["stop"]);
+    }
+}
+
+fn ok(out: &Out) -> &str {
+    assert_eq!(out.code, 0, "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+    &out.stdout
+}
+
+fn alive(pid: i64) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// First start, exec (exit codes, stdin, same path), mounts rw and ro (enforced
+/// against guest root), two clients, a client killed with -9, auto-shutdown after
+/// the grace period, resume with the disk intact, stop.
+#[test]
+fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let _vm = vm_lock();
+    let env_dir = tempfile::Builder::new().prefix("vbx-ro-").tempdir().unwrap();
+    let ro = env_dir.path().join("shared ro, \"data\"");
+    let rw = env_dir.path().join("scratch");
+    fs::create_dir_all(&ro).unwrap();
+    fs::create_dir_all(&rw).unwrap();
+    fs::write(ro.join("given.txt"), "from host\n").unwrap();
+    let config = format!(
+        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n",
+        ro.display().to_string().replace('"', "\\\""),
+        rw.display()
+    );
+    let b = Box::new(&images, "my proj, \"v2\" é", &config);
+
+    // First start: boots, runs in the project at the same absolute path.
+    let out = b.exec("pwd; cat '/mnt/ro data/given.txt'; echo made > inproject.txt; echo home > ~/scratch/h.txt");
+    let stdout = ok(&out);
+    assert_eq!(
+        stdout,
+        format!("{}\nfrom host\n", b.project.display()),
+        "stderr: {}",
+        out.stderr
+    );
+    assert_eq!(
+        fs::read_to_string(b.project.join("inproject.txt")).unwrap(),
+        "made\n"
+    );
+    assert_eq!(fs::read_to_string(rw.join("h.txt")).unwrap(), "home\n");
+
+    // Exit codes and stdin pass through.
+    assert_eq!(b.exec("exit 7").code, 7);
+    let mut c = b.cmd();
+    c.args(["exec", "--", "sh", "-c", "tr a-z A-Z; echo err >&2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped input\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "PIPED INPUT\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("err"));
+
+    // Read-only is enforced by the host: guest root cannot write.
+    let out = b.exec("sudo touch '/mnt/ro data/nope' 2>&1 || touch '/mnt/ro data/nope'");
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(!ro.join("nope").exists());
+
+    // Something to find after the resume, outside the project (on the VM disk).
+    ok(&b.exec("echo keep > /var/tmp/keep.txt && sync"));
+
+    // Two clients at once; killing one with -9 drops its reference.
+    let mut c1 = b.spawn_exec("sleep 20");
+    let mut c2 = b.spawn_exec("sleep 20");
+    b.wait_status(60, |s, n| s == "running" && n == 2);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c1.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = c1.wait();
+    b.wait_status(30, |s, n| s == "running" && n == 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c2.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = c2.wait();
+
+    // No clients: after the 2 s grace the VM shuts itself down.
+    let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();
+    b.wait_status(90, |s, _| s == "stopped");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(qemu_pid) {
+        assert!(Instant::now() < deadline, "QEMU still running after shutdown");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    b.qemu_img_check();
+
+    // Resume from the preserved disk.
+    let out = b.exec("cat /var/tmp/keep.txt");
+    assert_eq!(ok(&out), "keep\n");
+
+    // `vibebox stop` shuts it down now.
+    let out = b.vibebox(&["stop"]);
+    assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
+    assert_eq!(b.status().0, "stopped");
+    b.qemu_img_check();
+}
+
+/// kill -9 of QEMU (attached clients are told; the next start boots again with an
+/// intact disk) and of the supervisor (QEMU does not outlive it; the next start
+/// recovers), then `delete` of a running session.
+#[test]
+fn crashes_are_recovered_and_delete_stops_a_running_session() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let _vm = vm_lock();
+    let b = Box::new(&images, "crashy", "");
+    ok(&b.exec("echo before > /var/tmp/mark && sync"));
+
+    // QEMU killed under an attached client.
+    let client = b.spawn_exec("sleep 120");
+    b.wait_status(60, |s, n| s == "running" && n == 1);
+    let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let o = client.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("QEMU exited unexpectedly"), "client was not told: {err}");
+    b.wait_status(30, |s, _| s == "stopped");
+    b.qemu_img_check();
+    let out = b.exec("cat /var/tmp/mark");
+    assert_eq!(ok(&out), "before\n");
+
+    // Supervisor killed: its QEMU goes too (no owner-less VM), and the next start
+    // recovers the session.
+    let inst = b.instance();
+    let sup = inst["supervisor_pid"].as_integer().unwrap();
+    let qemu = inst["qemu_pid"].as_integer().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(qemu) {
+        assert!(Instant::now() < deadline, "QEMU outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = b.exec("cat /var/tmp/mark");
+    assert_eq!(ok(&out), "before\n");
+
+    // Delete while running: stopped first, then everything removed.
+    let qemu = b.instance()["qemu_pid"].as_integer().unwrap();
+    let id = b.id();
+    let state_dir = b.session_dir();
+    let out = b.vibebox(&["delete", "-y", &id]);
+    ok(&out);
+    assert!(!alive(qemu), "delete left QEMU running");
+    assert!(!state_dir.exists());
+    assert!(!b.project.join(".vibebox").exists());
+}
+
+/// Two `vibebox` started at the same instant in a new project get one VM.
+#[test]
+fn simultaneous_first_starts_share_one_vm() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let _vm = vm_lock();
+    let b = Box::new(&images, "twins", "");
+    let script = "cat /proc/sys/kernel/random/boot_id";
+    let c1 = b.spawn_exec(script);
+    let c2 = b.spawn_exec(script);
+    let o1 = c1.wait_with_output().unwrap();
+    let o2 = c2.wait_with_output().unwrap();
+    assert!(o1.status.success(), "{}", String::from_utf8_lossy(&o1.stderr));
+    assert!(o2.status.success(), "{}", String::from_utf8_lossy(&o2.stderr));
+    let boot1 = String::from_utf8_lossy(&o1.stdout).trim().to_string();
+    assert_eq!(boot1.len(), 36);
+    assert_eq!(boot1, String::from_utf8_lossy(&o2.stdout).trim());
+}
+
+/// Faults that must end in one clear line: a guest that never signals ready (bounded
+/// wait, console log named), QEMU missing, no image, a mount whose host path
+/// vanished. Nothing is left half-made.
+#[test]
+fn faults_give_one_clear_line() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let _vm = vm_lock();
+
+    // QEMU missing.
+    let b = Box::new(&images, "noqemu", "");
+    let mut c = b.cmd();
+    c.env("VIBEBOX_QEMU", "/nonexistent/qemu-system-x86_64")
+        .args(["exec", "--", "true"]);
+    let out = run(c);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("cannot start QEMU"), "{}", out.stderr);
+    assert!(out.stderr.contains("supervisor.log") || out.stderr.contains("see "), "{}", out.stderr);
+
+    // No such image.
+    let b = Box::new(&images, "noimage", "[box]\nimage = \"debian-99\"\n");
+    let out = b.exec("true");
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("no base image named \"debian-99\""), "{}", out.stderr);
+    assert!(!b.session_dir().join("disk.qcow2").exists());
+
+    // A mount whose host path vanished.
+    let gone = b.env.tmp.path().join("vanishing");
+    fs::create_dir_all(&gone).unwrap();
+    let b = Box::new(
+        &images,
+        "vanished",
+        &format!("[box]\nmounts = [\"{}:/mnt/v\"]\n", gone.display()),
+    );
+    fs::remove_dir(&gone).unwrap();
+    let out = b.exec("true");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&gone.display().to_string()) && out.stderr.contains("does not exist"),
+        "{}",
+        out.stderr
+    );
+
+    // A guest that never signals ready: the ready unit is masked on the kernel
+    // command line of a copy of the image.
+    let env = Env::new();
+    let img_dir = env.vibebox_home().join("images");
+    fs::create_dir_all(&img_dir).unwrap();
+    let src = fs::read_dir(&images)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().join("image.toml").is_file())
+        .unwrap()
+        .path();
+    let dst = img_dir.join("debian-13-x86_64-deadbeef0000");
+    fs::create_dir_all(&dst).unwrap();
+    for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
+        std::os::unix::fs::symlink(src.join(f), dst.join(f)).unwrap();
+    }
+    let manifest = fs::read_to_string(src.join("image.toml")).unwrap();
+    let mut m: toml::Table = toml::from_str(&manifest).unwrap();
+    let cmdline = format!(
+        "{} systemd.mask=vibebox-ready.service",
+        m["kernel_cmdline"].as_str().unwrap()
+    );
+    m.insert("kernel_cmdline".into(), toml::Value::String(cmdline));
+    m.insert("arch".into(), toml::Value::String(std::env::consts::ARCH.into()));
+    fs::write(dst.join("image.toml"), toml::to_string(&m).unwrap()).unwrap();
+    let p = env.project("silent");
+    let mut c = env.cmd(&p);
+    c.env("VIBEBOX_READY_TIMEOUT_MS", "45000")
+        .args(["exec", "--", "true"]);
+    let started = Instant::now();
+    let out = run(c);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("did not signal ready"), "{}", out.stderr);
+    assert!(out.stderr.contains("console.log"), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(120));
+}
+
+/// The interactive shell, driven through tmux: it starts in the project, `:explain`
+/// prints the host's explain text, `:new` declined keeps the session, `:new`
+/// confirmed replaces it, `:exit` leaves with status 0.
+#[test]
+fn interactive_shell_and_vibebox_commands() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    if which::which("tmux").is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install tmux");
+        return;
+    }
+    let _vm = vm_lock();
+    let b = Box::new(&images, "interactive", "");
+    let socket = b.env.tmp.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-200", "-t", "t"]).stdout).into_owned();
+    // Waits until `needle` is on the screen `times` times (earlier prompts stay in
+    // the scrollback).
+    let wait_n = |needle: &str, times: usize, secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = screen();
+            if s.matches(needle).count() >= times {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "waited for {needle:?} x{times}; screen:\n{s}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let wait_for = |needle: &str, secs: u64| wait_n(needle, 1, secs);
+    let bin = env!("CARGO_BIN_EXE_vibebox");
+    let shell = format!(
+        "cd '{}' && VIBEBOX_HOME='{}' HOME='{}' '{bin}'; echo VIBEBOX-EXIT=$?; sleep 600",
+        b.project.display(),
+        b.env.vibebox_home().display(),
+        b.env.home().display()
+    );
+    tmux(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "50", &shell]);
+    let keys = |k: &str| {
+        tmux(&["send-keys", "-t", "t", k, "Enter"]);
+    };
+    keys("echo PWD-IS-$(pwd)");
+    wait_for(&format!("PWD-IS-{}", b.project.display()), 240);
+    let id = b.id();
+    keys(":explain");
+    wait_for(&format!("(session {id})"), 30);
+    wait_for("Storage (relative to the project)", 10);
+
+    keys(":new");
+    wait_for("[y/N]", 30);
+    keys("n");
+    wait_for("kept session", 30);
+    keys("echo STILL-$(hostname)");
+    wait_for("STILL-vibebox-interactive", 60);
+
+    keys(":new");
+    let s = wait_n("[y/N]", 2, 30);
+    assert!(s.contains("no other terminal is attached"), "{s}");
+    keys("y");
+    wait_for("new session", 120);
+    keys("echo AFTER-NEW");
+    wait_for("AFTER-NEW", 240);
+    let new_id = b.id();
+    assert_ne!(new_id, id, "confirmed :new must make a new session");
+    assert!(!b.env.vibebox_home().join("sessions").join(&id).exists());
+
+    keys(":exit");
+    wait_for("VIBEBOX-EXIT=0", 30);
+    tmux(&["kill-server"]);
+}
