@@ -28,7 +28,12 @@ fn test_image() -> Option<Image> {
     let image = Store::new(&home)
         .find("default", std::env::consts::ARCH)
         .unwrap();
-    assert!(image.is_some(), "no {} image in {}", std::env::consts::ARCH, dir.display());
+    assert!(
+        image.is_some(),
+        "no {} image in {}",
+        std::env::consts::ARCH,
+        dir.display()
+    );
     image
 }
 

@@ -147,8 +147,14 @@ impl Index {
     }
 }
 
+/// Deleting a session stops its VM first: a disk is never removed under a running
+/// QEMU.
 fn remove_state(home: &Home, id: SessionId) -> Result<(), Error> {
-    let dir = home.session(id).dir().to_path_buf();
+    let session = home.session(id);
+    if let Err(e) = crate::supervisor::client::stop(&session) {
+        tracing::warn!("stopping session {id} before deleting it: {e}");
+    }
+    let dir = session.dir().to_path_buf();
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

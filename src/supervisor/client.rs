@@ -166,12 +166,13 @@ pub fn attach(
             Ok(s) => s,
             Err(_) => {
                 spawn_supervisor(home, project, id)?;
-                wait_for_socket(&sd)?
+                wait_for_socket(home, project, id)?
             }
         };
         send(&mut stream, Op::Attach).map_err(|_| Error::Lost(sd.supervisor_log()))?;
         let mut reader = BufReader::new(stream.try_clone().map_err(Error::Spawn)?);
         let mut line = String::new();
+        let mut first = true;
         loop {
             line.clear();
             match reader.read_line(&mut line) {
@@ -181,6 +182,13 @@ pub fn attach(
             let Ok(msg) = serde_json::from_str::<Message>(&line) else {
                 continue;
             };
+            // A supervisor that is already finishing (its VM failed or stopped just
+            // before we connected) answers with its last state: start over with a
+            // fresh one rather than report an old failure.
+            if std::mem::take(&mut first) && matches!(msg, Message::Error { .. } | Message::Stopped)
+            {
+                break;
+            }
             progress(&msg);
             match msg {
                 Message::Ready { ssh, warnings } => {
@@ -203,14 +211,23 @@ pub fn attach(
     Err(Error::Lost(sd.supervisor_log()))
 }
 
-fn wait_for_socket(sd: &SessionDir) -> Result<UnixStream, Error> {
+/// Waits for the supervisor's socket. A supervisor started while an old one was
+/// still exiting loses the lock and quits, so every second without a socket another
+/// one is started (the spare ones exit quietly).
+fn wait_for_socket(home: &Home, project: &Path, id: SessionId) -> Result<UnixStream, Error> {
+    let sd = home.session(id);
     let deadline = Instant::now() + Duration::from_secs(15);
+    let mut respawn = Instant::now() + Duration::from_secs(1);
     loop {
         if let Ok(s) = connect(&sd.control_socket()) {
             return Ok(s);
         }
         if Instant::now() > deadline {
             return Err(Error::NoSupervisor(sd.supervisor_log()));
+        }
+        if Instant::now() > respawn {
+            spawn_supervisor(home, project, id)?;
+            respawn = Instant::now() + Duration::from_secs(1);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

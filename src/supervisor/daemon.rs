@@ -95,10 +95,11 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
             })
         };
         lifecycle(&shared, home, project, &sd).await;
-        // Let clients read the final state before the socket goes away.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let _ = fs::remove_file(paths::CONTROL_SOCKET);
+        // No new clients from here on; those attached get a moment to read the
+        // final state.
         acceptor.abort();
+        let _ = fs::remove_file(paths::CONTROL_SOCKET);
+        tokio::time::sleep(Duration::from_millis(300)).await;
         Ok::<(), String>(())
     })
 }

@@ -79,7 +79,10 @@ pub fn test_images() -> Option<PathBuf> {
     };
     let dir = PathBuf::from(dir);
     let has_image = std::fs::read_dir(&dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().join("image.toml").is_file()))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| e.path().join("image.toml").is_file())
+        })
         .unwrap_or(false);
     assert!(has_image, "no image in {}", dir.display());
     Some(dir)
