@@ -31,8 +31,8 @@ if ! grep -q 'profile.d/vibebox.sh' /etc/bash.bashrc; then
         >> /etc/bash.bashrc
 fi
 systemctl enable vibebox-init.service vibebox-mounts.service vibebox-ready.service
-# fw_cfg entries: loaded early, in parallel, by systemd-modules-load.
-printf 'qemu_fw_cfg\n' > /etc/modules-load.d/vibebox.conf
+# fw_cfg and 9p: loaded early, in parallel with the rest, by systemd-modules-load.
+printf 'qemu_fw_cfg\n9pnet_virtio\n9p\n' > /etc/modules-load.d/vibebox.conf
 # The host client prints its own banner.
 : > /etc/motd
 rm -f /etc/update-motd.d/10-uname
