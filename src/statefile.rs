@@ -26,14 +26,8 @@ pub enum Error {
     Symlink { path: PathBuf },
 }
 
-/// Writes `data` to `path` through a temp file in the same directory, fsyncs it, renames
-/// it over the target and fsyncs the directory. A symlink at `path` is replaced, not
-/// followed, so a hostile guest that plants one cannot redirect the write.
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let werr = |source| Error::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+/// A unique hidden name beside `path` (same directory, so a rename is atomic).
+fn sibling_temp(path: &Path, tag: &str) -> std::path::PathBuf {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -42,11 +36,23 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
+    dir.join(format!(
+        ".{name}.{tag}-{}-{}",
         std::process::id(),
         uuid::Uuid::now_v7().simple()
-    ));
+    ))
+}
+
+/// Writes `data` to `path` through a temp file in the same directory, fsyncs it, renames
+/// it over the target and fsyncs the directory. A symlink at `path` is replaced, not
+/// followed, so a hostile guest that plants one cannot redirect the write.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
+    let werr = |source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = sibling_temp(path, "tmp");
+    let dir = tmp.parent().unwrap_or(Path::new(".")).to_path_buf();
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -74,19 +80,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
 /// `path` already exists. The content appears whole or not at all (hard link of a
 /// finished temp file), so a concurrent reader never sees half a file.
 pub fn write_new_atomic(path: &Path, data: &[u8], mode: u32) -> Result<bool, Error> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{name}.new-{}-{}",
-        std::process::id(),
-        uuid::Uuid::now_v7().simple()
-    ));
+    let tmp = sibling_temp(path, "new");
     write_atomic(&tmp, data, mode)?;
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);

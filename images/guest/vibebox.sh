@@ -32,15 +32,15 @@ then
     __vibebox_run=/run/vibebox
 
     # Top-level vibebox shell = a login shell started by sshd.
+    __vibebox_parent=
+    read -r __vibebox_parent < "/proc/$PPID/comm" 2>/dev/null
     if shopt -q login_shell && [ -z "${VIBEBOX_SHELL_PID:-}" ] &&
-        case $(cat "/proc/$PPID/comm" 2>/dev/null) in
-            sshd|sshd-session) true ;; *) false ;;
-        esac
+        case $__vibebox_parent in sshd|sshd-session) true ;; *) false ;; esac
     then
         export VIBEBOX_SHELL_PID=$$
         export VIBEBOX=1
         if [ -r "$__vibebox_run/workdir" ]; then
-            VIBEBOX_WORKDIR=$(cat "$__vibebox_run/workdir")
+            IFS= read -r VIBEBOX_WORKDIR < "$__vibebox_run/workdir"
             export VIBEBOX_WORKDIR
             if [ -d "$VIBEBOX_WORKDIR" ]; then
                 cd -- "$VIBEBOX_WORKDIR" || true
