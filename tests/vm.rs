@@ -155,7 +155,10 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         ro.display().to_string().replace('"', "\\\""),
         rw.display()
     );
-    let b = Box::new(&images, "my proj, \"v2\" é", &config);
+    // Spaces, commas, quotes, non-ASCII, and a path of 200+ characters.
+    let name = format!("my proj, \"v2\" é {}", "x".repeat(190));
+    let b = Box::new(&images, &name, &config);
+    assert!(b.project.as_os_str().len() > 200);
 
     // First start: boots, runs in the project at the same absolute path.
     let out = b.exec(
