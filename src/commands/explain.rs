@@ -26,13 +26,8 @@ pub fn run(home: &Home, start: &Path, as_json: bool) -> Result<(), Error> {
     };
     let mut out = std::io::stdout().lock();
     if as_json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&explain::json(&facts)).expect("json")
-        )?;
-    } else {
-        write!(out, "{}", explain::text(&facts))?;
+        return super::write_json(&mut out, &explain::json(&facts));
     }
+    write!(out, "{}", explain::text(&facts))?;
     Ok(())
 }

@@ -76,12 +76,7 @@ fn list(home: &Home, as_json: bool) -> Result<(), Error> {
                 })
             })
             .collect();
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&items).expect("json")
-        )?;
-        return Ok(());
+        return super::write_json(&mut out, &items);
     }
     if rows.is_empty() {
         writeln!(

@@ -71,6 +71,13 @@ impl Error {
     }
 }
 
+/// `--json` output: pretty, one trailing newline.
+fn write_json(out: &mut impl std::io::Write, value: &impl serde::Serialize) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value).expect("values built here serialize");
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
 /// The directory commands act on: `-C DIR` or the working directory.
 fn start_dir(cli: &Cli) -> Result<PathBuf, Error> {
     let cwd = std::env::current_dir().map_err(|source| Error::Dir {

@@ -268,10 +268,7 @@ mod tests {
         let fw = [("user".to_string(), PathBuf::from("/s/fw,cfg/user"))];
         let argv = strings(argv(&base(&p, &shares, &fw)));
         assert_eq!(after(&argv, "-accel"), ["tcg"]);
-        assert_eq!(
-            after(&argv, "-cpu"),
-            ["qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"]
-        );
+        assert_eq!(after(&argv, "-cpu"), ["max"]);
         assert_eq!(after(&argv, "-kernel"), ["/img/vmlinuz"]);
         assert_eq!(after(&argv, "-append"), ["root=/dev/vda rw console=ttyS0"]);
         assert_eq!(
