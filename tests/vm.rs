@@ -125,6 +125,14 @@ fn ok(out: &Out) -> &str {
     &out.stdout
 }
 
+fn kill9(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
 fn alive(pid: i64) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
         && !fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -209,18 +217,10 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     let mut c1 = b.spawn_exec("sleep 20");
     let mut c2 = b.spawn_exec("sleep 20");
     b.wait_status(60, |s, n| s == "running" && n == 2);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c1.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(c1.id() as i32);
     let _ = c1.wait();
     b.wait_status(30, |s, n| s == "running" && n == 1);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c2.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(c2.id() as i32);
     let _ = c2.wait();
 
     // No clients: after the 2 s grace the VM shuts itself down.
@@ -263,11 +263,7 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
     let client = b.spawn_exec("sleep 120");
     b.wait_status(60, |s, n| s == "running" && n == 1);
     let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(qemu_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(qemu_pid as i32);
     let o = client.wait_with_output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -285,11 +281,7 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
     let inst = b.instance();
     let sup = inst["supervisor_pid"].as_integer().unwrap();
     let qemu = inst["qemu_pid"].as_integer().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill9(sup as i32);
     let deadline = Instant::now() + Duration::from_secs(30);
     while alive(qemu) {
         assert!(Instant::now() < deadline, "QEMU outlived its supervisor");

@@ -314,7 +314,7 @@ async fn boot_and_run(
         _ = idle(shared, sd, auto_shutdown) => {}
     }
     shared.set(Message::Stopping);
-    shutdown(qmp, qemu_pid, &mut exit_rx, sd).await;
+    shutdown(qmp, qemu_pid, &mut exit_rx).await;
     Ok(Outcome::Stopped)
 }
 
@@ -391,7 +391,6 @@ async fn shutdown(
     qmp: Option<Qmp>,
     pid: u32,
     exit_rx: &mut tokio::sync::oneshot::Receiver<String>,
-    sd: &SessionDir,
 ) {
     if let Some(q) = &qmp {
         if q.powerdown().await.is_ok()
@@ -410,7 +409,6 @@ async fn shutdown(
     tracing::warn!("QEMU did not quit; killing it");
     kill(pid);
     let _ = tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await;
-    let _ = sd;
 }
 
 async fn handle(stream: UnixStream, shared: Arc<Shared>) {
