@@ -80,6 +80,14 @@ pub enum ImageCommand {
         #[arg(long)]
         arch: Option<String>,
     },
+    /// Download Debian's official cloud image and prepare it (one first boot).
+    Pull {
+        /// The image's name in the catalog (default: the current Debian, debian-13).
+        name: Option<String>,
+        /// Guest architecture (x86_64 or aarch64); defaults to the host's.
+        #[arg(long)]
+        arch: Option<String>,
+    },
     /// List the base images.
     List {
         /// Print a JSON array instead of a table.

@@ -60,6 +60,14 @@ impl Home {
     pub fn images(&self) -> PathBuf {
         self.root.join("images")
     }
+    /// Verified downloads (cloud images), cached by URL so a second pull is free.
+    pub fn downloads(&self) -> PathBuf {
+        self.root.join("downloads")
+    }
+    /// Logs of image builds and pulls (sessions keep theirs in their own dir).
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
     /// Per-session runtime state lives here, keyed by id, not in the project: the
     /// guest can write the whole project directory, and a guest that could edit the
     /// VM's disk header, the ssh config or the sockets the host uses would escape.

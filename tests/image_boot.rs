@@ -19,7 +19,7 @@ use vibebox::vm::fwcfg::{FsType, GuestConfig, GuestMount};
 use vibebox::vm::guest::GuestUser;
 use vibebox::vm::host::Accelerator;
 use vibebox::vm::mounts::Access;
-use vibebox::vm::qemu::{self, Network, Preset, Share, ShareKind, Spec};
+use vibebox::vm::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
 use vibebox::vm::ready;
 
 fn test_image() -> Option<Image> {
@@ -161,13 +161,17 @@ fn built_image_boots_and_applies_fw_cfg() {
         accel: Accelerator::Tcg,
         cpus: 2,
         memory_mb: 1024,
-        kernel: &image.kernel(),
-        initrd: &image.initrd(),
-        cmdline: &image.manifest.kernel_cmdline,
+        boot: Boot::Kernel {
+            kernel: &image.kernel(),
+            initrd: &image.initrd(),
+            cmdline: &image.manifest.kernel_cmdline,
+        },
         disk: &disk,
         fw_cfg: &fw,
         console_log: &console,
-        ready_socket: Path::new("ready.sock"),
+        ready_socket: Some(Path::new("ready.sock")),
+        export_file: None,
+        smbios_serial: None,
         qmp_socket: Path::new("qmp.sock"),
         network: Network::User { ssh_port: port },
         shares: &shares,

@@ -1,4 +1,4 @@
-//! `vibebox image build|list|rm`.
+//! `vibebox image build|pull|list|rm`.
 
 use std::io::Write;
 
@@ -7,6 +7,7 @@ use serde_json::json;
 use super::Error;
 use crate::cli::ImageCommand;
 use crate::image::build::{self, Options};
+use crate::image::pull;
 use crate::image::store::{self, Image, Store};
 use crate::paths::Home;
 use crate::session::index::Index;
@@ -29,6 +30,22 @@ pub fn run(home: &Home, cmd: &ImageCommand) -> Result<(), Error> {
                 writeln!(
                     out,
                     "{} is already built ({})",
+                    image.id(),
+                    image.dir.display()
+                )?;
+            }
+            Ok(())
+        }
+        ImageCommand::Pull { name, arch } => {
+            let arch = arch.as_deref().unwrap_or(crate::image::host_arch());
+            let (image, made) = pull::pull(home, name.as_deref(), arch)?;
+            let mut out = std::io::stdout().lock();
+            if made {
+                writeln!(out, "pulled {} ({})", image.id(), image.dir.display())?;
+            } else {
+                writeln!(
+                    out,
+                    "{} is already pulled ({})",
                     image.id(),
                     image.dir.display()
                 )?;
@@ -81,7 +98,7 @@ fn list(home: &Home, as_json: bool) -> Result<(), Error> {
     if rows.is_empty() {
         writeln!(
             out,
-            "No images yet. `vibebox image build` makes one (Linux); `vibebox` gets one by itself when a session needs it."
+            "No images yet. `vibebox image pull` gets one (or `vibebox image build` on Linux); `vibebox` gets one by itself when a session needs it."
         )?;
         return Ok(());
     }

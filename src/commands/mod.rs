@@ -31,6 +31,8 @@ pub enum Error {
     #[error(transparent)]
     Build(#[from] crate::image::build::BuildError),
     #[error(transparent)]
+    Pull(#[from] crate::image::pull::PullError),
+    #[error(transparent)]
     Client(#[from] crate::supervisor::client::Error),
     /// A guest command's exit status, passed through.
     #[error("exit status {0}")]
@@ -61,7 +63,14 @@ impl Error {
         match self {
             Error::Config(_) | Error::Usage(_) | Error::Dir { .. } | Error::Paths(_) => 2,
             Error::Exit(c) => u8::try_from(*c).unwrap_or(1),
-            Error::Build(crate::image::build::BuildError::Interrupted) => 130,
+            Error::Build(crate::image::build::BuildError::Interrupted)
+            | Error::Pull(crate::image::pull::PullError::Interrupted)
+            | Error::Pull(crate::image::pull::PullError::Download(
+                crate::image::download::DownloadError::Interrupted,
+            )) => 130,
+            Error::Pull(crate::image::pull::PullError::Catalog(
+                crate::image::catalog::CatalogError::Unknown { .. },
+            )) => 2,
             Error::Build(
                 crate::image::build::BuildError::BadArch(_)
                 | crate::image::build::BuildError::BadRelease(_),

@@ -8,6 +8,7 @@ use super::Error;
 use crate::config::{self, Config, Host};
 use crate::image::build::{self, Options};
 use crate::image::store::Store;
+use crate::image::{catalog, pull, recipe};
 use crate::paths::{Home, Project};
 use crate::session::SessionId;
 use crate::session::index::Index;
@@ -65,22 +66,39 @@ pub fn open_project(home: &Home, start: &Path) -> Result<(PathBuf, Outcome, Conf
     Ok((root, outcome, config))
 }
 
-/// Makes sure a base image exists for the config, building one on Linux when there
-/// is none (the one-time cost of a first start), and saying so.
+/// Makes sure a base image exists for the config: a cached one, else the official
+/// cloud image pulled and prepared, else (Linux, when the download cannot be had)
+/// one built from Debian's packages; saying which, since each takes minutes once.
 pub fn ensure_image(home: &Home, config: &Config) -> Result<(), Error> {
     let arch = crate::image::host_arch();
     if Store::new(home).find(&config.image, arch)?.is_some() {
         return Ok(());
     }
-    if config.image != crate::config::DEFAULT_IMAGE {
-        return Err(Error::Usage(format!(
-            "no base image named {:?} for {arch}; `vibebox image list` shows the images, or set image = \"default\" in vibebox.toml",
-            config.image
-        )));
+    let wanted = (config.image != crate::config::DEFAULT_IMAGE).then_some(config.image.as_str());
+    if let Some(name) = wanted {
+        let known = catalog::load()
+            .ok()
+            .is_some_and(|c| catalog::find(&c, name, arch).is_ok());
+        if !known {
+            return Err(Error::Usage(format!(
+                "no base image named {name:?} for {arch}; `vibebox image list` shows the images, or set image = \"default\" in vibebox.toml"
+            )));
+        }
     }
     eprintln!(
-        "vibebox: no base image yet; building one from Debian's packages (once, a few minutes)"
+        "vibebox: no base image yet; pulling Debian's official cloud image and preparing it (once)"
     );
+    let err = match pull::pull(home, wanted, arch) {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let buildable = cfg!(target_os = "linux")
+        && wanted.is_none_or(|n| n == recipe::image_name(build::DEFAULT_RELEASE));
+    if !err.is_unreachable() || !buildable {
+        return Err(err.into());
+    }
+    eprintln!("vibebox: {err}");
+    eprintln!("vibebox: building an image from Debian's packages instead (once, a few minutes)");
     build::build(home, &Options::default())?;
     Ok(())
 }

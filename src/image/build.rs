@@ -3,15 +3,12 @@
 //! `mke2fs -d` (no loop devices) and converted to qcow2.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::manifest::{self, Manifest};
+use super::progress::{Phases, StepError};
 use super::recipe;
 use super::store::{Image, Store};
 use super::{Error, debian_arch, host_arch};
@@ -74,12 +71,22 @@ pub enum BuildError {
     BadRelease(String),
     #[error("not enough free space in {dir}: a build needs about {need} GiB, {have} GiB are free")]
     DiskFull { dir: PathBuf, need: u64, have: u64 },
-    #[error("image build failed while {phase}; the full log is {log}")]
+    #[error("image build failed while {phase}; the full log is {}", log.display())]
     Step { phase: &'static str, log: PathBuf },
     #[error("image build interrupted; nothing was left behind")]
     Interrupted,
     #[error(transparent)]
     Image(#[from] Error),
+}
+
+impl From<StepError> for BuildError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::Failed { phase, log } => BuildError::Step { phase, log },
+            StepError::Interrupted => BuildError::Interrupted,
+            StepError::Image(e) => BuildError::Image(e),
+        }
+    }
 }
 
 /// The tool that makes the root filesystem.
@@ -155,122 +162,6 @@ pub fn filesystem_size_mib(used: u64) -> u64 {
     (mib * 5 / 4 + 256).div_ceil(256) * 256
 }
 
-struct Phases {
-    bar: ProgressBar,
-    total: usize,
-    n: usize,
-    log: PathBuf,
-    started: Instant,
-}
-
-impl Phases {
-    fn new(total: usize, log: PathBuf) -> Phases {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
-                .expect("template")
-                .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏ "),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        Phases {
-            bar,
-            total,
-            n: 0,
-            log,
-            started: Instant::now(),
-        }
-    }
-
-    fn start(&mut self, what: &str) {
-        if self.n > 0 {
-            self.bar.println(format!("  done: {}", self.bar.message()));
-        }
-        self.n += 1;
-        self.bar
-            .set_message(format!("[{}/{}] {what}", self.n, self.total));
-        self.bar.reset_elapsed();
-        let _ = writeln!(self.log_file(), "=== phase {}: {what}", self.n);
-    }
-
-    fn log_file(&self) -> File {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log opened before")
-    }
-
-    /// Runs a child with its output in the log; stops it on Ctrl-C.
-    fn run(&self, phase: &'static str, argv: &[String]) -> Result<(), BuildError> {
-        let log = self.log_file();
-        let _ = writeln!(&log, "$ {}", argv.join(" "));
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|source| Error::Io {
-                path: self.log.clone(),
-                source,
-            })?)
-            .stderr(log)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("LC_ALL", "C.UTF-8")
-            .spawn()
-            .map_err(|_| BuildError::Step {
-                phase,
-                log: self.log.clone(),
-            })?;
-        let status = wait_interruptible(&mut child)?;
-        if !status.success() {
-            return Err(BuildError::Step {
-                phase,
-                log: self.log.clone(),
-            });
-        }
-        Ok(())
-    }
-
-    fn finish(self) {
-        self.bar.println(format!("  done: {}", self.bar.message()));
-        self.bar.finish_and_clear();
-        let _ = writeln!(
-            self.log_file(),
-            "=== finished in {:.0?}",
-            self.started.elapsed()
-        );
-    }
-}
-
-/// Waits for `child`, killing it (TERM, then KILL) when an interrupt arrives.
-pub fn wait_interruptible(
-    child: &mut std::process::Child,
-) -> Result<std::process::ExitStatus, BuildError> {
-    loop {
-        if let Some(status) = child.try_wait().map_err(|source| Error::Io {
-            path: PathBuf::from("child process"),
-            source,
-        })? {
-            if interrupt::requested() {
-                return Err(BuildError::Interrupted);
-            }
-            return Ok(status);
-        }
-        if interrupt::requested() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            for _ in 0..50 {
-                if child.try_wait().ok().flatten().is_some() {
-                    return Err(BuildError::Interrupted);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(BuildError::Interrupted);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
@@ -322,9 +213,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
         return Ok((img, false));
     }
 
-    let free = nix::sys::statvfs::statvfs(store.dir())
-        .map(|s| s.blocks_available() * s.fragment_size())
-        .unwrap_or(u64::MAX);
+    let free = store.free_bytes();
     if free < NEEDED_FREE_BYTES {
         return Err(BuildError::DiskFull {
             dir: store.dir().to_path_buf(),
@@ -334,7 +223,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
     }
 
     interrupt::install();
-    let logs = home.root().join("logs");
+    let logs = home.logs();
     crate::statefile::ensure_dir(&logs, 0o700).map_err(Error::from)?;
     let log = logs.join(format!(
         "image-build-{}.log",

@@ -5,9 +5,6 @@
 //! next run instead of starting over. Nothing gets the final name before its SHA-512
 //! matches the published sum: a file under its final name in the cache is always a
 //! verified one, and a corrupt or tampered download is deleted, never kept.
-//!
-//! The catalog of official images (`images/catalog.toml`) is compiled in, like the
-//! build recipe, so an installed vibebox needs no data files beside it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -15,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
 
 use super::digest;
 use crate::interrupt;
@@ -86,48 +82,6 @@ pub enum DownloadError {
     Io { path: PathBuf, source: io::Error },
 }
 
-/// One official cloud image, as listed in `images/catalog.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CatalogEntry {
-    /// vibebox's name for the image, e.g. `debian-13`.
-    pub name: String,
-    /// The Debian codename, e.g. `trixie`.
-    pub release: String,
-    /// Rust's architecture name (`x86_64`, `aarch64`), the same as `host_arch()`.
-    pub arch: String,
-    /// Where the image file is.
-    pub url: String,
-    /// Where the `SHA512SUMS` file that lists it is.
-    pub sums_url: String,
-    /// The file's name as it appears in the sums file.
-    pub file: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Catalog {
-    image: Vec<CatalogEntry>,
-}
-
-const CATALOG: &str = include_str!("../../images/catalog.toml");
-
-/// Every official image vibebox knows how to pull.
-pub fn catalog() -> Vec<CatalogEntry> {
-    // The catalog is compiled in and a unit test parses it, so a failure here is a
-    // build that never passed its tests.
-    toml::from_str::<Catalog>(CATALOG)
-        .expect("images/catalog.toml is valid")
-        .image
-}
-
-/// The catalog entry for an image name and architecture.
-pub fn catalog_entry(name: &str, arch: &str) -> Option<CatalogEntry> {
-    catalog()
-        .into_iter()
-        .find(|e| e.name == name && e.arch == arch)
-}
-
 /// The SHA-512 listed for `file_name` in a `SHA512SUMS` file, in lowercase.
 ///
 /// Lines are `<128 hex>  <name>` (text mode) or `<128 hex> *<name>` (binary mode), as
@@ -154,7 +108,7 @@ pub fn parse_sums(text: &str, file_name: &str) -> Option<String> {
     found
 }
 
-fn is_sha512_hex(s: &str) -> bool {
+pub fn is_sha512_hex(s: &str) -> bool {
     s.len() == 128 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -605,33 +559,6 @@ mod tests {
         assert_eq!(parse_sums(&text, "f.qcow2"), None);
         let text = format!("{A}  f.qcow2\n{A} *f.qcow2\n");
         assert_eq!(parse_sums(&text, "f.qcow2"), Some(A.to_string()));
-    }
-
-    #[test]
-    fn catalog_parses_and_covers_both_arches() {
-        let all = catalog();
-        for arch in ["x86_64", "aarch64"] {
-            let e = catalog_entry("debian-13", arch).expect(arch);
-            assert_eq!(e.release, "trixie");
-            let debarch = crate::image::debian_arch(arch).unwrap();
-            assert_eq!(e.file, format!("debian-13-generic-{debarch}.qcow2"));
-            assert!(e.url.starts_with("https://"), "{}", e.url);
-            assert!(e.url.ends_with(&format!("/{}", e.file)), "{}", e.url);
-            let dir = e.url.strip_suffix(&e.file).unwrap();
-            assert_eq!(e.sums_url, format!("{dir}SHA512SUMS"));
-        }
-        for e in &all {
-            assert!(crate::image::debian_arch(&e.arch).is_some(), "{e:?}");
-            assert!(host_of(&e.url).is_some() && host_of(&e.sums_url).is_some());
-        }
-        assert_eq!(catalog_entry("debian-13", "riscv64"), None);
-        assert_eq!(catalog_entry("nope", "x86_64"), None);
-    }
-
-    #[test]
-    fn catalog_rejects_unknown_fields() {
-        let bad = "[[image]]\nname='a'\nrelease='b'\narch='x86_64'\nurl='u'\nsums_url='s'\nfile='f'\nflavor='x'\n";
-        assert!(toml::from_str::<Catalog>(bad).is_err());
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! Base images: the immutable, prepared guest images under `~/.vibebox/images/`.
 
 pub mod build;
+pub mod catalog;
 pub mod digest;
 pub mod download;
+pub mod export;
 pub mod manifest;
+pub mod progress;
+pub mod pull;
 pub mod qcow2;
 pub mod recipe;
+pub mod seed;
 pub mod store;
 
 use std::path::PathBuf;

@@ -7,6 +7,10 @@ pub const PACKAGES: &str = include_str!("../../images/debian/packages.txt");
 /// Runs inside the new root filesystem once, as root.
 pub const SETUP: &str = include_str!("../../images/debian/setup.sh");
 
+/// Runs once inside a pulled cloud image, on its first boot (cloud-init runcmd):
+/// installs what `setup.sh` needs, runs it, sends the kernel and initrd back.
+pub const PREPARE: &str = include_str!("../../images/pull/prepare.sh");
+
 /// Guest files, installed to `/usr/lib/vibebox/` before `setup.sh` runs.
 pub const GUEST_FILES: &[(&str, &str)] = &[
     (
@@ -44,15 +48,25 @@ pub fn packages() -> Vec<&'static str> {
         .collect()
 }
 
-/// Everything that decides the image's content, hashed: release, architecture,
+/// Everything that decides a built image's content, hashed: release, architecture,
 /// packages, scripts, guest files and the vibebox version.
 pub fn digest(release: &str, arch: &str) -> String {
-    let mut all = format!(
-        "vibebox {}\nrelease {release}\narch {arch}\n",
-        env!("CARGO_PKG_VERSION")
-    );
+    hash_with(&format!("release {release}\narch {arch}\n"), false)
+}
+
+/// Everything that decides a pulled image's content: the upstream file (by its
+/// SHA-512), the architecture, and the same recipe plus the prepare script.
+pub fn pull_digest(upstream_sha512: &str, arch: &str) -> String {
+    hash_with(&format!("pull {upstream_sha512}\narch {arch}\n"), true)
+}
+
+fn hash_with(head: &str, prepare: bool) -> String {
+    let mut all = format!("vibebox {}\n{head}", env!("CARGO_PKG_VERSION"));
     all.push_str(PACKAGES);
     all.push_str(SETUP);
+    if prepare {
+        all.push_str(PREPARE);
+    }
     for (name, body) in GUEST_FILES {
         all.push_str(name);
         all.push('\0');
@@ -100,6 +114,13 @@ mod tests {
         assert!(p.iter().all(|p| !p.contains(' ')));
         assert_ne!(digest("trixie", "x86_64"), digest("bookworm", "x86_64"));
         assert_ne!(digest("trixie", "x86_64"), digest("trixie", "aarch64"));
+        let a = "a".repeat(128);
+        assert_ne!(
+            pull_digest(&a, "x86_64"),
+            pull_digest(&"b".repeat(128), "x86_64")
+        );
+        assert_ne!(pull_digest(&a, "x86_64"), pull_digest(&a, "aarch64"));
+        assert_ne!(pull_digest(&a, "x86_64"), digest("trixie", "x86_64"));
         assert_eq!(image_name("trixie"), "debian-13");
         assert_eq!(image_name("sid"), "debian-sid");
     }

@@ -61,6 +61,15 @@ impl Store {
         &self.dir
     }
 
+    /// Bytes free on the disk holding the store (unknown counts as plenty: the
+    /// write itself will report a full disk).
+    pub fn free_bytes(&self) -> u64 {
+        let _ = statefile::ensure_dir(&self.dir, 0o755);
+        nix::sys::statvfs::statvfs(&self.dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .unwrap_or(u64::MAX)
+    }
+
     /// Every complete image, newest first. Directories without a readable manifest
     /// are skipped: they are not images.
     pub fn list(&self) -> Result<Vec<Image>, Error> {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use super::fwcfg::{FsType, GuestConfig, GuestMount};
 use super::guest::GuestUser;
 use super::host::Accelerator;
-use super::qemu::{self, Network, Preset, Share, ShareKind, Spec};
+use super::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
 use crate::config::Config;
 use crate::image::store::Image;
 use crate::paths::{self, SessionDir};
@@ -186,13 +186,17 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         accel: plan.accel,
         cpus: plan.config.cpus,
         memory_mb: plan.config.memory_mb,
-        kernel: &plan.image.kernel(),
-        initrd: &plan.image.initrd(),
-        cmdline: &plan.image.manifest.kernel_cmdline,
+        boot: Boot::Kernel {
+            kernel: &plan.image.kernel(),
+            initrd: &plan.image.initrd(),
+            cmdline: &plan.image.manifest.kernel_cmdline,
+        },
         disk: &s.disk(),
         fw_cfg: &fw,
         console_log: &s.console_log(),
-        ready_socket: Path::new(paths::READY_SOCKET),
+        ready_socket: Some(Path::new(paths::READY_SOCKET)),
+        export_file: None,
+        smbios_serial: None,
         qmp_socket: Path::new(paths::QMP_SOCKET),
         network: Network::User { ssh_port: port },
         shares: &shares,

@@ -18,6 +18,14 @@ pub struct Preset {
     pub machine: String,
     pub console: String,
     pub cpu: CpuModels,
+    /// UEFI firmware images for booting an image that is not direct-kernel-bootable
+    /// yet (the first boot of a pulled cloud image). Tried in order; a relative name
+    /// is looked up in QEMU's own data directory (`<prefix>/share/qemu`, where
+    /// Homebrew's QEMU keeps its edk2 builds).
+    pub firmware: Vec<String>,
+    /// Whether the machine can boot without `-bios` (SeaBIOS on x86): the fallback
+    /// when no UEFI firmware is installed.
+    pub legacy_bios: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -36,6 +44,30 @@ impl Preset {
             _ => return None,
         };
         Some(toml::from_str(text).expect("qemu presets are valid (tested)"))
+    }
+
+    /// Where to look for UEFI firmware, in order: absolute names as they are,
+    /// relative ones in the `share/qemu` beside the QEMU binary's `bin/` (symlinks
+    /// resolved first, as Homebrew links `bin/` into its cellar).
+    pub fn firmware_candidates(&self, qemu_binary: &Path) -> Vec<PathBuf> {
+        let real = qemu_binary
+            .canonicalize()
+            .unwrap_or_else(|_| qemu_binary.to_path_buf());
+        let share = real
+            .parent()
+            .and_then(Path::parent)
+            .map(|prefix| prefix.join("share").join("qemu"));
+        self.firmware
+            .iter()
+            .filter_map(|f| {
+                let f = Path::new(f);
+                if f.is_absolute() {
+                    Some(f.to_path_buf())
+                } else {
+                    share.as_ref().map(|s| s.join(f))
+                }
+            })
+            .collect()
     }
 
     fn cpu(&self, accel: Accelerator) -> &str {
@@ -68,8 +100,26 @@ pub struct Share {
 pub enum Network {
     /// QEMU user networking with SSH forwarded from 127.0.0.1:`ssh_port`.
     User { ssh_port: u16 },
-    /// No network device (tests, image preparation).
+    /// QEMU user networking without any forward (the first boot of a pulled image:
+    /// it fetches its seed from the host and maybe packages, nothing comes in).
+    Outbound,
+    /// No network device (tests).
     None,
+}
+
+/// How the guest starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot<'a> {
+    /// Sessions: QEMU loads the image's kernel and initrd itself, which skips the
+    /// firmware and the boot loader (seconds under TCG).
+    Kernel {
+        kernel: &'a Path,
+        initrd: &'a Path,
+        cmdline: &'a str,
+    },
+    /// A disk that boots through firmware and its own boot loader; `None` is the
+    /// machine's built-in BIOS.
+    Firmware { bios: Option<&'a Path> },
 }
 
 /// Everything one VM's command line depends on.
@@ -79,16 +129,19 @@ pub struct Spec<'a> {
     pub accel: Accelerator,
     pub cpus: u32,
     pub memory_mb: u64,
-    pub kernel: &'a Path,
-    pub initrd: &'a Path,
-    pub cmdline: &'a str,
+    pub boot: Boot<'a>,
     pub disk: &'a Path,
     /// `opt/org.vibebox/<key>` → file holding the value.
     pub fw_cfg: &'a [(String, PathBuf)],
     pub console_log: &'a Path,
     /// Socket QEMU serves for the guest's ready port; relative to QEMU's working
     /// directory so it works whatever the length of the absolute path.
-    pub ready_socket: &'a Path,
+    pub ready_socket: Option<&'a Path>,
+    /// A virtio-serial port `org.vibebox.export` whose bytes QEMU writes to this
+    /// file (what a preparing guest sends back: its kernel and initrd).
+    pub export_file: Option<&'a Path>,
+    /// SMBIOS system serial number: where cloud-init's NoCloud looks for its seed.
+    pub smbios_serial: Option<&'a str>,
     pub qmp_socket: &'a Path,
     pub network: Network,
     pub shares: &'a [Share],
@@ -134,13 +187,28 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
             "node,memdev=mem",
         ]);
     }
-    // -kernel/-initrd/-append take the whole value: no comma escaping there.
-    push(&["-kernel", &spec.kernel.to_string_lossy()]);
-    push(&["-initrd", &spec.initrd.to_string_lossy()]);
-    push(&[
-        "-append",
-        &format!("{} console={}", spec.cmdline, spec.preset.console),
-    ]);
+    match spec.boot {
+        Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            // -kernel/-initrd/-append take the whole value: no comma escaping there.
+            push(&["-kernel", &kernel.to_string_lossy()]);
+            push(&["-initrd", &initrd.to_string_lossy()]);
+            push(&[
+                "-append",
+                &format!("{cmdline} console={}", spec.preset.console),
+            ]);
+        }
+        Boot::Firmware { bios } => {
+            // The guest powers off when done; a reboot would run it again.
+            push(&["-no-reboot"]);
+            if let Some(bios) = bios {
+                push(&["-bios", &bios.to_string_lossy()]);
+            }
+        }
+    }
     push(&[
         "-drive",
         &format!(
@@ -159,17 +227,31 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
         "-qmp",
         &format!("unix:{},server=on,wait=off", esc_path(spec.qmp_socket)),
     ]);
-    push(&[
-        "-device",
-        "virtio-serial-pci,id=vbxserial",
-        "-chardev",
-        &format!(
-            "socket,id=vbxguest,path={},server=on,wait=off",
-            esc_path(spec.ready_socket)
-        ),
-        "-device",
-        "virtserialport,bus=vbxserial.0,chardev=vbxguest,name=org.vibebox.guest",
-    ]);
+    if spec.ready_socket.is_some() || spec.export_file.is_some() {
+        push(&["-device", "virtio-serial-pci,id=vbxserial"]);
+    }
+    if let Some(ready) = spec.ready_socket {
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=vbxguest,path={},server=on,wait=off",
+                esc_path(ready)
+            ),
+            "-device",
+            "virtserialport,bus=vbxserial.0,chardev=vbxguest,name=org.vibebox.guest",
+        ]);
+    }
+    if let Some(export) = spec.export_file {
+        push(&[
+            "-chardev",
+            &format!("file,id=vbxexport,path={}", esc_path(export)),
+            "-device",
+            "virtserialport,bus=vbxserial.0,chardev=vbxexport,name=org.vibebox.export",
+        ]);
+    }
+    if let Some(serial) = spec.smbios_serial {
+        push(&["-smbios", &format!("type=1,serial={}", escape(serial))]);
+    }
     for (key, file) in spec.fw_cfg {
         push(&[
             "-fw_cfg",
@@ -180,6 +262,12 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
         Network::User { ssh_port } => push(&[
             "-netdev",
             &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ]),
+        Network::Outbound => push(&[
+            "-netdev",
+            "user,id=net0",
             "-device",
             "virtio-net-pci,netdev=net0",
         ]),
@@ -222,13 +310,17 @@ mod tests {
             accel: Accelerator::Tcg,
             cpus: 2,
             memory_mb: 1024,
-            kernel: Path::new("/img/vmlinuz"),
-            initrd: Path::new("/img/initrd.img"),
-            cmdline: "root=/dev/vda rw",
+            boot: Boot::Kernel {
+                kernel: Path::new("/img/vmlinuz"),
+                initrd: Path::new("/img/initrd.img"),
+                cmdline: "root=/dev/vda rw",
+            },
             disk: Path::new("/s/disk.qcow2"),
             fw_cfg: fw,
             console_log: Path::new("logs/console.log"),
-            ready_socket: Path::new("ready.sock"),
+            ready_socket: Some(Path::new("ready.sock")),
+            export_file: None,
+            smbios_serial: None,
             qmp_socket: Path::new("qmp.sock"),
             network: Network::User { ssh_port: 2222 },
             shares,
@@ -309,5 +401,60 @@ mod tests {
         );
         assert!(after(&argv, "-device").contains(&"vhost-user-fs-pci,chardev=vfs0,tag=vbx0"));
         assert!(after(&argv, "-chardev").contains(&"socket,id=vfs0,path=vfs0.sock"));
+    }
+
+    #[test]
+    fn firmware_is_looked_up_beside_qemu() {
+        let x = Preset::for_arch("x86_64").unwrap();
+        let c = x.firmware_candidates(Path::new("/nonexistent/opt/qemu/bin/qemu-system-x86_64"));
+        assert_eq!(c[0], Path::new("/usr/share/ovmf/OVMF.fd"));
+        assert!(c.contains(&PathBuf::from(
+            "/nonexistent/opt/qemu/share/qemu/edk2-x86_64-code.fd"
+        )));
+        assert!(x.legacy_bios);
+        let a = Preset::for_arch("aarch64").unwrap();
+        assert!(!a.legacy_bios);
+        assert!(
+            a.firmware_candidates(Path::new("/b/bin/q"))
+                .contains(&PathBuf::from("/b/share/qemu/edk2-aarch64-code.fd"))
+        );
+    }
+
+    #[test]
+    fn firmware_boot_for_preparing_a_pulled_image() {
+        let p = Preset::for_arch("x86_64").unwrap();
+        let mut spec = base(&p, &[], &[]);
+        spec.boot = Boot::Firmware {
+            bios: Some(Path::new("/usr/share/ovmf/OVMF.fd")),
+        };
+        spec.ready_socket = None;
+        spec.export_file = Some(Path::new("/i/.tmp-1/export,1.tar"));
+        spec.smbios_serial = Some("ds=nocloud;s=http://10.0.2.2:8000/");
+        spec.network = Network::Outbound;
+        let argv = strings(argv(&spec));
+        assert!(after(&argv, "-kernel").is_empty());
+        assert!(after(&argv, "-append").is_empty());
+        assert_eq!(after(&argv, "-bios"), ["/usr/share/ovmf/OVMF.fd"]);
+        assert!(argv.contains(&"-no-reboot".to_string()));
+        assert_eq!(
+            after(&argv, "-smbios"),
+            ["type=1,serial=ds=nocloud;s=http://10.0.2.2:8000/"]
+        );
+        assert_eq!(after(&argv, "-netdev"), ["user,id=net0"]);
+        assert!(
+            after(&argv, "-chardev").contains(&"file,id=vbxexport,path=/i/.tmp-1/export,,1.tar")
+        );
+        assert!(!argv.iter().any(|a| a.contains("org.vibebox.guest")));
+        assert!(argv.iter().any(|a| a.ends_with("name=org.vibebox.export")));
+        assert_eq!(
+            argv.iter()
+                .filter(|a| *a == "virtio-serial-pci,id=vbxserial")
+                .count(),
+            1
+        );
+
+        spec.boot = Boot::Firmware { bios: None };
+        let argv = strings(super::argv(&spec));
+        assert!(after(&argv, "-bios").is_empty());
     }
 }
