@@ -53,6 +53,9 @@ pub enum Command {
     /// Manage base images (`~/.vibebox/images/`).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Approve what vibebox.toml grants the VM (mounts, network, image) for its next
+    /// start, after reviewing it; needed when the file changed since the last start.
+    Approve,
     /// Show what this project's VM can see and reach: mounts, network, storage.
     Explain {
         /// Print JSON instead of text.

@@ -179,6 +179,13 @@ pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
     }
 }
 
+/// The config a project without `vibebox.toml` gets: the baseline of what a VM may
+/// have without the host user approving anything (see `session::approval`).
+pub fn defaults(project: &Path, host: &Host) -> Config {
+    parse("", Path::new("vibebox.toml"), project, host)
+        .expect("the empty config is valid for any project (tested)")
+}
+
 /// Parses and validates config text. `path` only labels errors.
 pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
     let at = |span: std::ops::Range<usize>, message: String| {

@@ -205,6 +205,14 @@ impl Lock {
     }
 }
 
+/// Bytes free for unprivileged writes on the filesystem holding `path` (unknown
+/// counts as plenty: the write itself then reports a full disk).
+pub fn free_bytes(path: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,13 @@ impl Box {
         env.link_images(images);
         let project = env.project(name);
         fs::write(project.join("vibebox.toml"), config).unwrap();
-        Box { env, project }
+        let b = Box { env, project };
+        if !config.is_empty() {
+            // The host user reviewed the config the test wrote.
+            let out = b.vibebox(&["approve"]);
+            assert_eq!(out.code, 0, "{}", out.stderr);
+        }
+        b
     }
 
     fn cmd(&self) -> Command {
@@ -213,6 +219,16 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     // Something to find after the resume, outside the project (on the VM disk).
     ok(&b.exec("echo keep > /var/tmp/keep.txt && sync"));
 
+    // The guest widens its own network policy in vibebox.toml (it can write the
+    // project). The running VM keeps what it booted with; the next boot must not
+    // get it without the host user's approval.
+    ok(&b.exec("printf '[network]\\nmode = \"blocklist\"\\nentries = []\\n' >> vibebox.toml"));
+    assert!(
+        fs::read_to_string(b.project.join("vibebox.toml"))
+            .unwrap()
+            .contains("mode = \"blocklist\"")
+    );
+
     // Two clients at once; killing one with -9 drops its reference.
     let mut c1 = b.spawn_exec("sleep 20");
     let mut c2 = b.spawn_exec("sleep 20");
@@ -235,6 +251,20 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         std::thread::sleep(Duration::from_millis(200));
     }
     b.qemu_img_check();
+
+    // The edited config is refused before anything boots, naming the change...
+    let out = b.exec("true");
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("more than you last approved")
+            && out.stderr.contains("+ network blocklist"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(b.status().0, "stopped");
+    // ...until the host user approves it.
+    let out = b.vibebox(&["approve"]);
+    assert!(ok(&out).contains("+ network blocklist"), "{}", out.stdout);
 
     // Resume from the preserved disk.
     let out = b.exec("cat /var/tmp/keep.txt");
@@ -352,6 +382,60 @@ fn faults_give_one_clear_line() {
         "{}",
         out.stderr
     );
+
+    // QEMU too old: refused before anything is started, saying what is needed.
+    let b = Box::new(&images, "oldqemu", "");
+    let fake = b.env.tmp.path().join("qemu-system-old");
+    fs::write(
+        &fake,
+        "#!/bin/sh\necho 'QEMU emulator version 6.2.0 (Debian 1:6.2+dfsg-2ubuntu6)'\n",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = b.cmd();
+    c.env("VIBEBOX_QEMU", &fake).args(["exec", "--", "true"]);
+    let out = run(c);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("QEMU 6.2.0") && out.stderr.contains("too old: vibebox needs 7.2"),
+        "{}",
+        out.stderr
+    );
+    assert!(!b.session_dir().join("disk.qcow2").exists());
+
+    // The disk holding ~/.vibebox nearly full (a 64 MiB tmpfs; needs root to
+    // mount, which CI has): refused before the overlay is made.
+    if nix::unistd::geteuid().is_root() {
+        let env = Env::new();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(env.vibebox_home())
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(env.vibebox_home());
+        env.link_images(&images);
+        let p = env.project("full");
+        let mut c = env.cmd(&p);
+        c.args(["exec", "--", "true"]);
+        let out = run(c);
+        assert_eq!(out.code, 1, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("not enough free space") && out.stderr.contains("MiB free"),
+            "{}",
+            out.stderr
+        );
+        let id = common::session_file_id(&p);
+        let sdir = env.vibebox_home().join("sessions").join(id);
+        assert!(!sdir.join("disk.qcow2").exists());
+        assert!(!sdir.join("disk.qcow2.tmp").exists());
+    }
 
     // No such image.
     let b = Box::new(&images, "noimage", "[box]\nimage = \"debian-99\"\n");

@@ -1,5 +1,6 @@
 //! One module per command. Each returns [`Error`], which knows its exit code.
 
+pub mod approve;
 pub mod delete;
 pub mod exec;
 pub mod explain;
@@ -31,6 +32,8 @@ pub enum Error {
     #[error(transparent)]
     Build(#[from] crate::image::build::BuildError),
     #[error(transparent)]
+    Approval(#[from] crate::session::approval::ApprovalError),
+    #[error(transparent)]
     Pull(#[from] crate::image::pull::PullError),
     #[error(transparent)]
     Client(#[from] crate::supervisor::client::Error),
@@ -61,7 +64,11 @@ impl Error {
     /// 2 for what the user can fix in the command line or config, 1 for the rest.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Usage(_) | Error::Dir { .. } | Error::Paths(_) => 2,
+            Error::Config(_)
+            | Error::Usage(_)
+            | Error::Dir { .. }
+            | Error::Paths(_)
+            | Error::Approval(crate::session::approval::ApprovalError::NotApproved { .. }) => 2,
             Error::Exit(c) => u8::try_from(*c).unwrap_or(1),
             Error::Build(crate::image::build::BuildError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Interrupted)
@@ -114,6 +121,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Some(Command::List { json }) => list::run(&home, *json),
         Some(Command::Delete { id, yes }) => delete::run(&home, id, *yes),
         Some(Command::Init) => init::run(&home, &start_dir(&cli)?),
+        Some(Command::Approve) => approve::run(&home, &start_dir(&cli)?),
         Some(Command::Image(cmd)) => image::run(&home, cmd),
         Some(Command::Exec { command }) => exec::run(&home, &start_dir(&cli)?, command),
         Some(Command::Stop { id }) => stop::run(&home, &start_dir(&cli)?, id.as_deref()),

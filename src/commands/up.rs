@@ -11,6 +11,7 @@ use crate::image::store::Store;
 use crate::image::{catalog, pull, recipe};
 use crate::paths::{Home, Project};
 use crate::session::SessionId;
+use crate::session::approval;
 use crate::session::index::Index;
 use crate::session::project::{self, Found, Outcome};
 use crate::ssh;
@@ -103,6 +104,65 @@ pub fn ensure_image(home: &Home, config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
+/// Before a VM boots, makes sure the host user approved what `vibebox.toml` grants
+/// it (see `session::approval`): asks on a terminal when `interactive`, else refuses
+/// with the changes named. A running VM keeps what it booted with, so nothing is
+/// asked then.
+pub fn approve(
+    home: &Home,
+    root: &Path,
+    id: SessionId,
+    config: &Config,
+    interactive: bool,
+) -> Result<(), Error> {
+    let sd = home.session(id);
+    use crate::supervisor::State;
+    if matches!(
+        crate::supervisor::status(&sd).state,
+        State::Running | State::Booting
+    ) {
+        return Ok(());
+    }
+    let host = Host::detect(GuestUser::current().home())?;
+    let baseline = config::defaults(root, &host);
+    let pending = approval::pending(&sd, config, &baseline)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    if !interactive || !std::io::stdin().is_terminal() {
+        return Err(approval::ApprovalError::NotApproved {
+            changes: pending.join("; "),
+        }
+        .into());
+    }
+    eprintln!(
+        "vibebox: {} gives the VM more than you last approved (the VM itself can edit that file):",
+        Project::new(root.to_path_buf()).config().display()
+    );
+    for line in &pending {
+        eprintln!("    {line}");
+    }
+    if !ask("Start the VM with this? [y/N] ")? {
+        return Err(Error::Declined(
+            "not started; edit vibebox.toml back, or approve it with `vibebox approve`".into(),
+        ));
+    }
+    approval::record(&sd, &approval::grants(config))?;
+    Ok(())
+}
+
+/// One yes/no question on the terminal; anything but y/yes is no.
+fn ask(question: &str) -> Result<bool, Error> {
+    eprint!("{question}");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
 /// Attaches to the session's VM (booting it if needed), printing progress.
 pub fn attach(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<Attached, Error> {
     let say = |m: &str| {
@@ -125,10 +185,11 @@ pub fn attach(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<At
 }
 
 pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
-    let (root, outcome, config) = open_project(home, start)?;
+    let (root, outcome, mut config) = open_project(home, start)?;
     ensure_image(home, &config)?;
     let mut id = outcome.id;
     loop {
+        approve(home, &root, id, &config, true)?;
         let attached = attach(home, &root, id, false)?;
         let sd = home.session(id);
         let code = ssh::run(
@@ -154,7 +215,8 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
         index.delete(id)?;
         index.save()?;
         drop(index);
-        let (_, outcome, _) = open_project(home, &root)?;
+        let (_, outcome, fresh) = open_project(home, &root)?;
+        config = fresh;
         eprintln!("vibebox: deleted session {id}; new session {}", outcome.id);
         id = outcome.id;
     }
@@ -192,15 +254,8 @@ fn confirm_new(id: SessionId, root: &Path, others: u32) -> Result<bool, Error> {
         1 => "1 other terminal will be cut off".to_string(),
         n => format!("{n} other terminals will be cut off"),
     };
-    eprint!(
+    ask(&format!(
         "Delete session {id} of {} (its VM disk and everything in it outside the project) and start a new one? {cut}. [y/N] ",
         root.display()
-    );
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    stdin.lock().read_line(&mut answer)?;
-    Ok(matches!(
-        answer.trim().to_ascii_lowercase().as_str(),
-        "y" | "yes"
     ))
 }

@@ -53,6 +53,8 @@ pub enum PullError {
         "{0} is not installed: install QEMU (`sudo apt install qemu-system-x86` or `qemu-system-arm`, or `brew install qemu`)"
     )]
     NoQemu(String),
+    #[error("{0}")]
+    Qemu(String),
     #[error("qemu-img is not installed: install qemu-utils (Debian) or qemu (Homebrew)")]
     NoQemuImg,
     #[error(
@@ -140,6 +142,7 @@ pub fn pull(home: &Home, name: Option<&str>, arch: &str) -> Result<(Image, bool)
         known: "none".into(),
     })?;
     let qemu = host::qemu_binary(arch).ok_or_else(|| PullError::NoQemu(preset.binary.clone()))?;
+    host::check_qemu(&qemu).map_err(PullError::Qemu)?;
     if which::which("qemu-img").is_err() {
         return Err(PullError::NoQemuImg);
     }

@@ -65,9 +65,7 @@ impl Store {
     /// write itself will report a full disk).
     pub fn free_bytes(&self) -> u64 {
         let _ = statefile::ensure_dir(&self.dir, 0o755);
-        nix::sys::statvfs::statvfs(&self.dir)
-            .map(|s| s.blocks_available() * s.fragment_size())
-            .unwrap_or(u64::MAX)
+        statefile::free_bytes(&self.dir)
     }
 
     /// Every complete image, newest first. Directories without a readable manifest

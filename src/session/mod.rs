@@ -1,6 +1,7 @@
 //! Sessions: one VM per project directory, recorded in the global index and in the
 //! project's own `.vibebox/session.toml`.
 
+pub mod approval;
 pub mod index;
 pub mod project;
 

@@ -161,6 +161,8 @@ pub fn attach(
     mut progress: impl FnMut(&Message),
 ) -> Result<Attached, Error> {
     let sd = home.session(id);
+    // A failure met on every attempt is not stale: it is the answer.
+    let mut last_error = None;
     for _attempt in 0..3 {
         let mut stream = match connect(&sd.control_socket()) {
             Ok(s) => s,
@@ -187,6 +189,9 @@ pub fn attach(
             // fresh one rather than report an old failure.
             if std::mem::take(&mut first) && matches!(msg, Message::Error { .. } | Message::Stopped)
             {
+                if let Message::Error { message, log } = msg {
+                    last_error = Some(Error::Failed { message, log });
+                }
                 break;
             }
             progress(&msg);
@@ -208,7 +213,7 @@ pub fn attach(
         // The supervisor went away before the VM was ready (it was finishing a
         // shutdown as we arrived): start over with a fresh one.
     }
-    Err(Error::Lost(sd.supervisor_log()))
+    Err(last_error.unwrap_or_else(|| Error::Lost(sd.supervisor_log())))
 }
 
 /// Waits for the supervisor's socket. A supervisor started while an old one was

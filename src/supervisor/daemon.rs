@@ -50,14 +50,24 @@ struct Shared {
     clients: watch::Sender<u32>,
     stop: Notify,
     stop_requested: AtomicBool,
+    /// Whether any client has attached: a supervisor that fails before the client
+    /// that spawned it connects must wait for it, or the error is never told.
+    attached_ever: AtomicBool,
 }
 
 impl Shared {
     fn set(&self, m: Message) {
-        tracing::info!("state: {m:?}");
+        if let Message::Error { message, .. } = &m {
+            tracing::error!("{message}");
+        } else {
+            tracing::info!("state: {m:?}");
+        }
         self.state.send_replace(m);
     }
 }
+
+/// How long a failed supervisor waits for its first client to read the error.
+const ERROR_LINGER: Duration = Duration::from_secs(10);
 
 /// Runs the supervisor of session `id` for the project at `project`. Returns at once
 /// (quietly) when another supervisor already holds the lock.
@@ -85,6 +95,7 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
             clients: watch::Sender::new(0),
             stop: Notify::new(),
             stop_requested: AtomicBool::new(false),
+            attached_ever: AtomicBool::new(false),
         });
         let acceptor = {
             let shared = shared.clone();
@@ -95,6 +106,14 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
             })
         };
         lifecycle(&shared, home, project, &sd).await;
+        if matches!(*shared.state.borrow(), Message::Error { .. }) {
+            let deadline = tokio::time::Instant::now() + ERROR_LINGER;
+            while !shared.attached_ever.load(Ordering::SeqCst)
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         // No new clients from here on; those attached get a moment to read the
         // final state.
         acceptor.abort();
@@ -188,6 +207,10 @@ async fn boot_and_run(
     let project_paths = paths::Project::new(project.to_path_buf());
     let config =
         config::load(&project_paths.config(), project, &host_facts).map_err(|e| e.to_string())?;
+    // Re-checked here, right before the boot: the guest may have edited vibebox.toml
+    // after the client asked.
+    crate::session::approval::check(sd, &config, &config::defaults(project, &host_facts))
+        .map_err(|e| e.to_string())?;
     let arch = crate::image::host_arch();
     let image = Store::new(home)
         .find(&config.image, arch)
@@ -205,6 +228,7 @@ async fn boot_and_run(
             "qemu-system-{arch} is not installed: install QEMU (Debian: `sudo apt install qemu-system-x86`, macOS: `brew install qemu`), or set VIBEBOX_QEMU"
         )
     })?;
+    host::check_qemu(&qemu)?;
     let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
     let explain_text = explain::text(&Facts {
         project,
@@ -451,6 +475,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         Op::Attach | Op::Stop => {
             let attach = req.op == Op::Attach;
             if attach {
+                shared.attached_ever.store(true, Ordering::SeqCst);
                 shared.clients.send_modify(|c| *c += 1);
             } else {
                 shared.stop_requested.store(true, Ordering::SeqCst);

@@ -107,6 +107,56 @@ pub fn qemu_binary(arch: &str) -> Option<PathBuf> {
     which::which(format!("qemu-system-{arch}")).ok()
 }
 
+/// The oldest QEMU vibebox drives: 7.2 brought `-netdev stream` (the network
+/// gateway) and is what Debian 12 ships.
+pub const MIN_QEMU: (u32, u32) = (7, 2);
+
+/// `(major, minor, patch)` from `qemu-system-* --version` output
+/// ("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)").
+pub fn parse_qemu_version(out: &str) -> Option<(u32, u32, u32)> {
+    let rest = out.split("version ").nth(1)?;
+    let word = rest.split_whitespace().next()?;
+    let mut parts = word.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+    });
+    let major = parts.next()?.ok()?;
+    let minor = parts.next().and_then(Result::ok).unwrap_or(0);
+    let patch = parts.next().and_then(Result::ok).unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// Runs `qemu --version` and refuses a QEMU older than [`MIN_QEMU`], in one line
+/// that says what to do.
+pub fn check_qemu(binary: &std::path::Path) -> Result<(u32, u32, u32), String> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start QEMU {}: {e}", binary.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = parse_qemu_version(&text).ok_or_else(|| {
+        format!(
+            "{} --version did not print a QEMU version; is it QEMU? (set VIBEBOX_QEMU to a qemu-system binary)",
+            binary.display()
+        )
+    })?;
+    if (version.0, version.1) < MIN_QEMU {
+        return Err(format!(
+            "QEMU {}.{}.{} at {} is too old: vibebox needs {}.{} or newer; install a newer QEMU or point VIBEBOX_QEMU at one",
+            version.0,
+            version.1,
+            version.2,
+            binary.display(),
+            MIN_QEMU.0,
+            MIN_QEMU.1
+        ));
+    }
+    Ok(version)
+}
+
 /// The accelerator override from the environment, if set and valid.
 pub fn env_accel() -> Option<Accel> {
     std::env::var("VIBEBOX_ACCEL")
@@ -141,6 +191,27 @@ mod tests {
         assert_eq!(choose(Accel::Tcg, real), Ok(Accelerator::Tcg));
         assert!(choose(Accel::Kvm, NESTED).is_err());
         assert!(choose(Accel::Hvf, real).is_err());
+    }
+
+    #[test]
+    fn qemu_versions() {
+        assert_eq!(
+            parse_qemu_version(
+                "QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright"
+            ),
+            Some((7, 2, 19))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2"),
+            Some((10, 0, 2))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 9.1"),
+            Some((9, 1, 0))
+        );
+        assert_eq!(parse_qemu_version("version 8.2.0-rc1"), Some((8, 2, 0)));
+        assert_eq!(parse_qemu_version("hello"), None);
+        assert!((6, 2) < MIN_QEMU && (7, 2) >= MIN_QEMU && (10, 0) >= MIN_QEMU);
     }
 
     #[test]

@@ -22,6 +22,15 @@ pub enum Error {
         "mount {host} -> {guest}: the host path does not exist; create it or remove the line from vibebox.toml"
     )]
     MissingMount { host: PathBuf, guest: PathBuf },
+    #[error(
+        "not enough free space in {}: {free_mib} MiB free, a VM needs at least {need_mib} MiB to start (its disk grows there); free some space (`vibebox delete` of old sessions, `vibebox image rm`) and run vibebox again",
+        dir.display()
+    )]
+    DiskFull {
+        dir: PathBuf,
+        free_mib: u64,
+        need_mib: u64,
+    },
     #[error("cannot create the VM disk {path}: {message}")]
     Disk { path: PathBuf, message: String },
     #[error("qemu-img is not installed: install qemu-utils (Debian) or qemu (Homebrew)")]
@@ -40,6 +49,23 @@ pub enum Error {
     Ssh(#[from] ssh::Error),
     #[error(transparent)]
     State(#[from] statefile::Error),
+}
+
+/// Free space a VM needs on the disk holding its session directory to start: the
+/// overlay grows as the guest writes, and QEMU pauses a guest whose writes fail.
+pub const MIN_FREE_MIB: u64 = 1024;
+
+/// Refuses to start with less than [`MIN_FREE_MIB`] free where the overlay lives.
+pub fn check_free_space(dir: &Path) -> Result<(), Error> {
+    let free = statefile::free_bytes(dir);
+    if free < MIN_FREE_MIB << 20 {
+        return Err(Error::DiskFull {
+            dir: dir.to_path_buf(),
+            free_mib: free >> 20,
+            need_mib: MIN_FREE_MIB,
+        });
+    }
+    Ok(())
 }
 
 /// What a started VM needs the supervisor to know.
@@ -150,6 +176,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     for d in [s.dir().to_path_buf(), s.logs(), s.ssh_dir(), s.fw_cfg()] {
         statefile::ensure_dir(&d, 0o700)?;
     }
+    check_free_space(s.dir())?;
     ensure_disk(&s.disk(), &plan.image.disk(), plan.config.disk_gb)?;
     let client = ssh::ensure_keypair(&client_key(s).private, "vibebox client")?;
     let host = ssh::ensure_keypair(&host_key(s).private, "vibebox guest host key")?;

@@ -1,0 +1,32 @@
+//! `vibebox approve`: the host user's explicit yes to what `vibebox.toml` grants
+//! the VM, for scripts and agents that start it without a terminal to ask on.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::{Error, up};
+use crate::paths::Home;
+use crate::session::approval;
+
+pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
+    let (root, outcome, config) = up::open_project(home, start)?;
+    let grants = approval::grants(&config);
+    let sd = home.session(outcome.id);
+    let before = approval::read(&sd)?;
+    approval::record(&sd, &grants)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "approved for the next start of {} (session {}):",
+        root.display(),
+        outcome.id
+    )?;
+    for line in &grants {
+        let mark = match &before {
+            Some(b) if !b.contains(line) => "+ ",
+            _ => "  ",
+        };
+        writeln!(out, "  {mark}{line}")?;
+    }
+    Ok(())
+}
