@@ -14,7 +14,7 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# Benchmarks come with the VM work (time to a shell prompt, session creation cost,
-# `vibebox list` with 10,000 sessions); until then there is nothing to measure.
+# The daily loop against floors measured in the same run (benches/vibebox.rs); the
+# VM parts need VIBEBOX_TEST_IMAGES, as the VM tests do.
 bench:
-	@echo "make bench: no benchmarks yet (they arrive with the VM: see README, Benchmarks)"
+	$(CARGO) bench --bench vibebox

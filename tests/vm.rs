@@ -270,6 +270,19 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     let out = b.exec("cat /var/tmp/keep.txt");
     assert_eq!(ok(&out), "keep\n");
 
+    // A client arriving while the VM shuts down waits, and gets a VM booted again
+    // (never a dead one).
+    let mut stopper = b.cmd();
+    stopper
+        .arg("stop")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut stopper = stopper.spawn().unwrap();
+    b.wait_status(60, |s, _| s == "stopping");
+    let out = b.exec("cat /var/tmp/keep.txt");
+    assert_eq!(ok(&out), "keep\n");
+    assert!(stopper.wait().unwrap().success());
+
     // `vibebox stop` shuts it down now.
     let out = b.vibebox(&["stop"]);
     assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
@@ -523,6 +536,14 @@ fn interactive_shell_and_vibebox_commands() {
     }
     let _vm = vm_lock();
     let b = Box::new(&images, "interactive", "");
+    // A config the host user has not approved yet: the first start asks.
+    let extra = b.env.tmp.path().join("extra");
+    fs::create_dir_all(&extra).unwrap();
+    fs::write(
+        b.project.join("vibebox.toml"),
+        format!("[box]\nmounts = [\"{}:/mnt/extra:ro\"]\n", extra.display()),
+    )
+    .unwrap();
     let socket = b.env.tmp.path().join("tmux.sock");
     let tmux = |args: &[&str]| {
         Command::new("tmux")
@@ -555,7 +576,7 @@ fn interactive_shell_and_vibebox_commands() {
     let wait_for = |needle: &str, secs: u64| wait_n(needle, 1, secs);
     let bin = env!("CARGO_BIN_EXE_vibebox");
     let shell = format!(
-        "cd '{}' && VIBEBOX_HOME='{}' HOME='{}' '{bin}'; echo VIBEBOX-EXIT=$?; sleep 600",
+        "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}'; '{bin}'; echo VIBEBOX-EXIT=$?; '{bin}'; echo VIBEBOX-EXIT=$?; sleep 600",
         b.project.display(),
         b.env.vibebox_home().display(),
         b.env.home().display()
@@ -574,6 +595,18 @@ fn interactive_shell_and_vibebox_commands() {
     let keys = |k: &str| {
         tmux(&["send-keys", "-t", "t", k, "Enter"]);
     };
+    // Declined: nothing boots.
+    let s = wait_for("Start the VM with this? [y/N]", 60);
+    assert!(
+        s.contains(&format!("+ mount ro {} -> /mnt/extra", extra.display())),
+        "{s}"
+    );
+    keys("n");
+    wait_for("VIBEBOX-EXIT=1", 30);
+    assert_eq!(b.status().0, "stopped");
+    // Approved: it boots, with the mount.
+    wait_n("Start the VM with this? [y/N]", 2, 60);
+    keys("y");
     keys("echo PWD-IS-$(pwd)");
     wait_for(&format!("PWD-IS-{}", b.project.display()), 240);
     let id = b.id();
@@ -582,14 +615,14 @@ fn interactive_shell_and_vibebox_commands() {
     wait_for("Storage (relative to the project)", 10);
 
     keys(":new");
-    wait_for("[y/N]", 30);
+    wait_n("[y/N]", 3, 30);
     keys("n");
     wait_for("kept session", 30);
     keys("echo STILL-$(hostname)");
     wait_for("STILL-vibebox-interactive", 60);
 
     keys(":new");
-    let s = wait_n("[y/N]", 2, 30);
+    let s = wait_n("[y/N]", 4, 30);
     assert!(s.contains("no other terminal is attached"), "{s}");
     keys("y");
     wait_for("new session", 120);

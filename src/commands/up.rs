@@ -208,6 +208,8 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
             eprintln!("vibebox: kept session {id}; back to its shell");
             continue;
         }
+        // What the user approved for this project carries over to its new session.
+        let approved = approval::read(&sd)?;
         drop(attached);
         client::stop(&sd)?;
         let mut index = Index::open(home)?;
@@ -217,6 +219,9 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
         drop(index);
         let (_, outcome, fresh) = open_project(home, &root)?;
         config = fresh;
+        if let Some(grants) = approved {
+            approval::record(&home.session(outcome.id), &grants)?;
+        }
         eprintln!("vibebox: deleted session {id}; new session {}", outcome.id);
         id = outcome.id;
     }

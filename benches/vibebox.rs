@@ -1,0 +1,470 @@
+//! `make bench`: the daily loop, measured against floors taken in the same run on the
+//! same image and QEMU flags, so the ratios mean something on a noisy machine.
+//!
+//! - `list` with 10,000 sessions in the index, against `list` with one;
+//! - creating a session (`vibebox init` in a new directory), against `vibebox
+//!   --version` (the process start), and the disk a session costs after its first
+//!   boot;
+//! - (VM) a stopped session to a command (`vibebox exec -- true`) against a bare QEMU
+//!   boot of the same image with the same flags to the guest's ready line plus one
+//!   `ssh true`: the floor;
+//! - (VM) a running session (`vibebox exec -- true`) against a plain `ssh true`
+//!   through the session's open control master: the floor.
+//!
+//! The VM parts need `VIBEBOX_TEST_IMAGES` (a directory of built images, as for the
+//! tests); without it they are skipped and say so. `VIBEBOX_BENCH_BOOTS` sets how
+//! many cold boots each side gets (default 3). Results are printed and written to
+//! `target/bench-results.txt`.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vibebox::image::store::{Image, Store};
+use vibebox::paths::Home;
+use vibebox::ssh;
+use vibebox::vm::fwcfg::{FsType, GuestConfig, GuestMount};
+use vibebox::vm::guest::GuestUser;
+use vibebox::vm::host::Accelerator;
+use vibebox::vm::mounts::Access;
+use vibebox::vm::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
+use vibebox::vm::ready;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vibebox");
+
+struct Bench {
+    tmp: tempfile::TempDir,
+    report: String,
+}
+
+impl Bench {
+    fn home(&self) -> PathBuf {
+        self.tmp.path().join("vhome")
+    }
+
+    fn cmd(&self, dir: &Path) -> Command {
+        let mut c = Command::new(BIN);
+        c.current_dir(dir)
+            .env("VIBEBOX_HOME", self.home())
+            .env("HOME", self.tmp.path().join("home"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    fn line(&mut self, s: &str) {
+        println!("{s}");
+        self.report.push_str(s);
+        self.report.push('\n');
+    }
+
+    fn row(&mut self, what: &str, subject: Stats, floor_name: &str, floor: Stats) {
+        let ratio = subject.median.as_secs_f64() / floor.median.as_secs_f64();
+        self.line(&format!(
+            "| {what} | {} | {floor_name} | {} | {ratio:.2}x |",
+            subject, floor
+        ));
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    median: Duration,
+    min: Duration,
+    n: usize,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (min {}, n={})",
+            human(self.median),
+            human(self.min),
+            self.n
+        )
+    }
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else {
+        format!("{:.1} ms", s * 1000.0)
+    }
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    Stats {
+        median: samples[samples.len() / 2],
+        min: samples[0],
+        n: samples.len(),
+    }
+}
+
+/// Times `n` runs of `f`, each of which must succeed.
+fn time_n(n: usize, mut f: impl FnMut()) -> Stats {
+    stats(
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn must(mut c: Command) {
+    let out = c.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
+    // without it, and must not spend minutes booting VMs.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("vibebox bench: run it with `make bench` (cargo bench)");
+        return;
+    }
+    let mut b = Bench {
+        tmp: tempfile::Builder::new()
+            .prefix("vbx-bench-")
+            .tempdir()
+            .unwrap(),
+        report: String::new(),
+    };
+    fs::create_dir_all(b.home()).unwrap();
+    fs::create_dir_all(b.tmp.path().join("home")).unwrap();
+    b.line(&format!(
+        "vibebox bench, {} cores, {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        std::env::consts::ARCH
+    ));
+    b.line("");
+    b.line("| measured | median | floor | median | ratio |");
+    b.line("| --- | --- | --- | --- | --- |");
+
+    bench_list(&mut b);
+    bench_create(&mut b);
+    match std::env::var_os("VIBEBOX_TEST_IMAGES") {
+        Some(images) => bench_vm(&mut b, Path::new(&images)),
+        None => b.line(
+            "\n(VM benchmarks skipped: set VIBEBOX_TEST_IMAGES to a directory of built images, as `.ci/run` does)",
+        ),
+    }
+
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.txt");
+    let _ = fs::write(&out, &b.report);
+    println!("\nwritten to {}", out.display());
+}
+
+/// `vibebox list --json` with 10,000 sessions, against the same with one.
+fn bench_list(b: &mut Bench) {
+    let one = b.tmp.path().join("list-one");
+    let many = b.tmp.path().join("list-many");
+    for (root, count) in [(&one, 1usize), (&many, 10_000)] {
+        let home = root.join("vhome");
+        fs::create_dir_all(&home).unwrap();
+        let mut index = String::new();
+        for i in 0..count {
+            let id = uuid::Uuid::now_v7();
+            let dir = root.join(format!("p{i}"));
+            fs::create_dir_all(dir.join(".vibebox")).unwrap();
+            fs::write(
+                dir.join(".vibebox/session.toml"),
+                format!("id = \"{id}\"\n"),
+            )
+            .unwrap();
+            writeln!(
+                index,
+                "[[session]]\nid = \"{id}\"\ndirectory = \"{}\"\nlast_active = \"2026-11-01T00:00:00Z\"\n",
+                dir.display()
+            )
+            .unwrap();
+        }
+        fs::write(home.join("sessions.toml"), index).unwrap();
+    }
+    let run = |root: &Path| {
+        let mut c = Command::new(BIN);
+        c.args(["list", "--json"])
+            .env("VIBEBOX_HOME", root.join("vhome"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        must(c);
+    };
+    run(&many); // warm the page cache
+    let floor = time_n(10, || run(&one));
+    let subject = time_n(10, || run(&many));
+    b.row(
+        "`vibebox list --json`, 10,000 sessions",
+        subject,
+        "the same, 1 session",
+        floor,
+    );
+}
+
+/// A new session (`vibebox init` in a fresh directory) against starting the binary.
+fn bench_create(b: &mut Bench) {
+    let tmp = b.tmp.path().to_path_buf();
+    let floor = time_n(20, || {
+        let mut c = b.cmd(&tmp);
+        c.arg("--version");
+        must(c);
+    });
+    let mut i = 0;
+    let subject = time_n(20, || {
+        i += 1;
+        let dir = tmp.join(format!("new{i}"));
+        fs::create_dir_all(&dir).unwrap();
+        let mut c = b.cmd(&dir);
+        c.arg("init");
+        must(c);
+    });
+    b.row(
+        "new session (`vibebox init`, new directory)",
+        subject,
+        "`vibebox --version`",
+        floor,
+    );
+}
+
+fn find_image(images: &Path) -> Image {
+    let home = Home::from_dir(images.parent().unwrap().to_path_buf());
+    Store::new(&home)
+        .find("default", std::env::consts::ARCH)
+        .unwrap()
+        .expect("an image in VIBEBOX_TEST_IMAGES")
+}
+
+fn du(path: &Path) -> u64 {
+    let out = Command::new("du")
+        .args(["-s", "--block-size=1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn bench_vm(b: &mut Bench, images: &Path) {
+    let boots: usize = std::env::var("VIBEBOX_BENCH_BOOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let image = find_image(images);
+    std::os::unix::fs::symlink(images, b.home().join("images")).unwrap();
+    let project = b.tmp.path().join("project");
+    fs::create_dir_all(&project).unwrap();
+    let project = project.canonicalize().unwrap();
+    fs::write(
+        project.join("vibebox.toml"),
+        "[supervisor]\nauto_shutdown_ms = 600000\n",
+    )
+    .unwrap();
+    let exec_true = |b: &Bench| {
+        let mut c = b.cmd(&project);
+        c.args(["exec", "--", "true"]).env("VIBEBOX_ACCEL", "tcg");
+        must(c);
+    };
+    let stop = |b: &Bench| {
+        let mut c = b.cmd(&project);
+        c.arg("stop");
+        must(c);
+    };
+
+    // First boot (creates the disk), then the session's disk cost.
+    exec_true(b);
+    stop(b);
+    let id = fs::read_to_string(project.join(".vibebox/session.toml")).unwrap();
+    let id = id.split('"').nth(1).unwrap().to_string();
+    let sdir = b.home().join("sessions").join(&id);
+    let disk = du(&sdir.join("disk.qcow2"));
+    let state = du(&sdir);
+
+    // Cold starts: vibebox, then the bare floor, interleaved so drift hits both.
+    let mut ours = Vec::new();
+    let mut bare = Vec::new();
+    for _ in 0..boots {
+        let t = Instant::now();
+        exec_true(b);
+        ours.push(t.elapsed());
+        stop(b);
+        bare.push(bare_boot(&image, &project, b.tmp.path()));
+    }
+    b.row(
+        "stopped session to a command (`vibebox exec -- true`)",
+        stats(ours),
+        "bare QEMU boot to ready + `ssh true`",
+        stats(bare),
+    );
+
+    // Running: vibebox against plain ssh through the open control master.
+    exec_true(b);
+    let cfg = sdir.join("ssh/config");
+    let alias = ssh::alias(&id);
+    let plain = || {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .arg(&alias)
+            .arg("true")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    plain();
+    let floor = time_n(20, plain);
+    let subject = time_n(20, || exec_true(b));
+    b.row(
+        "running session to a command (`vibebox exec -- true`)",
+        subject,
+        "`ssh true` through the control master",
+        floor,
+    );
+    stop(b);
+    b.line("");
+    b.line(&format!(
+        "session disk after its first boot: {:.1} MiB overlay, {:.1} MiB session state in all (the base image is shared: {:.0} MiB)",
+        disk as f64 / 1048576.0,
+        state as f64 / 1048576.0,
+        image.size() as f64 / 1048576.0
+    ));
+}
+
+/// A boot of the image with the flags vibebox uses (same preset, CPUs, memory,
+/// project share), to the ready line and one `ssh true`.
+fn bare_boot(image: &Image, project: &Path, tmp: &Path) -> Duration {
+    let dir = tempfile::Builder::new()
+        .prefix("bare-")
+        .tempdir_in(tmp)
+        .unwrap();
+    let d = dir.path();
+    let disk = d.join("disk.qcow2");
+    must({
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image.disk())
+            .arg(&disk)
+            .arg("20G");
+        c
+    });
+    let client = ssh::ensure_keypair(&d.join("id_ed25519"), "client").unwrap();
+    let host = ssh::ensure_keypair(&d.join("host_ed25519"), "host").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    fs::write(
+        d.join("known_hosts"),
+        ssh::known_hosts_line("127.0.0.1", port, &host.public_key().unwrap()),
+    )
+    .unwrap();
+    let user = GuestUser::current();
+    let fw = GuestConfig {
+        user: user.name.clone(),
+        uid: user.uid,
+        authorized_keys: client.public_key().unwrap(),
+        host_key: fs::read_to_string(&host.private).unwrap(),
+        host_key_pub: host.public_key().unwrap(),
+        hostname: "vibebox-bench".into(),
+        workdir: Some(project.to_path_buf()),
+        explain: String::new(),
+        mounts: vec![GuestMount {
+            fstype: FsType::NineP,
+            tag: "vbx0".into(),
+            access: Access::ReadWrite,
+            guest_path: project.to_path_buf(),
+        }],
+    }
+    .write(&d.join("fwcfg"))
+    .unwrap();
+    let shares = [Share {
+        tag: "vbx0".into(),
+        host: project.to_path_buf(),
+        access: Access::ReadWrite,
+        kind: ShareKind::NineP,
+    }];
+    let preset = Preset::for_arch(std::env::consts::ARCH).unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2) as u32);
+    let console = d.join("console.log");
+    let spec = Spec {
+        preset: &preset,
+        accel: Accelerator::Tcg,
+        cpus,
+        memory_mb: 2048,
+        boot: Boot::Kernel {
+            kernel: &image.kernel(),
+            initrd: &image.initrd(),
+            cmdline: &image.manifest.kernel_cmdline,
+        },
+        disk: &disk,
+        fw_cfg: &fw,
+        console_log: &console,
+        ready_socket: Some(Path::new("ready.sock")),
+        export_file: None,
+        smbios_serial: None,
+        qmp_socket: Path::new("qmp.sock"),
+        network: Network::User { ssh_port: port },
+        shares: &shares,
+    };
+    let t = Instant::now();
+    let mut child = Command::new(&preset.binary)
+        .args(qemu::argv(&spec))
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let r = ready::wait(
+        &d.join("ready.sock"),
+        Duration::from_secs(300),
+        || true,
+        |_| {},
+    );
+    let out = Command::new("ssh")
+        .args(["-F", "/dev/null", "-i"])
+        .arg(d.join("id_ed25519"))
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            d.join("known_hosts").display()
+        ))
+        .arg("-p")
+        .arg(port.to_string())
+        .arg(format!("{}@127.0.0.1", user.name))
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let elapsed = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    r.unwrap_or_else(|e| panic!("bare boot: {e}; console: {}", console.display()));
+    assert!(
+        out.status.success(),
+        "bare ssh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    elapsed
+}
