@@ -102,6 +102,26 @@ impl Box {
         }
     }
 
+    /// The tails of every session's logs, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(rd) = fs::read_dir(self.env.vibebox_home().join("sessions")) else {
+            return out;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            for f in ["supervisor.log", "qemu.log", "console.log"] {
+                let text = fs::read_to_string(e.path().join("logs").join(f)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                out.push_str(&format!("--- {}/{f}\n", e.path().display()));
+                for l in tail.iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     fn qemu_img_check(&self) {
         let out = Command::new("qemu-img")
             .args(["check", "-q"])
@@ -568,7 +588,8 @@ fn interactive_shell_and_vibebox_commands() {
             }
             assert!(
                 Instant::now() < deadline,
-                "waited for {needle:?} x{times}; screen:\n{s}"
+                "waited for {needle:?} x{times}; screen:\n{s}\nlogs:\n{}",
+                b.logs()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
