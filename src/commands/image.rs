@@ -23,38 +23,33 @@ pub fn run(home: &Home, cmd: &ImageCommand) -> Result<(), Error> {
                 opts.arch = a.clone();
             }
             let (image, built) = build::build(home, &opts)?;
-            let mut out = std::io::stdout().lock();
-            if built {
-                writeln!(out, "built {} ({})", image.id(), image.dir.display())?;
-            } else {
-                writeln!(
-                    out,
-                    "{} is already built ({})",
-                    image.id(),
-                    image.dir.display()
-                )?;
-            }
-            Ok(())
+            report(&image, built, "built")
         }
         ImageCommand::Pull { name, arch } => {
             let arch = arch.as_deref().unwrap_or(crate::image::host_arch());
             let (image, made) = pull::pull(home, name.as_deref(), arch)?;
-            let mut out = std::io::stdout().lock();
-            if made {
-                writeln!(out, "pulled {} ({})", image.id(), image.dir.display())?;
-            } else {
-                writeln!(
-                    out,
-                    "{} is already pulled ({})",
-                    image.id(),
-                    image.dir.display()
-                )?;
-            }
-            Ok(())
+            report(&image, made, "pulled")
         }
         ImageCommand::List { json } => list(home, *json),
         ImageCommand::Rm { name } => rm(home, name),
     }
+}
+
+/// `<verb> <id> (<dir>)`, or `<id> is already <verb> (<dir>)` when it was reused:
+/// the last line is what scripts (and `.ci/run`) read.
+fn report(image: &Image, made: bool, verb: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    if made {
+        writeln!(out, "{verb} {} ({})", image.id(), image.dir.display())?;
+    } else {
+        writeln!(
+            out,
+            "{} is already {verb} ({})",
+            image.id(),
+            image.dir.display()
+        )?;
+    }
+    Ok(())
 }
 
 fn users(home: &Home, image: &Image) -> Result<Vec<(String, String)>, Error> {
