@@ -18,7 +18,7 @@ use chrono::Utc;
 
 use super::catalog::{self, CatalogError};
 use super::download::{self, DownloadError};
-use super::export::{self, ExportError};
+use super::export;
 use super::manifest::{self, Manifest};
 use super::progress::{Phases, StepError, wait_interruptible};
 use super::store::{Image, Store};
@@ -355,10 +355,7 @@ fn prepare_boot(run: &PrepareRun<'_>) -> Result<export::Info, PullError> {
         ));
     }
     drop(server);
-    let info = export::unpack(&export_file, run.dir).map_err(|e| match e {
-        ExportError::Io { .. } => failed(e.to_string()),
-        e => failed(e.to_string()),
-    })?;
+    let info = export::unpack(&export_file, run.dir).map_err(|e| failed(e.to_string()))?;
     let _ = fs::remove_file(&export_file);
     Ok(info)
 }
