@@ -516,19 +516,8 @@ fn delete_asks_on_a_terminal() {
         c.args(["-qec", &format!("{bin} delete {id}"), "/dev/null"])
             .current_dir(&a)
             .env("VIBEBOX_HOME", env.vibebox_home())
-            .env("HOME", env.home())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(answer.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
+            .env("HOME", env.home());
+        let o = common::run_with_input(c, answer.as_bytes());
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stdout).into_owned(),

@@ -238,15 +238,10 @@ fn port_of(catalog: &Path) -> String {
 /// The fixture directory (`VIBEBOX_TEST_CLOUD_FIXTURE`, set by `.ci/run`): required
 /// on CI, skipped elsewhere when unset.
 fn cloud_fixture() -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("VIBEBOX_TEST_CLOUD_FIXTURE") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set VIBEBOX_TEST_CLOUD_FIXTURE (tests/fixtures/cloud-image/build.sh)"
-        );
-        eprintln!("skipped: set VIBEBOX_TEST_CLOUD_FIXTURE to the cloud-image fixture directory");
-        return None;
-    };
-    let dir = PathBuf::from(dir);
+    let dir = common::ci_dir(
+        "VIBEBOX_TEST_CLOUD_FIXTURE",
+        "the cloud-image fixture directory (tests/fixtures/cloud-image/build.sh)",
+    )?;
     assert!(
         dir.join(IMAGE_FILE).is_file(),
         "no {IMAGE_FILE} in {}",

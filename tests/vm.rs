@@ -214,19 +214,8 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     // Exit codes and stdin pass through.
     assert_eq!(b.exec("exit 7").code, 7);
     let mut c = b.cmd();
-    c.args(["exec", "--", "sh", "-c", "tr a-z A-Z; echo err >&2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"piped input\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    c.args(["exec", "--", "sh", "-c", "tr a-z A-Z; echo err >&2"]);
+    let o = common::run_with_input(c, b"piped input\n");
     assert!(o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stdout), "PIPED INPUT\n");
     assert!(String::from_utf8_lossy(&o.stderr).contains("err"));

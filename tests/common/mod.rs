@@ -65,19 +65,25 @@ impl Env {
     }
 }
 
-/// The directory of prebuilt images the VM tests use (`VIBEBOX_TEST_IMAGES`, which
-/// `.ci/run` sets after building the image). `None` outside CI when it is unset; on
-/// CI a missing image fails the test instead of skipping it.
-pub fn test_images() -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("VIBEBOX_TEST_IMAGES") else {
+/// A directory a test needs from `.ci/run` through the environment variable `var`:
+/// `None` (the test says it skipped, and why) outside CI when it is unset; on CI
+/// (`CI` set) a missing one fails the test instead of skipping it.
+pub fn ci_dir(var: &str, what: &str) -> Option<PathBuf> {
+    let Some(dir) = std::env::var_os(var) else {
         assert!(
             std::env::var_os("CI").is_none(),
-            "CI must set VIBEBOX_TEST_IMAGES to a directory with a built image"
+            "CI must set {var} to {what}"
         );
-        eprintln!("skipped: set VIBEBOX_TEST_IMAGES to a directory holding a built image");
+        eprintln!("skipped: set {var} to {what}");
         return None;
     };
-    let dir = PathBuf::from(dir);
+    Some(PathBuf::from(dir))
+}
+
+/// The directory of prebuilt images the VM tests use (`VIBEBOX_TEST_IMAGES`, which
+/// `.ci/run` sets after building the image).
+pub fn test_images() -> Option<PathBuf> {
+    let dir = ci_dir("VIBEBOX_TEST_IMAGES", "a directory holding a built image")?;
     let has_image = std::fs::read_dir(&dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -86,6 +92,18 @@ pub fn test_images() -> Option<PathBuf> {
         .unwrap_or(false);
     assert!(has_image, "no image in {}", dir.display());
     Some(dir)
+}
+
+/// Runs `c` with `input` on its stdin (stdout and stderr captured).
+pub fn run_with_input(mut c: Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 pub struct Out {
