@@ -97,7 +97,8 @@ pub struct Server {
     port: u16,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// How many requests were answered, for the "the guest never asked" diagnosis.
+    /// How many requests were read, for the "the guest never asked" diagnosis. Counted
+    /// before the answer is sent, so a client that has its answer sees itself counted.
     served: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -116,10 +117,8 @@ impl Server {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    if let Ok(conn) = conn
-                        && serve_one(conn, &user, &meta).is_ok()
-                    {
-                        served.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(conn) = conn {
+                        let _ = serve_one(conn, &user, &meta, &served);
                     }
                 }
             })
@@ -153,7 +152,12 @@ impl Drop for Server {
 }
 
 /// One HTTP/1.0-style exchange: read the request head, answer, close.
-fn serve_one(conn: TcpStream, user: &str, meta: &str) -> std::io::Result<()> {
+fn serve_one(
+    conn: TcpStream,
+    user: &str,
+    meta: &str,
+    served: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     conn.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?).take(16 << 10);
@@ -165,6 +169,7 @@ fn serve_one(conn: TcpStream, user: &str, meta: &str) -> std::io::Result<()> {
             break;
         }
     }
+    served.fetch_add(1, Ordering::SeqCst);
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let body = if method == "GET" || method == "HEAD" {
