@@ -21,6 +21,8 @@ fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
 struct Box {
     env: Env,
     project: PathBuf,
+    /// The virtiofsd its shares use; 9p without one.
+    virtiofsd: Option<PathBuf>,
 }
 
 impl Box {
@@ -29,7 +31,11 @@ impl Box {
         env.link_images(images);
         let project = env.project(name);
         fs::write(project.join("vibebox.toml"), config).unwrap();
-        let b = Box { env, project };
+        let b = Box {
+            env,
+            project,
+            virtiofsd: None,
+        };
         if !config.is_empty() {
             // The host user reviewed the config the test wrote.
             let out = b.vibebox(&["approve"]);
@@ -39,13 +45,30 @@ impl Box {
     }
 
     fn cmd(&self) -> Command {
-        self.env.cmd(&self.project)
+        let mut c = self.env.cmd(&self.project);
+        if let Some(v) = &self.virtiofsd {
+            c.env("VIBEBOX_VIRTIOFSD", v);
+        }
+        c
     }
 
+    /// The filesystem type the guest has at `path` (a shell word).
+    fn fstype(&self, path: &str) -> String {
+        ok(&self.exec(&format!("findmnt -no FSTYPE -T {path}")))
+            .trim()
+            .to_string()
+    }
+
+    /// Runs vibebox; a failure that names a log gets the logs' tails appended to its
+    /// stderr, so an assertion on it shows why the VM failed.
     fn vibebox(&self, args: &[&str]) -> Out {
         let mut c = self.cmd();
         c.args(args);
-        run(c)
+        let mut out = run(c);
+        if out.code != 0 && out.stderr.contains(".log") {
+            out.stderr.push_str(&self.logs());
+        }
+        out
     }
 
     fn exec(&self, script: &str) -> Out {
@@ -109,7 +132,7 @@ impl Box {
             return out;
         };
         for e in rd.filter_map(|e| e.ok()) {
-            for f in ["supervisor.log", "qemu.log", "console.log"] {
+            for f in ["supervisor.log", "qemu.log", "console.log", "virtiofsd.log"] {
                 let text = fs::read_to_string(e.path().join("logs").join(f)).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
                 out.push_str(&format!("--- {}/{f}\n", e.path().display()));
@@ -149,6 +172,21 @@ fn ok(out: &Out) -> &str {
         out.stdout, out.stderr
     );
     &out.stdout
+}
+
+/// How many virtiofsd processes serve `dir` (from /proc: their command lines name it).
+fn share_daemons(dir: &Path) -> usize {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .is_some_and(|argv0| argv0.ends_with(b"virtiofsd"))
+                && c.split(|b| *b == 0).any(|arg| arg == needle)
+        })
+        .count()
 }
 
 fn kill9(pid: i32) {
@@ -191,8 +229,16 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     );
     // Spaces, commas, quotes, non-ASCII, and a path of 200+ characters.
     let name = format!("my proj, \"v2\" é {}", "x".repeat(190));
-    let b = Box::new(&images, &name, &config);
+    let mut b = Box::new(&images, &name, &config);
     assert!(b.project.as_os_str().len() > 200);
+    // Shared with virtiofs where CI provides virtiofsd (9p is covered by the crash
+    // test).
+    b.virtiofsd = common::test_virtiofsd();
+    let share_type = if b.virtiofsd.is_some() {
+        "virtiofs"
+    } else {
+        "9p"
+    };
 
     // First start: boots, runs in the project at the same absolute path.
     let out = b.exec(
@@ -210,6 +256,16 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         "made\n"
     );
     assert_eq!(fs::read_to_string(rw.join("h.txt")).unwrap(), "home\n");
+    for path in ["\"$PWD\"", "'/mnt/ro data'", "~/scratch"] {
+        assert_eq!(b.fstype(path), share_type, "{path}");
+    }
+    if b.virtiofsd.is_some() {
+        // (The namespace sandbox forks: two processes for one share.)
+        assert!(
+            share_daemons(&b.project) > 0,
+            "no virtiofsd for the project"
+        );
+    }
 
     // Exit codes and stdin pass through.
     assert_eq!(b.exec("exit 7").code, 7);
@@ -224,6 +280,7 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     let out = b.exec("sudo touch '/mnt/ro data/nope' 2>&1 || touch '/mnt/ro data/nope'");
     assert_ne!(out.code, 0, "{}", out.stdout);
     assert!(!ro.join("nope").exists());
+    assert!(fs::read_dir(&ro).unwrap().count() == 1);
 
     // Something to find after the resume, outside the project (on the VM disk).
     ok(&b.exec("echo keep > /var/tmp/keep.txt && sync"));
@@ -260,6 +317,7 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         std::thread::sleep(Duration::from_millis(200));
     }
     b.qemu_img_check();
+    assert_eq!(share_daemons(&b.project), 0, "a virtiofsd outlived its VM");
 
     // The edited config is refused before anything boots, naming the change...
     let out = b.exec("true");
@@ -308,8 +366,22 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
         return;
     };
     let _vm = vm_lock();
-    let b = Box::new(&images, "crashy", "");
+    // A read-only share over 9p (the lifecycle test covers virtiofs where CI has it).
+    let ro = tempfile::Builder::new()
+        .prefix("vbx-ro9p-")
+        .tempdir()
+        .unwrap();
+    let b = Box::new(
+        &images,
+        "crashy",
+        &format!("[box]\nmounts = [\"{}:/mnt/ro:ro\"]\n", ro.path().display()),
+    );
     ok(&b.exec("echo before > /var/tmp/mark && sync"));
+    assert_eq!(b.fstype("\"$PWD\""), "9p");
+    assert_eq!(b.fstype("/mnt/ro"), "9p");
+    let out = b.exec("sudo touch /mnt/ro/nope 2>&1 || touch /mnt/ro/nope");
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(!ro.path().join("nope").exists());
 
     // QEMU killed under an attached client.
     let client = b.spawn_exec("sleep 120");

@@ -256,6 +256,8 @@ async fn boot_and_run(
     })
     .map_err(|e| e.to_string())?;
     let qemu_pid = started.child.id();
+    // Dropped (killed) when this boot is over, after QEMU.
+    let _daemons = started.daemons;
     let exited = Arc::new(AtomicBool::new(false));
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
     {

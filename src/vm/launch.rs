@@ -10,6 +10,7 @@ use super::fwcfg::{FsType, GuestConfig, GuestMount};
 use super::guest::GuestUser;
 use super::host::Accelerator;
 use super::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
+use super::virtiofsd;
 use crate::config::Config;
 use crate::image::store::Image;
 use crate::paths::{self, SessionDir};
@@ -48,6 +49,8 @@ pub enum Error {
     #[error(transparent)]
     Ssh(#[from] ssh::Error),
     #[error(transparent)]
+    Virtiofsd(#[from] virtiofsd::Error),
+    #[error(transparent)]
     State(#[from] statefile::Error),
 }
 
@@ -73,6 +76,8 @@ pub struct Started {
     pub child: Child,
     pub ssh_port: u16,
     pub user: GuestUser,
+    /// The virtiofsd processes of the shares; keep them until QEMU has exited.
+    pub daemons: Vec<virtiofsd::Daemon>,
 }
 
 pub fn client_key(session: &SessionDir) -> KeyPair {
@@ -128,8 +133,13 @@ fn free_port() -> Result<u16, Error> {
 }
 
 /// The shares for the config's mounts: present ones get a tag; a missing optional
-/// one is skipped; a missing required one is an error naming it.
-pub fn shares(config: &Config) -> Result<(Vec<Share>, Vec<GuestMount>), Error> {
+/// one is skipped; a missing required one is an error naming it. With a virtiofsd
+/// they are virtiofs shares on sockets `vfs<N>.sock` (relative to the session
+/// directory), else 9p.
+pub fn shares(
+    config: &Config,
+    virtiofsd: Option<&Path>,
+) -> Result<(Vec<Share>, Vec<GuestMount>), Error> {
     let mut shares = Vec::new();
     let mut mounts = Vec::new();
     for m in &config.mounts {
@@ -142,15 +152,25 @@ pub fn shares(config: &Config) -> Result<(Vec<Share>, Vec<GuestMount>), Error> {
                 guest: m.guest.clone(),
             });
         }
-        let tag = format!("vbx{}", shares.len());
+        let n = shares.len();
+        let tag = format!("vbx{n}");
+        let (kind, fstype) = match virtiofsd {
+            Some(_) => (
+                ShareKind::Virtiofs {
+                    socket: PathBuf::from(format!("vfs{n}.sock")),
+                },
+                FsType::Virtiofs,
+            ),
+            None => (ShareKind::NineP, FsType::NineP),
+        };
         shares.push(Share {
             tag: tag.clone(),
             host: m.host.clone(),
             access: m.access,
-            kind: ShareKind::NineP,
+            kind,
         });
         mounts.push(GuestMount {
-            fstype: FsType::NineP,
+            fstype,
             tag,
             access: m.access,
             guest_path: m.guest.clone(),
@@ -187,7 +207,8 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         0o600,
     )?;
     let user = GuestUser::current();
-    let (shares, mounts) = shares(plan.config)?;
+    let virtiofsd = virtiofsd::find()?;
+    let (shares, mounts) = shares(plan.config, virtiofsd.as_deref())?;
     let guest = GuestConfig {
         user: user.name.clone(),
         uid: user.uid,
@@ -228,6 +249,21 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         network: Network::User { ssh_port: port },
         shares: &shares,
     };
+    let mut daemons = Vec::new();
+    if let Some(binary) = &virtiofsd {
+        for share in &shares {
+            if let ShareKind::Virtiofs { socket } = &share.kind {
+                daemons.push(virtiofsd::start(
+                    binary,
+                    s.dir(),
+                    &share.host,
+                    socket,
+                    share.access,
+                    &s.logs().join("virtiofsd.log"),
+                )?);
+            }
+        }
+    }
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -255,5 +291,6 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         child,
         ssh_port: port,
         user,
+        daemons,
     })
 }

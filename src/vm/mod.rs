@@ -9,3 +9,4 @@ pub mod mounts;
 pub mod qemu;
 pub mod qmp;
 pub mod ready;
+pub mod virtiofsd;

@@ -46,7 +46,10 @@ impl Env {
             .env("VIBEBOX_HOME", self.vibebox_home())
             .env("HOME", self.home())
             .env_remove("COLUMNS")
-            .env_remove("VIBEBOX_LOG");
+            .env_remove("VIBEBOX_LOG")
+            // Shares are 9p unless a test asks for virtiofs (a virtiofsd on the
+            // machine's PATH must not change what a test covers).
+            .env("VIBEBOX_VIRTIOFSD", "off");
         c
     }
 }
@@ -65,7 +68,7 @@ impl Env {
     }
 }
 
-/// A directory a test needs from `.ci/run` through the environment variable `var`:
+/// A path a test needs from `.ci/run` through the environment variable `var`:
 /// `None` (the test says it skipped, and why) outside CI when it is unset; on CI
 /// (`CI` set) a missing one fails the test instead of skipping it.
 pub fn ci_dir(var: &str, what: &str) -> Option<PathBuf> {
@@ -78,6 +81,14 @@ pub fn ci_dir(var: &str, what: &str) -> Option<PathBuf> {
         return None;
     };
     Some(PathBuf::from(dir))
+}
+
+/// The Rust virtiofsd the virtiofs tests use (`VIBEBOX_TEST_VIRTIOFSD`, which
+/// `.ci/run` installs).
+pub fn test_virtiofsd() -> Option<PathBuf> {
+    let bin = ci_dir("VIBEBOX_TEST_VIRTIOFSD", "the Rust virtiofsd binary")?;
+    assert!(bin.is_file(), "no virtiofsd at {}", bin.display());
+    Some(bin)
 }
 
 /// The directory of prebuilt images the VM tests use (`VIBEBOX_TEST_IMAGES`, which

@@ -1,0 +1,221 @@
+//! virtiofs on Linux: finding a usable `virtiofsd`, its command line, and starting one
+//! per share before QEMU connects to it. Where none is usable the shares stay 9p
+//! (`-virtfs`, QEMU's own server), which is also the macOS path.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::mounts::Access;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "VIBEBOX_VIRTIOFSD={0} is not a virtiofsd with --readonly and --shared-dir (the Rust virtiofsd, `cargo install virtiofsd`); set it to such a binary or to `off` to share with 9p"
+    )]
+    Unusable(PathBuf),
+    #[error("cannot start virtiofsd for {}: {source}", host.display())]
+    Spawn {
+        host: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "virtiofsd for {} did not start ({why}); see {}, or set VIBEBOX_VIRTIOFSD=off to share with 9p",
+        host.display(),
+        log.display()
+    )]
+    NotListening {
+        host: PathBuf,
+        why: String,
+        log: PathBuf,
+    },
+}
+
+/// Where distributions put virtiofsd outside `PATH`.
+const LIBEXEC: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/virtiofsd"];
+
+/// How long a virtiofsd may take to create its socket.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The virtiofsd to use, or None for 9p. `VIBEBOX_VIRTIOFSD` picks one (a path, or
+/// `off`); otherwise the first usable one on `PATH` or in libexec. Only the Rust
+/// virtiofsd qualifies: the C one QEMU 7.2 ships (`/usr/lib/qemu/virtiofsd`) has no
+/// read-only mode, and read-only must be enforced on the host.
+pub fn find() -> Result<Option<PathBuf>, Error> {
+    if !cfg!(target_os = "linux") {
+        return Ok(None);
+    }
+    match std::env::var_os("VIBEBOX_VIRTIOFSD") {
+        Some(v) if v == "off" || v.is_empty() => Ok(None),
+        Some(v) => {
+            let path = PathBuf::from(v);
+            if usable(&path) {
+                Ok(Some(path))
+            } else {
+                Err(Error::Unusable(path))
+            }
+        }
+        None => Ok(which::which("virtiofsd")
+            .ok()
+            .into_iter()
+            .chain(LIBEXEC.iter().map(PathBuf::from))
+            .find(|p| usable(p))),
+    }
+}
+
+fn usable(binary: &Path) -> bool {
+    Command::new(binary)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| is_rust_virtiofsd(&String::from_utf8_lossy(&o.stdout)))
+}
+
+/// The Rust virtiofsd's help names both options; the C one's has neither.
+pub fn is_rust_virtiofsd(help: &str) -> bool {
+    help.contains("--shared-dir") && help.contains("--readonly")
+}
+
+/// The command line for one share. As root, virtiofsd's namespace sandbox
+/// (pivot_root into the share). As a user, it cannot make that sandbox without
+/// privileges, so it runs unsandboxed with the user's rights, like QEMU's 9p server:
+/// every file the guest creates is the user's, and a guest cannot plant a file owned
+/// by anyone else (a set-uid binary is harmless when it is set-uid to the user).
+pub fn argv(host: &Path, socket: &Path, access: Access, as_root: bool) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
+        "--shared-dir".into(),
+        host.into(),
+        "--socket-path".into(),
+        socket.into(),
+        "--sandbox".into(),
+        if as_root { "namespace" } else { "none" }.into(),
+        "--cache".into(),
+        "auto".into(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    if access == Access::ReadOnly {
+        a.push("--readonly".into());
+    }
+    a
+}
+
+/// A started virtiofsd; killed when dropped (it also exits when QEMU goes away).
+pub struct Daemon {
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts virtiofsd for one share in `dir` (the session directory, so the socket
+/// path stays short) and waits until its socket exists, so QEMU can connect.
+pub fn start(
+    binary: &Path,
+    dir: &Path,
+    host: &Path,
+    socket: &Path,
+    access: Access,
+    log: &Path,
+) -> Result<Daemon, Error> {
+    let spawn_err = |source| Error::Spawn {
+        host: host.to_path_buf(),
+        source,
+    };
+    let _ = fs::remove_file(dir.join(socket));
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(spawn_err)?;
+    let as_root = nix::unistd::geteuid().is_root();
+    let mut cmd = Command::new(binary);
+    cmd.args(argv(host, socket, access, as_root))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(spawn_err)?)
+        .stderr(out);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // Never outlives the supervisor that owns it.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let mut daemon = Daemon {
+        child: cmd.spawn().map_err(spawn_err)?,
+    };
+    let not_listening = |why: String| Error::NotListening {
+        host: host.to_path_buf(),
+        why,
+        log: log.to_path_buf(),
+    };
+    let deadline = Instant::now() + LISTEN_TIMEOUT;
+    loop {
+        if dir.join(socket).exists() {
+            return Ok(daemon);
+        }
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            return Err(not_listening(format!("it exited: {status}")));
+        }
+        if Instant::now() > deadline {
+            return Err(not_listening(format!(
+                "no socket after {} s",
+                LISTEN_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_the_rust_virtiofsd_from_the_c_one() {
+        let rust = "Usage: virtiofsd --shared-dir <SHARED_DIR> --socket-path <SOCKET_PATH>\n      --readonly\n";
+        let c =
+            "usage: virtiofsd [options]\n    -o source=PATH             shared directory tree\n";
+        assert!(is_rust_virtiofsd(rust));
+        assert!(!is_rust_virtiofsd(c));
+    }
+
+    #[test]
+    fn read_only_and_sandbox_follow_access_and_privilege() {
+        let s = |a: &[OsString]| {
+            a.iter()
+                .map(|x| x.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let host = Path::new("/home/al/my proj, \"x\"");
+        let ro = s(&argv(host, Path::new("vfs0.sock"), Access::ReadOnly, true));
+        assert_eq!(
+            ro,
+            "--shared-dir /home/al/my proj, \"x\" --socket-path vfs0.sock --sandbox namespace --cache auto --log-level warn --readonly"
+        );
+        let rw = s(&argv(
+            host,
+            Path::new("vfs1.sock"),
+            Access::ReadWrite,
+            false,
+        ));
+        assert!(rw.contains("--sandbox none"), "{rw}");
+        assert!(!rw.contains("--readonly"), "{rw}");
+        // The path is one argument, never split or escaped.
+        let a = argv(host, Path::new("s"), Access::ReadWrite, true);
+        assert_eq!(a[1], OsString::from(host));
+    }
+}
