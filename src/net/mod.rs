@@ -1,4 +1,9 @@
-//! Network policy. The rule language lives here now; the gateway that enforces it on
-//! the host comes with the network-policy issue.
+//! Network policy: the rule language, and the parts of the gateway that enforce it on
+//! the host (pure parsers and checks first; each takes the guest's bytes as hostile).
 
+pub mod dns;
+pub mod frame;
+pub mod http;
 pub mod policy;
+pub mod ranges;
+pub mod sni;
