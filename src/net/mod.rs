@@ -1,6 +1,7 @@
 //! Network policy: the rule language, and the parts of the gateway that enforce it on
 //! the host (pure parsers and checks first; each takes the guest's bytes as hostile).
 
+pub mod decide;
 pub mod dns;
 pub mod frame;
 pub mod http;
