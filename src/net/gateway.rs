@@ -1,0 +1,913 @@
+//! The gateway: the guest's only link to the world. QEMU's NIC is a `-netdev stream`
+//! connected to a unix socket here; frames go into a userspace TCP/IP stack
+//! (smoltcp) that answers for every address, so each guest TCP connection ends in the
+//! gateway. The gateway serves DHCP and DNS itself, reads the first flight of each
+//! connection (TLS SNI or HTTP Host), checks it against the policy and the pin set
+//! ([`super::decide`]), and only then dials from the host and relays. Everything else
+//! (UDP but DNS to the gateway, ICMP beyond it, IPv6) goes nowhere.
+//!
+//! One task owns the stack; host sockets live in small tasks that talk to it over
+//! channels, with credit-based flow control both ways so neither side can make the
+//! gateway buffer without bound.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant as SInstant;
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr, IpEndpoint,
+    IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::AbortHandle;
+
+use super::decide::{self, Deny, Flight, Pins, Policy};
+use super::dhcp::{self, Lan};
+use super::dns::{self, Reply};
+use super::frame;
+use super::http::{self, Head};
+use super::netlog::NetLog;
+use super::ranges;
+use super::sni::{self, Hello};
+use super::upstream::{Dialer, Resolver};
+
+/// How long a guest may take to send the first flight of a connection.
+pub const FLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a first flight may be before the gateway gives up on reading a name.
+pub const MAX_FLIGHT: usize = sni::MAX_HELLO + 1024;
+/// Connections at once (each costs its socket buffers).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// TTL given to the guest for DNS answers.
+const DNS_TTL: u32 = 60;
+const RX_BUF: usize = 64 << 10;
+const TX_BUF: usize = 64 << 10;
+/// Chunks in flight from a host socket to the guest per connection.
+const HOST_CREDIT: usize = 4;
+const CHUNK: usize = 16 << 10;
+
+pub struct Settings {
+    pub lan: Lan,
+    pub policy: Policy,
+    pub log: NetLog,
+    /// Where host-side SSH connections go in the guest.
+    pub ssh_port: u16,
+}
+
+enum Event {
+    Resolved {
+        query: dns::Query,
+        from: IpEndpoint,
+        result: io::Result<Vec<Ipv4Addr>>,
+    },
+    Dialed {
+        id: u64,
+        result: io::Result<TcpStream>,
+    },
+    HostData {
+        id: u64,
+        data: Vec<u8>,
+    },
+    HostEof {
+        id: u64,
+    },
+}
+
+enum Phase {
+    /// Reading the guest's first bytes.
+    Flight {
+        buf: Vec<u8>,
+        deadline: SInstant,
+    },
+    /// Dialling; `pending` is what the guest already sent.
+    Dialing {
+        pending: Vec<u8>,
+    },
+    Relay(Relay),
+    /// Waiting for the stack to finish with the socket.
+    Closing,
+}
+
+struct Relay {
+    to_host: Option<mpsc::Sender<Vec<u8>>>,
+    from_host: VecDeque<Vec<u8>>,
+    credit: Arc<Semaphore>,
+    host_eof: bool,
+    tasks: [AbortHandle; 2],
+}
+
+struct Conn {
+    handle: SocketHandle,
+    /// The guest's end, as its SYN gave it (for telling retransmits apart).
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    name: Option<String>,
+    phase: Phase,
+}
+
+/// smoltcp's device: frames in from QEMU, frames out to QEMU.
+#[derive(Default)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0u8; len];
+        let r = f(&mut b);
+        self.0.push(b);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+    fn receive(&mut self, _: SInstant) -> Option<(Rx, Tx<'_>)> {
+        let f = self.rx.pop_front()?;
+        Some((Rx(f), Tx(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: SInstant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = 1514;
+        caps
+    }
+}
+
+fn now() -> SInstant {
+    SInstant::now()
+}
+
+struct Engine {
+    s: Settings,
+    iface: Interface,
+    dev: Queues,
+    sockets: SocketSet<'static>,
+    dns_socket: SocketHandle,
+    conns: HashMap<u64, Conn>,
+    next_id: u64,
+    next_local_port: u16,
+    pins: Pins,
+    events_tx: mpsc::UnboundedSender<Event>,
+    resolver: Arc<dyn Resolver>,
+    dialer: Arc<dyn Dialer>,
+}
+
+/// Serves the guest on `link` (QEMU's stream socket) until QEMU closes it. `ssh`, if
+/// given, is a host listener whose connections are relayed to the guest's SSH port.
+pub async fn serve(
+    link: UnixStream,
+    settings: Settings,
+    resolver: Arc<dyn Resolver>,
+    dialer: Arc<dyn Dialer>,
+    ssh: Option<TcpListener>,
+) -> io::Result<()> {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut e = Engine::new(settings, resolver, dialer, events_tx);
+    let (mut rd, mut wr) = link.into_split();
+    let mut decoder = frame::Decoder::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        e.step();
+        for f in std::mem::take(&mut e.dev.tx) {
+            wr.write_all(&frame::encode(&f)).await?;
+        }
+        let delay = e.next_wake();
+        tokio::select! {
+            n = rd.read(&mut buf) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                decoder.push(&buf[..n]);
+                loop {
+                    match decoder.next_frame() {
+                        Ok(Some(f)) => e.ingress(f),
+                        Ok(None) => break,
+                        Err(err) => return Err(io::Error::new(io::ErrorKind::InvalidData, err)),
+                    }
+                }
+            }
+            ev = events.recv() => {
+                if let Some(ev) = ev {
+                    e.event(ev);
+                }
+                // Take whatever else is ready before polling the stack again.
+                while let Ok(ev) = events.try_recv() {
+                    e.event(ev);
+                }
+            }
+            conn = async { ssh.as_ref().expect("guarded").accept().await }, if ssh.is_some() => {
+                if let Ok((stream, _)) = conn {
+                    e.inbound(stream);
+                }
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+impl Engine {
+    fn new(
+        s: Settings,
+        resolver: Arc<dyn Resolver>,
+        dialer: Arc<dyn Dialer>,
+        events_tx: mpsc::UnboundedSender<Event>,
+    ) -> Engine {
+        let mut dev = Queues::default();
+        let mut cfg = IfaceConfig::new(HardwareAddress::Ethernet(s.lan.gateway_mac));
+        cfg.random_seed = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
+        let mut iface = Interface::new(cfg, &mut dev, now());
+        let (gw, dns_ip, len) = (s.lan.gateway, s.lan.dns, s.lan.prefix_len);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(gw), len));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(dns_ip), len));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(gw);
+        // Answer for every destination: each guest connection ends here.
+        iface.set_any_ip(true);
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut udp_sock = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0; 64 << 10]),
+        );
+        let _ = udp_sock.bind(IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(dns_ip)),
+            port: 53,
+        });
+        let dns_socket = sockets.add(udp_sock);
+        Engine {
+            s,
+            iface,
+            dev,
+            sockets,
+            dns_socket,
+            conns: HashMap::new(),
+            next_id: 1,
+            next_local_port: 49152,
+            pins: Pins::default(),
+            events_tx,
+            resolver,
+            dialer,
+        }
+    }
+
+    /// A frame from the guest: DHCP is answered here, new TCP connections decided,
+    /// IPv4 and ARP go to the stack, anything else is dropped.
+    fn ingress(&mut self, f: Vec<u8>) {
+        if let Some(reply) = dhcp::answer(&f, &self.s.lan) {
+            self.dev.tx.push(reply);
+            return;
+        }
+        let Ok(eth) = EthernetFrame::new_checked(&f[..]) else {
+            return;
+        };
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {}
+            EthernetProtocol::Ipv4 => {
+                if let Some((dst, port)) = syn_destination(eth.payload()) {
+                    self.on_syn(dst, port, eth.payload());
+                }
+            }
+            _ => return,
+        }
+        self.dev.rx.push_back(f);
+    }
+
+    fn on_syn(&mut self, dst: Ipv4Addr, port: u16, ip_packet: &[u8]) {
+        let Some(src) = syn_source(ip_packet) else {
+            return;
+        };
+        // A retransmitted SYN: its listener exists. (The stack may give a SYN to any
+        // listener of the same destination; all of them were decided alike.)
+        let remote = IpEndpoint::new(src.0.into(), src.1);
+        let taken = self.conns.values().any(|c| {
+            let sock = self.sockets.get::<tcp::Socket>(c.handle);
+            c.dst == (dst, port) && (c.src == src || sock.remote_endpoint() == Some(remote))
+        });
+        if taken {
+            return;
+        }
+        let lan = &self.s.lan;
+        if dst == lan.gateway || dst == lan.dns {
+            return; // nothing listens there: the stack resets it
+        }
+        if let Some(why) = ranges::forbidden(IpAddr::V4(dst)) {
+            self.s
+                .log
+                .line(&format!("deny tcp {dst}:{port}: {why} address"));
+            return;
+        }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.s.log.line(&format!(
+                "deny tcp {dst}:{port}: {MAX_CONNECTIONS} connections open already"
+            ));
+            return;
+        }
+        let (phase, name) = match decide::by_destination(&self.s.policy, &self.pins, dst, port) {
+            Some(Err(d)) => {
+                self.deny_log("tcp", dst, port, None, &d);
+                return;
+            }
+            Some(Ok(name)) => (
+                Phase::Dialing {
+                    pending: Vec::new(),
+                },
+                Some(name),
+            ),
+            None => (
+                Phase::Flight {
+                    buf: Vec::new(),
+                    deadline: now() + FLIGHT_TIMEOUT.into(),
+                },
+                None,
+            ),
+        };
+        let mut sock = tcp_socket();
+        if sock
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(dst)),
+                port,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        let id = self.new_id();
+        let dialing = matches!(phase, Phase::Dialing { .. });
+        self.conns.insert(
+            id,
+            Conn {
+                handle,
+                src,
+                dst: (dst, port),
+                name: name.clone(),
+                phase,
+            },
+        );
+        if dialing {
+            self.allow_log(dst, port, name.as_deref().unwrap_or(""));
+            self.dial(id, dst, port);
+        }
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn dial(&self, id: u64, ip: Ipv4Addr, port: u16) {
+        let dialer = self.dialer.clone();
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = dialer.dial(ip, port).await;
+            let _ = tx.send(Event::Dialed { id, result });
+        });
+    }
+
+    /// A host connection to the guest's SSH server.
+    fn inbound(&mut self, stream: TcpStream) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return;
+        }
+        let mut sock = tcp_socket();
+        let local = self.next_local_port;
+        self.next_local_port = if local == u16::MAX { 49152 } else { local + 1 };
+        let guest = IpEndpoint::new(IpAddress::Ipv4(self.s.lan.guest), self.s.ssh_port);
+        let from = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(self.s.lan.gateway)),
+            port: local,
+        };
+        if sock.connect(self.iface.context(), guest, from).is_err() {
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        let id = self.new_id();
+        let relay = self.relay(id, stream);
+        self.conns.insert(
+            id,
+            Conn {
+                handle,
+                src: (self.s.lan.gateway, local),
+                dst: (self.s.lan.guest, self.s.ssh_port),
+                name: None,
+                phase: Phase::Relay(relay),
+            },
+        );
+    }
+
+    /// Starts the two tasks that move bytes between a host socket and the stack.
+    fn relay(&self, id: u64, stream: TcpStream) -> Relay {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let (to_host, mut chunks) = mpsc::channel::<Vec<u8>>(HOST_CREDIT);
+        let writer = tokio::spawn(async move {
+            while let Some(c) = chunks.recv().await {
+                if wr.write_all(&c).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        let credit = Arc::new(Semaphore::new(HOST_CREDIT));
+        let reader = {
+            let credit = credit.clone();
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    let Ok(permit) = credit.acquire().await else {
+                        return;
+                    };
+                    permit.forget();
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send(Event::HostEof { id });
+                            return;
+                        }
+                        Ok(n) => {
+                            if tx
+                                .send(Event::HostData {
+                                    id,
+                                    data: buf[..n].to_vec(),
+                                })
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        Relay {
+            to_host: Some(to_host),
+            from_host: VecDeque::new(),
+            credit,
+            host_eof: false,
+            tasks: [writer.abort_handle(), reader.abort_handle()],
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Resolved {
+                query,
+                from,
+                result,
+            } => self.resolved(query, from, result),
+            Event::Dialed { id, result } => {
+                let Some(c) = self.conns.get(&id) else { return };
+                let Phase::Dialing { pending } = &c.phase else {
+                    return;
+                };
+                let pending = pending.clone();
+                let (dst, name, handle) = (c.dst, c.name.clone(), c.handle);
+                match result {
+                    Ok(stream) => {
+                        let relay = self.relay(id, stream);
+                        if !pending.is_empty()
+                            && let Some(tx) = &relay.to_host
+                        {
+                            let _ = tx.try_send(pending);
+                        }
+                        if let Some(c) = self.conns.get_mut(&id) {
+                            c.phase = Phase::Relay(relay);
+                        }
+                    }
+                    Err(err) => {
+                        self.s.log.line(&format!(
+                            "fail tcp {}:{} ({}): cannot connect from the host: {err}",
+                            dst.0,
+                            dst.1,
+                            name.unwrap_or_default()
+                        ));
+                        self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                        if let Some(c) = self.conns.get_mut(&id) {
+                            c.phase = Phase::Closing;
+                        }
+                    }
+                }
+            }
+            Event::HostData { id, data } => {
+                if let Some(Conn {
+                    phase: Phase::Relay(r),
+                    ..
+                }) = self.conns.get_mut(&id)
+                {
+                    r.from_host.push_back(data);
+                }
+            }
+            Event::HostEof { id } => {
+                if let Some(Conn {
+                    phase: Phase::Relay(r),
+                    ..
+                }) = self.conns.get_mut(&id)
+                {
+                    r.host_eof = true;
+                }
+            }
+        }
+    }
+
+    /// Polls the stack and moves every connection forward, until nothing changes.
+    fn step(&mut self) {
+        for _ in 0..64 {
+            self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+            let moved = self.dns() | self.pump();
+            if !moved && self.dev.rx.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn next_wake(&mut self) -> Duration {
+        let mut d = self
+            .iface
+            .poll_delay(now(), &self.sockets)
+            .map_or(Duration::from_secs(1), Duration::from);
+        for c in self.conns.values() {
+            if let Phase::Flight { deadline, .. } = c.phase {
+                let left = if deadline > now() {
+                    Duration::from(deadline - now())
+                } else {
+                    Duration::ZERO
+                };
+                d = d.min(left);
+            }
+        }
+        d.min(Duration::from_secs(1))
+    }
+
+    /// Guest DNS queries: denied names are answered here and never leave the host;
+    /// allowed ones are resolved on the host (see `resolved`).
+    fn dns(&mut self) -> bool {
+        let mut moved = false;
+        loop {
+            let sock = self.sockets.get_mut::<udp::Socket>(self.dns_socket);
+            let Ok((bytes, meta)) = sock.recv() else {
+                break;
+            };
+            moved = true;
+            let from = meta.endpoint;
+            let q = match dns::parse_query(bytes) {
+                Ok(q) => q,
+                Err(dns::Bad::Answer(reply)) => {
+                    let _ = sock.send_slice(&reply, from);
+                    continue;
+                }
+                Err(dns::Bad::Drop) => continue,
+            };
+            if let Err(d) = self.s.policy.name(&q.name) {
+                let reply = dns::reply(&q, &Reply::NxDomain);
+                let _ = sock.send_slice(&reply, from);
+                self.s.log.line(&format!("deny dns {}: {d}", q.name));
+                continue;
+            }
+            if q.qtype != hickory_proto::rr::RecordType::A {
+                // Only IPv4 addresses are offered (no AAAA, HTTPS, TXT, ...).
+                let _ = sock.send_slice(&dns::reply(&q, &Reply::NoData), from);
+                continue;
+            }
+            let resolver = self.resolver.clone();
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                let result = resolver.resolve(&q.name).await;
+                let _ = tx.send(Event::Resolved {
+                    query: q,
+                    from,
+                    result,
+                });
+            });
+        }
+        moved
+    }
+
+    fn resolved(&mut self, q: dns::Query, from: IpEndpoint, result: io::Result<Vec<Ipv4Addr>>) {
+        let reply = match result {
+            Ok(ips) if ips.is_empty() => Reply::NoData,
+            Ok(ips) => {
+                if let Some((ip, why)) = ips
+                    .iter()
+                    .find_map(|ip| ranges::forbidden(IpAddr::V4(*ip)).map(|w| (ip, w)))
+                {
+                    self.s.log.line(&format!(
+                        "deny dns {}: it resolves to {ip}, a {why} address",
+                        q.name
+                    ));
+                    Reply::ServFail
+                } else {
+                    self.pins.pin(&q.name, &ips);
+                    Reply::Addresses(ips, DNS_TTL)
+                }
+            }
+            Err(err) => {
+                self.s.log.line(&format!(
+                    "fail dns {}: the host cannot resolve it: {err}",
+                    q.name
+                ));
+                Reply::ServFail
+            }
+        };
+        let sock = self.sockets.get_mut::<udp::Socket>(self.dns_socket);
+        let _ = sock.send_slice(&dns::reply(&q, &reply), from);
+    }
+
+    /// Moves bytes and decisions along for every connection; true if anything moved.
+    fn pump(&mut self) -> bool {
+        let mut moved = false;
+        let mut gone = Vec::new();
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            let sock = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            match &mut c.phase {
+                Phase::Flight { buf, deadline } => {
+                    if sock.state() == tcp::State::Listen || sock.state() == tcp::State::SynReceived
+                    {
+                        if now() > *deadline && sock.state() == tcp::State::Listen {
+                            // The SYN never completed a handshake.
+                            gone.push(id);
+                        }
+                        continue;
+                    }
+                    let mut tmp = [0u8; 4096];
+                    while buf.len() < MAX_FLIGHT
+                        && let Ok(n) = sock.recv_slice(&mut tmp)
+                        && n > 0
+                    {
+                        buf.extend_from_slice(&tmp[..n]);
+                        moved = true;
+                    }
+                    let verdict = read_flight(buf);
+                    let closed = guest_sent_fin(sock);
+                    let expired = now() > *deadline;
+                    let dst = c.dst;
+                    let flight = match verdict {
+                        FlightRead::Wait if !(closed || expired || buf.len() >= MAX_FLIGHT) => {
+                            continue;
+                        }
+                        FlightRead::Wait => Err(Deny {
+                            why: if expired {
+                                "no TLS ClientHello or HTTP request within 10 s".into()
+                            } else {
+                                "the first flight ended before it named a server".into()
+                            },
+                            rule: None,
+                        }),
+                        FlightRead::Bad(m) => Err(Deny {
+                            why: m.into(),
+                            rule: None,
+                        }),
+                        FlightRead::Got(f) => Ok(f),
+                    };
+                    let decided = flight.and_then(|f| {
+                        decide::by_flight(&self.s.policy, &self.pins, dst.0, dst.1, &f)
+                    });
+                    moved = true;
+                    match decided {
+                        Ok(name) => {
+                            let pending = std::mem::take(buf);
+                            c.name = Some(name.clone());
+                            c.phase = Phase::Dialing { pending };
+                            let line = format!("allow tcp {name}:{} -> {}", dst.1, dst.0);
+                            self.s.log.line(&line);
+                            self.dial(id, dst.0, dst.1);
+                        }
+                        Err(d) => {
+                            let kind = first_flight_kind(buf);
+                            refuse(sock, kind, &d);
+                            let name = flight_name(buf);
+                            c.phase = Phase::Closing;
+                            self.deny_log("tcp", dst.0, dst.1, name.as_deref(), &d);
+                        }
+                    }
+                }
+                Phase::Dialing { pending } => {
+                    // Keep what the guest sends meanwhile, within the flight bound.
+                    let mut tmp = [0u8; 4096];
+                    while pending.len() < MAX_FLIGHT
+                        && let Ok(n) = sock.recv_slice(&mut tmp)
+                        && n > 0
+                    {
+                        pending.extend_from_slice(&tmp[..n]);
+                    }
+                    if matches!(sock.state(), tcp::State::Closed) {
+                        gone.push(id);
+                    }
+                }
+                Phase::Relay(r) => {
+                    moved |= pump_relay(sock, r);
+                    if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                        gone.push(id);
+                    }
+                }
+                Phase::Closing => {
+                    if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                        gone.push(id);
+                    }
+                }
+            }
+        }
+        for id in gone {
+            if let Some(c) = self.conns.remove(&id) {
+                if let Phase::Relay(r) = &c.phase {
+                    for t in &r.tasks {
+                        t.abort();
+                    }
+                }
+                self.sockets.remove(c.handle);
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    fn deny_log(&mut self, proto: &str, ip: Ipv4Addr, port: u16, name: Option<&str>, d: &Deny) {
+        let who = match name {
+            Some(n) => format!("{n}:{port} ({ip})"),
+            None => format!("{ip}:{port}"),
+        };
+        self.s.log.line(&format!("deny {proto} {who}: {d}"));
+    }
+
+    fn allow_log(&mut self, ip: Ipv4Addr, port: u16, name: &str) {
+        self.s.log.line(&format!("allow tcp {name}:{port} -> {ip}"));
+    }
+}
+
+/// Whether the guest has closed its sending side (not merely: not connected yet).
+fn guest_sent_fin(sock: &tcp::Socket) -> bool {
+    use tcp::State::*;
+    matches!(
+        sock.state(),
+        CloseWait | LastAck | Closing | TimeWait | Closed
+    )
+}
+
+fn tcp_socket() -> tcp::Socket<'static> {
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
+        tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
+    );
+    sock.set_nagle_enabled(false);
+    // A guest that stops answering does not hold a connection for ever.
+    sock.set_timeout(Some(Duration::from_secs(120).into()));
+    sock
+}
+
+/// Moves bytes both ways for one relayed connection.
+fn pump_relay(sock: &mut tcp::Socket, r: &mut Relay) -> bool {
+    let mut moved = false;
+    // Guest -> host, as long as the writer task has room (else the guest's window
+    // closes: backpressure).
+    if let Some(tx) = &r.to_host {
+        while sock.can_recv() {
+            let Ok(permit) = tx.try_reserve() else { break };
+            let mut chunk = vec![0u8; CHUNK];
+            match sock.recv_slice(&mut chunk) {
+                Ok(n) if n > 0 => {
+                    chunk.truncate(n);
+                    permit.send(chunk);
+                    moved = true;
+                }
+                _ => break,
+            }
+        }
+        if guest_sent_fin(sock) && !sock.can_recv() {
+            r.to_host = None; // the guest is done sending: FIN to the host
+            moved = true;
+        }
+    }
+    // Host -> guest, into the socket's send buffer; credit goes back as chunks drain.
+    if sock.may_send() {
+        while let Some(front) = r.from_host.front_mut() {
+            match sock.send_slice(front) {
+                Ok(n) if n == front.len() => {
+                    r.from_host.pop_front();
+                    r.credit.add_permits(1);
+                    moved = true;
+                }
+                Ok(n) => {
+                    front.drain(..n);
+                    moved |= n > 0;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if r.host_eof && r.from_host.is_empty() {
+            sock.close();
+            moved = true;
+        }
+    } else if !sock.is_open() {
+        r.from_host.clear();
+    }
+    moved
+}
+
+enum FlightRead {
+    Wait,
+    Bad(&'static str),
+    Got(Flight),
+}
+
+fn read_flight(buf: &[u8]) -> FlightRead {
+    match sni::parse(buf) {
+        Hello::ClientHello { name, ech } => FlightRead::Got(Flight::Tls { name, ech }),
+        Hello::Malformed(m) => FlightRead::Bad(m),
+        Hello::Incomplete => FlightRead::Wait,
+        Hello::NotTls => match http::parse(buf) {
+            Head::Request { host, port } => FlightRead::Got(Flight::Http { host, port }),
+            Head::Malformed(m) => FlightRead::Bad(m),
+            Head::Incomplete => FlightRead::Wait,
+            Head::NotHttp => FlightRead::Got(Flight::Other),
+        },
+    }
+}
+
+fn flight_name(buf: &[u8]) -> Option<String> {
+    match read_flight(buf) {
+        FlightRead::Got(Flight::Tls { name, .. }) => name,
+        FlightRead::Got(Flight::Http { host, .. }) => Some(host),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Tls,
+    Http,
+    Other,
+}
+
+fn first_flight_kind(buf: &[u8]) -> Kind {
+    if buf.first() == Some(&22) {
+        Kind::Tls
+    } else if buf.first().is_some_and(|b| b.is_ascii_uppercase()) {
+        Kind::Http
+    } else {
+        Kind::Other
+    }
+}
+
+/// Tells the guest no in its own protocol where there is one: a TLS alert
+/// (access_denied), an HTTP 403 naming the reason, else a reset.
+fn refuse(sock: &mut tcp::Socket, kind: Kind, d: &Deny) {
+    match kind {
+        Kind::Tls => {
+            let _ = sock.send_slice(&[21, 3, 3, 0, 2, 2, 49]);
+            sock.close();
+        }
+        Kind::Http => {
+            let body = format!("vibebox: denied by the network policy: {d}\n");
+            let resp = format!(
+                "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.send_slice(resp.as_bytes());
+            sock.close();
+        }
+        Kind::Other => sock.abort(),
+    }
+}
+
+/// The destination of a TCP SYN (without ACK) in an IPv4 packet.
+fn syn_destination(ip_packet: &[u8]) -> Option<(Ipv4Addr, u16)> {
+    let ip = Ipv4Packet::new_checked(ip_packet).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    (tcp.syn() && !tcp.ack()).then(|| (ip.dst_addr(), tcp.dst_port()))
+}
+
+fn syn_source(ip_packet: &[u8]) -> Option<(Ipv4Addr, u16)> {
+    let ip = Ipv4Packet::new_checked(ip_packet).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some((ip.src_addr(), tcp.src_port()))
+}

@@ -1,0 +1,637 @@
+//! The network gateway end to end in one process: a guest TCP/IP stack (smoltcp, as
+//! a VM's kernel would be) on one end of QEMU's stream framing, the real gateway on
+//! the other, servers on loopback behind test names. No VM: these run everywhere in
+//! seconds; the VM tests show the same through a real guest kernel.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::{RData, RecordType};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant as SInstant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use vibebox::config::Network;
+use vibebox::net::decide::Policy;
+use vibebox::net::dhcp::Lan;
+use vibebox::net::gateway::{self, Settings};
+use vibebox::net::netlog::NetLog;
+use vibebox::net::policy::{Mode, Rule};
+use vibebox::net::upstream::{BoxFuture, Dialer, Resolver};
+use vibebox::net::{dns, frame, sni};
+
+// ---- the world behind the gateway: names, their addresses, servers on loopback ----
+
+/// Names to addresses (what a test DNS upstream would answer), recording every
+/// question it is asked.
+#[derive(Default)]
+struct World {
+    names: HashMap<String, Vec<Ipv4Addr>>,
+    asked: Mutex<Vec<String>>,
+    /// Public test address and port -> the loopback port of the server behind it.
+    servers: Mutex<HashMap<(Ipv4Addr, u16), u16>>,
+    dialed: Mutex<Vec<(Ipv4Addr, u16)>>,
+}
+
+struct WorldResolver(Arc<World>);
+struct WorldDialer(Arc<World>);
+
+impl Resolver for WorldResolver {
+    fn resolve<'a>(&'a self, name: &'a str) -> BoxFuture<'a, io::Result<Vec<Ipv4Addr>>> {
+        Box::pin(async move {
+            self.0.asked.lock().unwrap().push(name.to_string());
+            Ok(self.0.names.get(name).cloned().unwrap_or_default())
+        })
+    }
+}
+
+impl Dialer for WorldDialer {
+    fn dial(&self, ip: Ipv4Addr, port: u16) -> BoxFuture<'_, io::Result<TcpStream>> {
+        Box::pin(async move {
+            self.0.dialed.lock().unwrap().push((ip, port));
+            let local = self.0.servers.lock().unwrap().get(&(ip, port)).copied();
+            match local {
+                Some(p) => TcpStream::connect(("127.0.0.1", p)).await,
+                None => Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "no server",
+                )),
+            }
+        })
+    }
+}
+
+/// A server that answers each connection: `banner` first (if any), then echoes
+/// everything it reads prefixed with "echo:" once the client stops sending.
+async fn server(world: &Arc<World>, ip: Ipv4Addr, port: u16, banner: &'static [u8]) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = l.local_addr().unwrap().port();
+    world.servers.lock().unwrap().insert((ip, port), local);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = s.write_all(banner).await;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => break,
+                        Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                        Err(_) if !got.is_empty() => break,
+                        Err(_) => {}
+                    }
+                }
+                let mut out = b"echo:".to_vec();
+                out.extend_from_slice(&got);
+                let _ = s.write_all(&out).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+}
+
+// ---- the guest: a TCP/IP stack on the other end of the frame stream ----
+
+#[derive(Default)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+}
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0u8; len];
+        let r = f(&mut b);
+        self.0.push(b);
+        r
+    }
+}
+impl Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+    fn receive(&mut self, _: SInstant) -> Option<(Rx, Tx<'_>)> {
+        let f = self.rx.pop_front()?;
+        Some((Rx(f), Tx(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: SInstant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = 1514;
+        c
+    }
+}
+
+struct Guest {
+    iface: Interface,
+    dev: Queues,
+    sockets: SocketSet<'static>,
+    link: UnixStream,
+    decoder: frame::Decoder,
+    next_port: u16,
+}
+
+const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+impl Guest {
+    fn new(link: UnixStream, lan: &Lan) -> Guest {
+        let mut dev = Queues::default();
+        let iface_cfg = IfaceConfig::new(HardwareAddress::Ethernet(GUEST_MAC));
+        let mut iface = Interface::new(iface_cfg, &mut dev, SInstant::now());
+        let (ip, len, gw) = (lan.guest, lan.prefix_len, lan.gateway);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(ip), len));
+        });
+        iface.routes_mut().add_default_ipv4_route(gw).unwrap();
+        Guest {
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            link,
+            decoder: frame::Decoder::new(),
+            next_port: 40000,
+        }
+    }
+
+    /// Runs the guest stack until `done` says so (or panics after 20 s).
+    async fn run_until(&mut self, what: &str, mut done: impl FnMut(&mut Guest) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            self.iface
+                .poll(SInstant::now(), &mut self.dev, &mut self.sockets);
+            for f in std::mem::take(&mut self.dev.tx) {
+                self.link.write_all(&frame::encode(&f)).await.unwrap();
+            }
+            if done(self) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "guest: timed out waiting for {what}"
+            );
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(5), self.link.read(&mut buf)).await
+            {
+                assert!(n > 0, "the gateway closed the link");
+                self.decoder.push(&buf[..n]);
+                while let Some(f) = self.decoder.next_frame().unwrap() {
+                    self.dev.rx.push_back(f);
+                }
+            }
+        }
+    }
+
+    async fn dns(&mut self, name: &str, qtype: RecordType) -> Message {
+        let mut s = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 4], vec![0; 4096]),
+        );
+        self.next_port += 1;
+        s.bind(self.next_port).unwrap();
+        let h = self.sockets.add(s);
+        let q = dns::build_query(0x4242, name, qtype);
+        let server = IpEndpoint::new(IpAddress::v4(10, 0, 2, 3), 53);
+        self.sockets
+            .get_mut::<udp::Socket>(h)
+            .send_slice(&q, server)
+            .unwrap();
+        let mut answer = None;
+        self.run_until("a DNS answer", |g| {
+            if let Ok((data, _)) = g.sockets.get_mut::<udp::Socket>(h).recv() {
+                answer = Some(data.to_vec());
+            }
+            answer.is_some()
+        })
+        .await;
+        self.sockets.remove(h);
+        Message::from_vec(&answer.unwrap()).unwrap()
+    }
+
+    async fn resolve(&mut self, name: &str) -> Vec<Ipv4Addr> {
+        let m = self.dns(name, RecordType::A).await;
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect(&mut self, ip: Ipv4Addr, port: u16) -> SocketHandle {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 64 << 10]),
+            tcp::SocketBuffer::new(vec![0; 64 << 10]),
+        );
+        self.next_port += 1;
+        s.connect(
+            self.iface.context(),
+            (IpAddress::Ipv4(ip), port),
+            self.next_port,
+        )
+        .unwrap();
+        self.sockets.add(s)
+    }
+
+    /// Connects, sends `data`, and collects what comes back until the connection ends.
+    async fn exchange(&mut self, ip: Ipv4Addr, port: u16, data: &[u8]) -> Exchange {
+        let h = self.connect(ip, port);
+        let ex = self.exchange_on(vec![(h, data.to_vec())]).await;
+        ex.into_iter().next().unwrap()
+    }
+
+    /// Many connections at once, each sending its data.
+    async fn exchange_on(&mut self, conns: Vec<(SocketHandle, Vec<u8>)>) -> Vec<Exchange> {
+        let mut state: Vec<(SocketHandle, Vec<u8>, Exchange)> = conns
+            .into_iter()
+            .map(|(h, d)| (h, d, Exchange::default()))
+            .collect();
+        self.run_until("connections to finish", |g| {
+            let mut all = true;
+            for (h, to_send, ex) in state.iter_mut() {
+                let s = g.sockets.get_mut::<tcp::Socket>(*h);
+                if s.state() == tcp::State::Established || s.state() == tcp::State::CloseWait {
+                    ex.established = true;
+                }
+                if s.can_send() && !to_send.is_empty() {
+                    let n = s.send_slice(to_send).unwrap_or(0);
+                    to_send.drain(..n);
+                }
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.recv_slice(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    ex.received.extend_from_slice(&buf[..n]);
+                }
+                match s.state() {
+                    tcp::State::Closed | tcp::State::TimeWait => ex.closed = true,
+                    tcp::State::CloseWait => {
+                        s.close();
+                        all = false;
+                    }
+                    _ => all = false,
+                }
+            }
+            all
+        })
+        .await;
+        state
+            .into_iter()
+            .map(|(h, _, ex)| {
+                self.sockets.remove(h);
+                ex
+            })
+            .collect()
+    }
+}
+
+#[derive(Default, Debug)]
+struct Exchange {
+    established: bool,
+    received: Vec<u8>,
+    closed: bool,
+}
+
+// ---- the setup ----
+
+const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const OTHER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const GIT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
+
+fn world() -> Arc<World> {
+    let mut w = World::default();
+    w.names.insert("allowed.test".into(), vec![ALLOWED]);
+    w.names.insert("other.test".into(), vec![OTHER]);
+    w.names.insert("git.test".into(), vec![GIT]);
+    w.names
+        .insert("rebind.allowed.test".into(), vec![Ipv4Addr::LOCALHOST]);
+    w.names.insert(
+        "lan.allowed.test".into(),
+        vec![Ipv4Addr::new(192, 168, 1, 1)],
+    );
+    Arc::new(w)
+}
+
+fn policy(mode: Mode, entries: &[&str]) -> Policy {
+    Policy::new(&Network {
+        mode,
+        entries: entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
+    })
+}
+
+/// Starts a gateway for `policy` and returns the guest attached to it, plus the
+/// network log's path.
+async fn start(
+    world: &Arc<World>,
+    policy: Policy,
+    log_dir: &std::path::Path,
+    ssh: Option<TcpListener>,
+) -> (Guest, std::path::PathBuf) {
+    let (g_end, gw_end) = UnixStream::pair().unwrap();
+    let lan = Lan::default();
+    let log = log_dir.join("network.log");
+    let settings = Settings {
+        lan,
+        policy,
+        log: NetLog::new(&log, "test-session"),
+        ssh_port: 22,
+    };
+    let resolver: Arc<dyn Resolver> = Arc::new(WorldResolver(world.clone()));
+    let dialer: Arc<dyn Dialer> = Arc::new(WorldDialer(world.clone()));
+    tokio::spawn(async move {
+        let _ = gateway::serve(gw_end, settings, resolver, dialer, ssh).await;
+    });
+    (Guest::new(g_end, &lan), log)
+}
+
+fn http_get(host: &str) -> Vec<u8> {
+    format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n\r\n").into_bytes()
+}
+
+fn log_text(p: &std::path::Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+// ---- the tests ----
+
+#[tokio::test]
+async fn allowlist_dns_and_connections() {
+    let w = world();
+    server(&w, ALLOWED, 443, b"").await;
+    server(&w, ALLOWED, 80, b"").await;
+    server(&w, OTHER, 443, b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, log) = start(
+        &w,
+        policy(Mode::Allowlist, &["**.allowed.test"]),
+        dir.path(),
+        None,
+    )
+    .await;
+
+    // DNS: allowed names resolve (on the host), others never leave the gateway.
+    assert_eq!(g.resolve("allowed.test").await, vec![ALLOWED]);
+    let nx = g.dns("other.test", RecordType::A).await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert!(!w.asked.lock().unwrap().iter().any(|n| n == "other.test"));
+    // AAAA: the gateway offers IPv4 only.
+    let aaaa = g.dns("allowed.test", RecordType::AAAA).await;
+    assert_eq!(aaaa.metadata.response_code, ResponseCode::NoError);
+    assert!(aaaa.answers.is_empty());
+    // An allowed name pointing at loopback or the LAN is refused (DNS rebinding).
+    for n in ["rebind.allowed.test", "lan.allowed.test"] {
+        let m = g.dns(n, RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail, "{n}");
+    }
+
+    // HTTPS by name: the ClientHello reaches the server as sent, the answer returns.
+    let hello = sni::build_client_hello(Some("allowed.test"), &[]);
+    let ex = g.exchange(ALLOWED, 443, &hello).await;
+    let mut expect = b"echo:".to_vec();
+    expect.extend_from_slice(&hello);
+    assert_eq!(ex.received, expect);
+
+    // HTTP by name.
+    let ex = g.exchange(ALLOWED, 80, &http_get("allowed.test")).await;
+    assert!(ex.received.starts_with(b"echo:GET / HTTP/1.1"), "{ex:?}");
+
+    // The allowed name sent to an address not pinned for it: refused with an alert.
+    g.resolve("allowed.test").await;
+    let ex = g.exchange(OTHER, 443, &hello).await;
+    assert_eq!(ex.received, [21, 3, 3, 0, 2, 2, 49]);
+    // An HTTP Host other than the pinned name: 403.
+    let ex = g.exchange(ALLOWED, 80, &http_get("other.test")).await;
+    assert!(ex.received.starts_with(b"HTTP/1.1 403"), "{ex:?}");
+    // No SNI.
+    let ex = g
+        .exchange(ALLOWED, 443, &sni::build_client_hello(None, &[]))
+        .await;
+    assert!(!ex.received.starts_with(b"echo:"));
+    // An IP literal nothing resolved to.
+    let ex = g.exchange(Ipv4Addr::new(203, 0, 113, 5), 443, &hello).await;
+    assert!(!ex.received.starts_with(b"echo:"));
+    // The host's loopback and LAN: reset at the SYN.
+    for ip in [
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::new(10, 0, 2, 2),
+        Ipv4Addr::new(192, 168, 1, 1),
+    ] {
+        let ex = g.exchange(ip, 80, &http_get("allowed.test")).await;
+        assert!(!ex.established || ex.received.is_empty(), "{ip}: {ex:?}");
+    }
+    // Only the allowed connections were dialled.
+    let dialed = w.dialed.lock().unwrap().clone();
+    assert_eq!(dialed, vec![(ALLOWED, 443), (ALLOWED, 80)]);
+
+    let text = log_text(&log);
+    assert!(
+        text.contains("session test-session deny dns other.test: not in the allowlist"),
+        "{text}"
+    );
+    assert!(
+        text.contains("allow tcp allowed.test:443 -> 198.51.100.10"),
+        "{text}"
+    );
+    assert!(
+        text.contains("deny tcp allowed.test:443 (198.51.100.20)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("deny dns rebind.allowed.test: it resolves to 127.0.0.1, a loopback address"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn explicit_port_entries_let_servers_speak_first() {
+    let w = world();
+    server(&w, GIT, 22, b"SSH-2.0-test\r\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, _) = start(
+        &w,
+        policy(Mode::Allowlist, &["git.test:22"]),
+        dir.path(),
+        None,
+    )
+    .await;
+    assert_eq!(g.resolve("git.test").await, vec![GIT]);
+    let ex = g.exchange(GIT, 22, b"SSH-2.0-client\r\n").await;
+    assert!(
+        ex.received
+            .starts_with(b"SSH-2.0-test\r\necho:SSH-2.0-client"),
+        "{ex:?}"
+    );
+    // Not on the web ports, not to another address.
+    let ex = g
+        .exchange(GIT, 443, &sni::build_client_hello(Some("git.test"), &[]))
+        .await;
+    assert!(!ex.received.starts_with(b"echo:"));
+    let ex = g.exchange(OTHER, 22, b"x").await;
+    assert!(ex.received.is_empty());
+}
+
+#[tokio::test]
+async fn blocklist_blocks_at_dns_and_lets_the_rest_through_the_same_checks() {
+    let w = world();
+    server(&w, ALLOWED, 443, b"").await;
+    server(&w, OTHER, 443, b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, _) = start(
+        &w,
+        policy(Mode::Blocklist, &["other.test"]),
+        dir.path(),
+        None,
+    )
+    .await;
+    let nx = g.dns("other.test", RecordType::A).await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert!(!w.asked.lock().unwrap().iter().any(|n| n == "other.test"));
+    assert_eq!(g.resolve("allowed.test").await, vec![ALLOWED]);
+    let hello = sni::build_client_hello(Some("allowed.test"), &[]);
+    assert!(
+        g.exchange(ALLOWED, 443, &hello)
+            .await
+            .received
+            .starts_with(b"echo:")
+    );
+    // The blocked name by SNI at an allowed name's address.
+    let blocked = sni::build_client_hello(Some("other.test"), &[]);
+    assert!(
+        !g.exchange(ALLOWED, 443, &blocked)
+            .await
+            .received
+            .starts_with(b"echo:")
+    );
+}
+
+#[tokio::test]
+async fn hundreds_of_concurrent_connections() {
+    let w = world();
+    server(&w, ALLOWED, 80, b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, _) = start(
+        &w,
+        policy(Mode::Allowlist, &["allowed.test"]),
+        dir.path(),
+        None,
+    )
+    .await;
+    g.resolve("allowed.test").await;
+    let conns: Vec<_> = (0..300)
+        .map(|i| {
+            let h = g.connect(ALLOWED, 80);
+            let mut req = http_get("allowed.test");
+            req.extend_from_slice(format!("conn {i}").as_bytes());
+            (h, req)
+        })
+        .collect();
+    let out = g.exchange_on(conns).await;
+    for (i, ex) in out.iter().enumerate() {
+        assert!(ex.received.starts_with(b"echo:GET /"), "conn {i}: {ex:?}");
+        assert!(
+            ex.received.ends_with(format!("conn {i}").as_bytes()),
+            "conn {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn host_connections_reach_the_guest_ssh_port() {
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let (mut g, _) = start(&w, policy(Mode::Allowlist, &[]), dir.path(), Some(listener)).await;
+    // The guest's sshd.
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 8192]),
+        tcp::SocketBuffer::new(vec![0; 8192]),
+    );
+    s.listen(22).unwrap();
+    let h = g.sockets.add(s);
+    let client = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"hello guest").await.unwrap();
+        let mut buf = vec![0u8; 64];
+        let n = c.read(&mut buf).await.unwrap();
+        buf.truncate(n);
+        buf
+    });
+    let mut got = Vec::new();
+    let mut answered = false;
+    g.run_until("the host's connection", |g| {
+        let s = g.sockets.get_mut::<tcp::Socket>(h);
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.recv_slice(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got == b"hello guest" && !answered && s.can_send() {
+            s.send_slice(b"hello host").unwrap();
+            answered = true;
+        }
+        answered && s.send_queue() == 0
+    })
+    .await;
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if client.is_finished() {
+                return client.await.unwrap();
+            }
+            g.run_until("a moment", |_| true).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply, b"hello host");
+}
+
+#[tokio::test]
+async fn garbage_on_the_link_closes_it_without_a_panic() {
+    let w = world();
+    let (mut g_end, gw_end) = UnixStream::pair().unwrap();
+    let settings = Settings {
+        lan: Lan::default(),
+        policy: policy(Mode::Allowlist, &[]),
+        log: NetLog::none(),
+        ssh_port: 22,
+    };
+    let task = tokio::spawn(gateway::serve(
+        gw_end,
+        settings,
+        Arc::new(WorldResolver(w.clone())),
+        Arc::new(WorldDialer(w)),
+        None,
+    ));
+    // Valid-length frames of noise, then an impossible length.
+    for i in 0..200u32 {
+        let noise: Vec<u8> = (0..60 + i).map(|j| (j * 7 + i) as u8).collect();
+        g_end.write_all(&frame::encode(&noise)).await.unwrap();
+    }
+    g_end.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_err(), "an impossible frame length must end the link");
+}
