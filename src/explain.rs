@@ -18,11 +18,14 @@ pub struct Facts<'a> {
     pub config: &'a Config,
     /// One per `config.mounts`: whether the host path exists.
     pub present: &'a [bool],
-    /// Whether the network policy is enforced for this VM.
+    /// Whether the network policy is enforced for this VM (false only for a VM
+    /// started without the gateway, which vibebox itself never does).
     pub enforced: bool,
 }
 
-const NOT_ENFORCED: &str = "NOT ENFORCED YET: until vibebox's network gateway lands, the VM has unrestricted outbound access";
+const NOT_ENFORCED: &str = "NOT ENFORCED: the VM has unrestricted outbound access";
+const ENFORCED_ALLOW: &str = "enforced on the host: DNS answers only these names, and a connection must name one of them (TLS SNI or HTTP Host) at an address the host resolved for it; ports other than 80 and 443 only where an entry names them; denials are logged in the session's network.log";
+const ENFORCED_BLOCK: &str = "enforced on the host: these names do not resolve and connections naming them are refused; every other connection must still name its server (TLS SNI or HTTP Host) at an address the host resolved for it; denials are logged in the session's network.log";
 
 fn mount_note(m: &Mount, present: bool) -> Option<&'static str> {
     match (m.origin == Origin::Project, present, m.optional) {
@@ -54,9 +57,12 @@ pub fn text(f: &Facts<'_>) -> String {
     }
     let net = &f.config.network;
     out.push_str(&format!("\nNetwork: {}", net.mode.as_str()));
-    if !f.enforced {
-        out.push_str(&format!(" ({NOT_ENFORCED})"));
-    }
+    let how = match (f.enforced, net.mode) {
+        (false, _) => NOT_ENFORCED,
+        (true, crate::net::policy::Mode::Allowlist) => ENFORCED_ALLOW,
+        (true, crate::net::policy::Mode::Blocklist) => ENFORCED_BLOCK,
+    };
+    out.push_str(&format!(" ({how})"));
     out.push('\n');
     if net.entries.is_empty() {
         out.push_str(match net.mode {
@@ -131,7 +137,7 @@ mod tests {
             session: None,
             config: &c,
             present: &[true, true, false],
-            enforced: false,
+            enforced: true,
         });
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "Project /p");
@@ -141,7 +147,11 @@ mod tests {
             lines[5],
             "  /home/al/.claude -> /home/al/.claude  rw  (skipped: not on this host)"
         );
-        assert!(lines[7].starts_with("Network: blocklist (NOT ENFORCED YET"));
+        assert!(
+            lines[7].starts_with(
+                "Network: blocklist (enforced on the host: these names do not resolve"
+            )
+        );
         assert_eq!(lines[8], "  evil.example");
         assert!(t.contains("\n  vibebox.toml  configuration"));
         assert!(t.contains("\n  .vibebox/     this session's marker"));

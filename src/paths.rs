@@ -123,6 +123,8 @@ impl SessionDir {
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const QMP_SOCKET: &str = "qmp.sock";
 pub const READY_SOCKET: &str = "ready.sock";
+/// QEMU's NIC, connected to the supervisor's network gateway.
+pub const NET_SOCKET: &str = "net.sock";
 pub const SUPERVISOR_LOCK: &str = "supervisor.lock";
 
 /// Paths inside one project directory.

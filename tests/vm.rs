@@ -23,6 +23,8 @@ struct Box {
     project: PathBuf,
     /// The virtiofsd its shares use; 9p without one.
     virtiofsd: Option<PathBuf>,
+    /// More environment for every vibebox it runs (and so its supervisor).
+    env_vars: Vec<(String, String)>,
 }
 
 impl Box {
@@ -35,6 +37,7 @@ impl Box {
             env,
             project,
             virtiofsd: None,
+            env_vars: Vec::new(),
         };
         if !config.is_empty() {
             // The host user reviewed the config the test wrote.
@@ -49,6 +52,7 @@ impl Box {
         if let Some(v) = &self.virtiofsd {
             c.env("VIBEBOX_VIRTIOFSD", v);
         }
+        c.envs(self.env_vars.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -719,4 +723,322 @@ fn interactive_shell_and_vibebox_commands() {
     keys(":exit");
     wait_for("VIBEBOX-EXIT=0", 30);
     tmux(&["kill-server"]);
+}
+
+// ---- the network policy, from inside a real VM ----
+
+/// The outside world for the network test: a network namespace joined to the host by
+/// a veth pair, with servers on documentation addresses (standing for public hosts;
+/// `tests/fixtures/net/servers.py`), and a DNS upstream on loopback that answers
+/// the test's names and records every question it gets.
+struct NetLab {
+    ns: String,
+    servers: Child,
+    dir: tempfile::TempDir,
+    dns_port: u16,
+    asked: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl NetLab {
+    fn new() -> NetLab {
+        let id = std::process::id() % 100_000;
+        let ns = format!("vbxt{id}");
+        let (host_if, ns_if) = (format!("vbxh{id}"), format!("vbxn{id}"));
+        let ip = |args: &str| {
+            let st = Command::new("ip").args(args.split(' ')).status().unwrap();
+            assert!(st.success(), "ip {args}");
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        ip(&format!("netns add {ns}"));
+        ip(&format!("link add {host_if} type veth peer name {ns_if}"));
+        ip(&format!("link set {ns_if} netns {ns}"));
+        ip(&format!("addr add 198.51.100.1/24 dev {host_if}"));
+        ip(&format!("link set {host_if} up"));
+        for a in ["198.51.100.10/24", "198.51.100.20/24", "198.51.100.30/24"] {
+            ip(&format!("-n {ns} addr add {a} dev {ns_if}"));
+        }
+        ip(&format!("-n {ns} link set {ns_if} up"));
+        ip(&format!("-n {ns} link set lo up"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let st = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=allowed.test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/net/servers.py");
+        let mut servers = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3"])
+            .arg(script)
+            .arg(dir.path().join("servers.log"))
+            .arg(&cert)
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(servers.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the test servers did not start");
+
+        let asked = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dns_port = sock.local_addr().unwrap().port();
+        {
+            let asked = asked.clone();
+            std::thread::spawn(move || test_dns(sock, &asked));
+        }
+        NetLab {
+            ns,
+            servers,
+            dir,
+            dns_port,
+            asked,
+        }
+    }
+
+    /// What reached the servers.
+    fn served(&self) -> String {
+        fs::read_to_string(self.dir.path().join("servers.log")).unwrap_or_default()
+    }
+
+    fn was_asked(&self, name: &str) -> bool {
+        self.asked.lock().unwrap().iter().any(|n| n == name)
+    }
+}
+
+impl Drop for NetLab {
+    fn drop(&mut self) {
+        let _ = self.servers.kill();
+        let _ = self.servers.wait();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// The test's DNS upstream: its names, NXDOMAIN for the rest, every question kept.
+fn test_dns(sock: std::net::UdpSocket, asked: &Mutex<Vec<String>>) {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{RData, Record, rdata::A};
+    let answers: &[(&str, [u8; 4])] = &[
+        ("allowed.test", [198, 51, 100, 10]),
+        ("other.test", [198, 51, 100, 20]),
+        ("git.test", [198, 51, 100, 30]),
+        ("rebind.allowed.test", [127, 0, 0, 1]),
+        ("lan.allowed.test", [10, 1, 2, 3]),
+    ];
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+            return;
+        };
+        let Ok(q) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        let Some(question) = q.queries.first() else {
+            continue;
+        };
+        let name = question
+            .name
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_lowercase();
+        asked.lock().unwrap().push(name.clone());
+        let mut r = Message::new(q.metadata.id, MessageType::Response, q.metadata.op_code);
+        r.add_query(question.clone());
+        match answers.iter().find(|(n, _)| *n == name) {
+            Some((_, ip)) => {
+                r.add_answer(Record::from_rdata(
+                    question.name.clone(),
+                    30,
+                    RData::A(A((*ip).into())),
+                ));
+            }
+            None => r.metadata.response_code = ResponseCode::NXDomain,
+        }
+        let _ = sock.send_to(&r.to_vec().unwrap(), peer);
+    }
+}
+
+/// The exit code and output of the probe `key` in the output of the guest's `t`
+/// lines (`key=rc|output`).
+fn probe(text: &str, key: &str) -> (String, String) {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in:\n{text}"));
+    let (rc, body) = line[key.len() + 1..].split_once('|').unwrap();
+    (rc.to_string(), body.to_string())
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The policy holds against the guest (root in it): allowed HTTPS and HTTP by name
+/// work; other names never resolve (and never reach the upstream DNS); an IP literal,
+/// an allowed SNI at an address not pinned for it, and an HTTP Host other than the
+/// pinned name fail; allowed names answering with loopback or LAN addresses are
+/// refused; UDP goes nowhere but the gateway's DNS; the host's loopback services are
+/// out of reach; proxies and /dev/tcp change nothing; an explicit `host:22` entry
+/// works for a server that speaks first; editing vibebox.toml in the guest changes
+/// nothing in the running VM. Then the same in blocklist mode.
+#[test]
+fn network_policy_holds_against_the_guest() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the VM tests as root"
+        );
+        eprintln!("skipped: the network test makes network namespaces (needs root)");
+        return;
+    }
+    let _vm = vm_lock();
+    let lab = NetLab::new();
+    // A service on the host's loopback that the guest must not reach.
+    let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    host_service.set_nonblocking(true).unwrap();
+    let hp = host_service.local_addr().unwrap().port();
+
+    let mut b = Box::new(
+        &images,
+        "netpolicy",
+        "[network]\nmode = \"allowlist\"\nentries = [\"**.allowed.test\", \"git.test:22\"]\n",
+    );
+    b.env_vars.push((
+        "VIBEBOX_DNS_UPSTREAM".into(),
+        format!("127.0.0.1:{}", lab.dns_port),
+    ));
+    let script = format!(
+        r#"
+t() {{ printf '%s=' "$1"; shift; out=$("$@" 2>/dev/null); rc=$?; printf '%s|%s\n' "$rc" "$(printf %s "$out" | tr -d '\r\n')"; }}
+t https curl -sk -m 20 https://allowed.test/
+t http curl -s -m 20 http://allowed.test/
+t noproxy env https_proxy=http://10.0.2.2:3128 curl -sk -m 20 --noproxy '*' https://allowed.test/
+t other_dns getent hosts other.test
+t rebind getent hosts rebind.allowed.test
+t lan getent hosts lan.allowed.test
+t literal curl -sk -m 10 https://198.51.100.10/
+t unpinned curl -sk -m 10 --resolve allowed.test:443:198.51.100.20 https://allowed.test/
+t wronghost curl -s -m 10 -H 'Host: other.test' http://allowed.test/
+t devtcp bash -c 'exec 3<>/dev/tcp/198.51.100.20/80; printf "GET / HTTP/1.1\r\nHost: other.test\r\n\r\n" >&3; timeout 10 cat <&3'
+t udp bash -c 'echo x > /dev/udp/198.51.100.10/9999; echo x > /dev/udp/198.51.100.10/53; sleep 1; echo sent'
+t hostlo curl -s -m 5 http://10.0.2.2:{hp}/
+t hostlo2 curl -s -m 5 http://10.0.2.3:{hp}/
+t ssh sh -c 'ssh -v -o BatchMode=yes -o StrictHostKeyChecking=no -o ConnectTimeout=15 git.test true 2>&1 | grep -o "remote software version vbxtest"'
+printf '[network]\nmode = "blocklist"\nentries = []\n' >> vibebox.toml
+t after_edit getent hosts other.test
+"#
+    );
+    let out = b.exec(&script);
+    let text = ok(&out).to_string();
+    let result = |key: &str| probe(&text, key);
+    let served = lab.served();
+    let ctx = format!("guest:\n{text}\nservers:\n{served}\nlogs:\n{}", b.logs());
+    assert_eq!(
+        result("https"),
+        ("0".into(), "allowed-https".into()),
+        "{ctx}"
+    );
+    assert_eq!(result("http"), ("0".into(), "allowed-http".into()), "{ctx}");
+    assert_eq!(
+        result("noproxy"),
+        ("0".into(), "allowed-https".into()),
+        "{ctx}"
+    );
+    for key in [
+        "other_dns",
+        "rebind",
+        "lan",
+        "literal",
+        "unpinned",
+        "hostlo",
+        "hostlo2",
+        "after_edit",
+    ] {
+        assert_ne!(result(key).0, "0", "{key} must fail\n{ctx}");
+    }
+    assert!(
+        result("wronghost")
+            .1
+            .contains("denied by the network policy: other.test is not in the allowlist"),
+        "{ctx}"
+    );
+    assert!(result("devtcp").1.contains("403"), "{ctx}");
+    assert_eq!(
+        result("ssh"),
+        ("0".into(), "remote software version vbxtest".into()),
+        "{ctx}"
+    );
+    // Blocked names never left the host; no UDP and nothing for other.test reached
+    // the servers; the host's loopback service saw nobody.
+    assert!(!lab.was_asked("other.test"), "{ctx}");
+    assert!(lab.was_asked("allowed.test"), "{ctx}");
+    assert!(!served.contains("udp "), "{ctx}");
+    assert!(!served.contains("198.51.100.20"), "{ctx}");
+    assert!(!served.contains("other.test"), "{ctx}");
+    assert!(
+        host_service.accept().is_err(),
+        "the guest reached the host's loopback"
+    );
+    let netlog = fs::read_to_string(b.session_dir().join("logs/network.log")).unwrap_or_default();
+    assert!(
+        netlog.contains("deny dns other.test: not in the allowlist"),
+        "{netlog}"
+    );
+    assert!(netlog.contains("allow tcp allowed.test:443"), "{netlog}");
+    ok(&b.vibebox(&["stop"]));
+
+    // Blocklist mode: everything but the entries, through the same checks.
+    let mut b = Box::new(
+        &images,
+        "netblock",
+        "[network]\nmode = \"blocklist\"\nentries = [\"other.test\"]\n",
+    );
+    b.env_vars.push((
+        "VIBEBOX_DNS_UPSTREAM".into(),
+        format!("127.0.0.1:{}", lab.dns_port),
+    ));
+    lab.asked.lock().unwrap().clear();
+    let out = b.exec(&format!(
+        r#"
+t() {{ printf '%s=' "$1"; shift; out=$("$@" 2>/dev/null); rc=$?; printf '%s|%s\n' "$rc" "$(printf %s "$out" | tr -d '\r\n')"; }}
+t https curl -sk -m 20 https://allowed.test/
+t other_dns getent hosts other.test
+t rebind getent hosts rebind.allowed.test
+t literal curl -sk -m 10 https://198.51.100.20/
+t sni_other curl -sk -m 10 --resolve other.test:443:198.51.100.10 https://other.test/
+t hostlo curl -s -m 5 http://10.0.2.2:{hp}/
+"#
+    ));
+    let text = ok(&out).to_string();
+    let result = |key: &str| probe(&text, key);
+    let ctx = format!(
+        "guest:\n{text}\nservers:\n{}\nlogs:\n{}",
+        lab.served(),
+        b.logs()
+    );
+    assert_eq!(
+        result("https"),
+        ("0".into(), "allowed-https".into()),
+        "{ctx}"
+    );
+    for key in ["other_dns", "rebind", "literal", "sni_other", "hostlo"] {
+        assert_ne!(result(key).0, "0", "{key} must fail\n{ctx}");
+    }
+    assert!(!lab.was_asked("other.test"), "{ctx}");
+    assert!(!lab.served().contains("198.51.100.20"), "{ctx}");
+    ok(&b.vibebox(&["stop"]));
 }

@@ -87,11 +87,13 @@ impl Policy {
             Mode::Allowlist => {
                 if self.rules.iter().any(|r| r.matches(name, port)) {
                     Ok(())
-                } else {
+                } else if self.rules.iter().any(|r| r.matches_name(name)) {
                     Err(deny(
-                        format!("port {port} of it is not in the allowlist"),
+                        format!("port {port} is not allowed for it (add \"{name}:{port}\")"),
                         None,
                     ))
+                } else {
+                    Err(deny(format!("{name} is not in the allowlist"), None))
                 }
             }
             Mode::Blocklist => match self

@@ -2,6 +2,7 @@
 //! the host (pure parsers and checks first; each takes the guest's bytes as hostile).
 
 pub mod decide;
+pub mod device;
 pub mod dhcp;
 pub mod dns;
 pub mod frame;

@@ -229,6 +229,7 @@ async fn boot_and_run(
         )
     })?;
     host::check_qemu(&qemu)?;
+    let resolver = crate::net::upstream::resolver_from_env()?;
     let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
     let explain_text = explain::text(&Facts {
         project,
@@ -239,7 +240,7 @@ async fn boot_and_run(
             .and_then(|n| n.parse().ok()),
         config: &config,
         present: &present,
-        enforced: false,
+        enforced: true,
     });
     shared.set(Message::Booting {
         accel: accel.as_str().to_string(),
@@ -258,6 +259,13 @@ async fn boot_and_run(
     let qemu_pid = started.child.id();
     // Dropped (killed) when this boot is over, after QEMU.
     let _daemons = started.daemons;
+    let _gateway = match super::network::start(started.net, &config, sd, &sd_id(sd), resolver) {
+        Ok(g) => g,
+        Err(e) => {
+            kill(qemu_pid);
+            return Err(e);
+        }
+    };
     let exited = Arc::new(AtomicBool::new(false));
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel();
     {

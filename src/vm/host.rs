@@ -164,6 +164,24 @@ pub fn env_accel() -> Option<Accel> {
         .and_then(|v| Accel::parse(v.trim()))
 }
 
+/// Makes the child get SIGTERM when the process that starts it dies (Linux; other
+/// systems have no parent-death signal, and the supervisor stops orphans instead).
+pub fn end_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use super::fwcfg::{FsType, GuestConfig, GuestMount};
 use super::guest::GuestUser;
-use super::host::Accelerator;
+use super::host::{self, Accelerator};
 use super::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
 use super::virtiofsd;
 use crate::config::Config;
@@ -44,7 +44,7 @@ pub enum Error {
     NoPreset(String),
     #[error("cannot start QEMU: {0}")]
     Spawn(std::io::Error),
-    #[error("cannot find a free local port for SSH: {0}")]
+    #[error("cannot open the VM's network sockets (its link and the local SSH port): {0}")]
     Port(std::io::Error),
     #[error(transparent)]
     Ssh(#[from] ssh::Error),
@@ -76,6 +76,8 @@ pub struct Started {
     pub child: Child,
     pub ssh_port: u16,
     pub user: GuestUser,
+    /// For the gateway the supervisor runs.
+    pub net: NetEnds,
     /// The virtiofsd processes of the shares; keep them until QEMU has exited.
     pub daemons: Vec<virtiofsd::Daemon>,
 }
@@ -125,11 +127,22 @@ pub fn ensure_disk(disk: &Path, base: &Path, size_gb: u64) -> Result<bool, Error
     Ok(true)
 }
 
-fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(Error::Port)
+/// The host's end of the guest's network: QEMU connects its NIC to `link`; `ssh`
+/// (on 127.0.0.1) is where host SSH connections enter, relayed by the gateway to the
+/// guest's sshd. Both are bound before QEMU starts, so neither can be taken by
+/// another process in between.
+pub struct NetEnds {
+    pub link: std::os::unix::net::UnixListener,
+    pub ssh: std::net::TcpListener,
+}
+
+/// Binds in the working directory (the session directory), by a short relative name.
+fn net_ends() -> Result<NetEnds, Error> {
+    let path = Path::new(paths::NET_SOCKET);
+    let _ = fs::remove_file(path);
+    let link = std::os::unix::net::UnixListener::bind(path).map_err(Error::Port)?;
+    let ssh = std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::Port)?;
+    Ok(NetEnds { link, ssh })
 }
 
 /// The shares for the config's mounts: present ones get a tag; a missing optional
@@ -200,7 +213,8 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     ensure_disk(&s.disk(), &plan.image.disk(), plan.config.disk_gb)?;
     let client = ssh::ensure_keypair(&client_key(s).private, "vibebox client")?;
     let host = ssh::ensure_keypair(&host_key(s).private, "vibebox guest host key")?;
-    let port = free_port()?;
+    let net = net_ends()?;
+    let port = net.ssh.local_addr().map_err(Error::Port)?.port();
     statefile::write_atomic(
         &known_hosts(s),
         ssh::known_hosts_line("127.0.0.1", port, &host.public_key()?).as_bytes(),
@@ -246,7 +260,9 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         export_file: None,
         smbios_serial: None,
         qmp_socket: Path::new(paths::QMP_SOCKET),
-        network: Network::User { ssh_port: port },
+        network: Network::Gateway {
+            socket: PathBuf::from(paths::NET_SOCKET),
+        },
         shares: &shares,
     };
     let mut daemons = Vec::new();
@@ -275,22 +291,14 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(Error::Spawn)?)
         .stderr(log);
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // QEMU never outlives its supervisor: SIGTERM makes it quit cleanly.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .map_err(std::io::Error::from)
-            });
-        }
-    }
+    // QEMU never outlives its supervisor: SIGTERM makes it quit cleanly.
+    host::end_with_parent(&mut cmd);
     let child = cmd.spawn().map_err(Error::Spawn)?;
     Ok(Started {
         child,
         ssh_port: port,
         user,
+        net,
         daemons,
     })
 }

@@ -79,6 +79,10 @@ impl Preset {
     }
 }
 
+/// The guest NIC's MAC address (locally administered), fixed so the guest's network
+/// configuration is the same every boot.
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+
 /// How a share reaches the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShareKind {
@@ -103,6 +107,9 @@ pub enum Network {
     /// QEMU user networking without any forward (the first boot of a pulled image:
     /// it fetches its seed from the host and maybe packages, nothing comes in).
     Outbound,
+    /// The guest's NIC wired to vibebox's gateway on this unix socket (QEMU
+    /// connects to it): the policy-enforcing network of every session.
+    Gateway { socket: PathBuf },
     /// No network device (tests).
     None,
 }
@@ -258,7 +265,7 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
             &format!("name={},file={}", fw_cfg_name(key), esc_path(file)),
         ]);
     }
-    match spec.network {
+    match &spec.network {
         Network::User { ssh_port } => push(&[
             "-netdev",
             &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
@@ -270,6 +277,15 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
             "user,id=net0",
             "-device",
             "virtio-net-pci,netdev=net0",
+        ]),
+        Network::Gateway { socket } => push(&[
+            "-netdev",
+            &format!(
+                "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                esc_path(socket)
+            ),
+            "-device",
+            &format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC}"),
         ]),
         Network::None => {}
     }

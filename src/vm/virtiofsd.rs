@@ -142,17 +142,8 @@ pub fn start(
         .stdin(Stdio::null())
         .stdout(out.try_clone().map_err(spawn_err)?)
         .stderr(out);
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // Never outlives the supervisor that owns it.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .map_err(std::io::Error::from)
-            });
-        }
-    }
+    // Never outlives the supervisor that owns it.
+    super::host::end_with_parent(&mut cmd);
     let mut daemon = Daemon {
         child: cmd.spawn().map_err(spawn_err)?,
     };
