@@ -11,9 +11,14 @@
 //! - (VM) a running session (`vibebox exec -- true`) against a plain `ssh true`
 //!   through the session's open control master: the floor.
 //!
+//! - (VM, root) the network gateway against QEMU's user networking, one boot of each
+//!   on the same image: download throughput of 64 MiB over HTTP from a server in a
+//!   network namespace, and the time of a small HTTP request on a new connection.
+//!
 //! The VM parts need `VIBEBOX_TEST_IMAGES` (a directory of built images, as for the
 //! tests); without it they are skipped and say so. `VIBEBOX_BENCH_BOOTS` sets how
-//! many cold boots each side gets (default 3). Results are printed and written to
+//! many cold boots each side gets (default 3); `VIBEBOX_BENCH_ONLY=network` (or a
+//! comma-separated list of list, create, vm, network) runs only those parts. Results are printed and written to
 //! `target/bench-results.txt`.
 
 use std::fmt::Write as _;
@@ -33,6 +38,10 @@ use vibebox::vm::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
 use vibebox::vm::ready;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vibebox");
+
+#[allow(dead_code)]
+#[path = "../tests/common/netlab.rs"]
+mod netlab;
 
 struct Bench {
     tmp: tempfile::TempDir,
@@ -154,10 +163,27 @@ fn main() {
     b.line("| measured | median | floor | median | ratio |");
     b.line("| --- | --- | --- | --- | --- |");
 
-    bench_list(&mut b);
-    bench_create(&mut b);
+    // VIBEBOX_BENCH_ONLY=list,create,vm,network runs just those parts.
+    let only = std::env::var("VIBEBOX_BENCH_ONLY").ok();
+    let want = |part: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p == part))
+    };
+    if want("list") {
+        bench_list(&mut b);
+    }
+    if want("create") {
+        bench_create(&mut b);
+    }
     match std::env::var_os("VIBEBOX_TEST_IMAGES") {
-        Some(images) => bench_vm(&mut b, Path::new(&images)),
+        Some(images) => {
+            if want("vm") {
+                bench_vm(&mut b, Path::new(&images));
+            }
+            if want("network") {
+                bench_network(&mut b, Path::new(&images));
+            }
+        }
         None => b.line(
             "\n(VM benchmarks skipped: set VIBEBOX_TEST_IMAGES to a directory of built images, as `.ci/run` does)",
         ),
@@ -303,7 +329,7 @@ fn bench_vm(b: &mut Bench, images: &Path) {
         exec_true(b);
         ours.push(t.elapsed());
         stop(b);
-        bare.push(bare_boot(&image, &project, b.tmp.path()));
+        bare.push(bare_boot(&image, &project, b.tmp.path(), None).0);
     }
     b.row(
         "stopped session to a command (`vibebox exec -- true`)",
@@ -351,8 +377,9 @@ fn bench_vm(b: &mut Bench, images: &Path) {
 }
 
 /// A boot of the image with the flags vibebox uses (same preset, CPUs, memory,
-/// project share), to the ready line and one `ssh true`.
-fn bare_boot(image: &Image, project: &Path, tmp: &Path) -> Duration {
+/// project share) on QEMU's user networking, to the ready line and one `ssh true`:
+/// that time, and the output of `then` run in the guest afterwards (if any).
+fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (Duration, String) {
     let dir = tempfile::Builder::new()
         .prefix("bare-")
         .tempdir_in(tmp)
@@ -442,29 +469,127 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path) -> Duration {
         || true,
         |_| {},
     );
-    let out = Command::new("ssh")
-        .args(["-F", "/dev/null", "-i"])
-        .arg(d.join("id_ed25519"))
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            d.join("known_hosts").display()
-        ))
-        .arg("-p")
-        .arg(port.to_string())
-        .arg(format!("{}@127.0.0.1", user.name))
-        .arg("true")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let ssh = |command: &str| {
+        let out = Command::new("ssh")
+            .args(["-F", "/dev/null", "-i"])
+            .arg(d.join("id_ed25519"))
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o"])
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                d.join("known_hosts").display()
+            ))
+            .arg("-p")
+            .arg(port.to_string())
+            .arg(format!("{}@127.0.0.1", user.name))
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bare ssh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    if let Err(e) = r {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("bare boot: {e}; console: {}", console.display());
+    }
+    ssh("true");
     let elapsed = t.elapsed();
+    let extra = then.map(ssh).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
-    r.unwrap_or_else(|e| panic!("bare boot: {e}; console: {}", console.display()));
+    (elapsed, extra)
+}
+
+/// The gateway against QEMU user networking, one VM each: a 64 MiB download and 20
+/// small requests on new connections, from a server in a network namespace (the
+/// gateway never dials the host's own networks, so the server cannot be on loopback).
+fn bench_network(b: &mut Bench, images: &Path) {
+    if !nix::unistd::geteuid().is_root() {
+        b.line("\n(network benchmark skipped: it makes a network namespace, which needs root)");
+        return;
+    }
+    let lab = netlab::NetLab::new();
+    let image = find_image(images);
+    let project = b.tmp.path().join("netproject");
+    fs::create_dir_all(&project).unwrap();
+    let project = project.canonicalize().unwrap();
+    fs::write(
+        project.join("vibebox.toml"),
+        "[network]\nmode = \"allowlist\"\nentries = [\"bench.test\"]\n",
+    )
+    .unwrap();
+    let mut c = b.cmd(&project);
+    c.arg("approve");
+    must(c);
+    // The same script on both sides; `URL_HOST` is the name (gateway) or the address
+    // (user networking, which has no DNS for the test's names).
+    let script = |host: &str, resolve: &str| {
+        format!(
+            "curl -s {resolve} -o /dev/null -w '%{{speed_download}}\\n' http://{host}/bytes/67108864; \
+             for i in $(seq 20); do curl -s {resolve} -o /dev/null -w '%{{time_total}}\\n' http://{host}/bytes/1; done"
+        )
+    };
+    let parse = |out: &str| -> (f64, Vec<Duration>) {
+        let mut lines = out.lines().filter_map(|l| l.trim().parse::<f64>().ok());
+        let speed = lines.next().expect("a download speed");
+        (speed, lines.map(Duration::from_secs_f64).collect())
+    };
+    // The gateway: vibebox's session (the name is resolved once and pinned; the
+    // requests then skip DNS, as the user-networking side does).
+    let mut c = b.cmd(&project);
+    c.env(
+        "VIBEBOX_DNS_UPSTREAM",
+        format!("127.0.0.1:{}", lab.dns_port),
+    )
+    .env("VIBEBOX_ACCEL", "tcg")
+    .args([
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "getent hosts bench.test >/dev/null && {}",
+            script("bench.test", "--resolve bench.test:80:198.51.100.10")
+        ),
+    ])
+    .stdin(Stdio::null());
+    let out = c.output().unwrap();
     assert!(
         out.status.success(),
-        "bare ssh: {}",
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    elapsed
+    let (gw_speed, gw_lat) = parse(&String::from_utf8_lossy(&out.stdout));
+    let mut c = b.cmd(&project);
+    c.arg("stop");
+    must(c);
+    // QEMU user networking, the same image and flags.
+    let (_, out) = bare_boot(
+        &image,
+        &project,
+        b.tmp.path(),
+        Some(&script("198.51.100.10", "")),
+    );
+    let (slirp_speed, slirp_lat) = parse(&out);
+    let (gw_lat, slirp_lat) = (stats(gw_lat), stats(slirp_lat));
+    b.line("");
+    b.line(
+        "| network (one VM each, same image and flags) | gateway | QEMU user networking | ratio |",
+    );
+    b.line("| --- | --- | --- | --- |");
+    b.line(&format!(
+        "| 64 MiB over HTTP, throughput | {:.1} MiB/s | {:.1} MiB/s | {:.2}x |",
+        gw_speed / 1048576.0,
+        slirp_speed / 1048576.0,
+        gw_speed / slirp_speed
+    ));
+    b.line(&format!(
+        "| small HTTP request on a new connection | {gw_lat} | {slirp_lat} | {:.2}x |",
+        gw_lat.median.as_secs_f64() / slirp_lat.median.as_secs_f64()
+    ));
 }

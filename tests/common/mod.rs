@@ -1,6 +1,8 @@
 //! Shared test fixtures: a private VIBEBOX_HOME and HOME per test, and the real binary.
 #![allow(dead_code)]
 
+pub mod netlab;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
