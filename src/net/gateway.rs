@@ -45,6 +45,9 @@ pub const FLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_FLIGHT: usize = sni::MAX_HELLO + 1024;
 /// Connections at once (each costs its socket buffers).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Host resolutions in flight at once; past this the guest gets SERVFAIL (a guest
+/// must not be able to make the host resolve without bound).
+const MAX_RESOLVING: usize = 256;
 /// TTL given to the guest for DNS answers.
 const DNS_TTL: u32 = 60;
 const RX_BUF: usize = 64 << 10;
@@ -126,6 +129,7 @@ struct Engine {
     next_id: u64,
     next_local_port: u16,
     pins: Pins,
+    resolving: usize,
     events_tx: mpsc::UnboundedSender<Event>,
     resolver: Arc<dyn Resolver>,
     dialer: Arc<dyn Dialer>,
@@ -224,6 +228,7 @@ impl Engine {
             next_id: 1,
             next_local_port: 49152,
             pins: Pins::default(),
+            resolving: 0,
             events_tx,
             resolver,
             dialer,
@@ -548,6 +553,11 @@ impl Engine {
                 let _ = sock.send_slice(&dns::reply(&q, &Reply::NoData), from);
                 continue;
             }
+            if self.resolving >= MAX_RESOLVING {
+                let _ = sock.send_slice(&dns::reply(&q, &Reply::ServFail), from);
+                continue;
+            }
+            self.resolving += 1;
             let resolver = self.resolver.clone();
             let tx = self.events_tx.clone();
             tokio::spawn(async move {
@@ -563,6 +573,7 @@ impl Engine {
     }
 
     fn resolved(&mut self, q: dns::Query, from: IpEndpoint, result: io::Result<Vec<Ipv4Addr>>) {
+        self.resolving = self.resolving.saturating_sub(1);
         let reply = match result {
             Ok(ips) if ips.is_empty() => Reply::NoData,
             Ok(ips) => {
