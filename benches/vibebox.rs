@@ -536,7 +536,9 @@ fn bench_network(b: &mut Bench, images: &Path) {
     };
     let parse = |out: &str| -> (f64, Vec<Duration>) {
         let mut lines = out.lines().filter_map(|l| l.trim().parse::<f64>().ok());
-        let speed = lines.next().expect("a download speed");
+        let speed = lines
+            .next()
+            .unwrap_or_else(|| panic!("no download speed in the guest's output: {out:?}"));
         (speed, lines.map(Duration::from_secs_f64).collect())
     };
     // The gateway: vibebox's session (the name is resolved once and pinned; the
@@ -557,7 +559,8 @@ fn bench_network(b: &mut Bench, images: &Path) {
             script("bench.test", "--resolve bench.test:80:198.51.100.10")
         ),
     ])
-    .stdin(Stdio::null());
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
     let out = c.output().unwrap();
     assert!(
         out.status.success(),

@@ -780,6 +780,8 @@ fn network_policy_holds_against_the_guest() {
         "VIBEBOX_DNS_UPSTREAM".into(),
         format!("127.0.0.1:{}", lab.dns_port),
     ));
+    fs::copy(lab.ssh_key(), b.project.join(".netlab-key")).unwrap();
+    let repo = lab.repo().display().to_string();
     let script = format!(
         r#"
 t() {{ printf '%s=' "$1"; shift; out=$("$@" 2>/dev/null); rc=$?; printf '%s|%s\n' "$rc" "$(printf %s "$out" | tr -d '\r\n')"; }}
@@ -796,7 +798,10 @@ t devtcp bash -c 'exec 3<>/dev/tcp/198.51.100.20/80; printf "GET / HTTP/1.1\r\nH
 t udp bash -c 'echo x > /dev/udp/198.51.100.10/9999; echo x > /dev/udp/198.51.100.10/53; sleep 1; echo sent'
 t hostlo curl -s -m 5 http://10.0.2.2:{hp}/
 t hostlo2 curl -s -m 5 http://10.0.2.3:{hp}/
-t ssh sh -c 'ssh -v -o BatchMode=yes -o StrictHostKeyChecking=no -o ConnectTimeout=15 git.test true 2>&1 | grep -o "remote software version vbxtest"'
+cp .netlab-key /tmp/k && chmod 600 /tmp/k
+export GIT_SSH_COMMAND='ssh -i /tmp/k -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20'
+t git sh -c 'git clone -q ssh://root@git.test{repo} /tmp/r && cat /tmp/r/README'
+t git_other sh -c 'git ls-remote ssh://root@198.51.100.20{repo}'
 printf '[network]\nmode = "blocklist"\nentries = []\n' >> vibebox.toml
 t after_edit getent hosts other.test
 "#
@@ -836,11 +841,9 @@ t after_edit getent hosts other.test
         "{ctx}"
     );
     assert!(result("devtcp").1.contains("403"), "{ctx}");
-    assert_eq!(
-        result("ssh"),
-        ("0".into(), "remote software version vbxtest".into()),
-        "{ctx}"
-    );
+    // git over SSH to the host:22 entry (a real sshd), and not to another address.
+    assert_eq!(result("git"), ("0".into(), "from git.test".into()), "{ctx}");
+    assert_ne!(result("git_other").0, "0", "{ctx}");
     // Blocked names never left the host; no UDP and nothing for other.test reached
     // the servers; the host's loopback service saw nobody.
     assert!(!lab.was_asked("other.test"), "{ctx}");

@@ -1,7 +1,9 @@
 //! The outside world for the network tests and benchmark: a network namespace joined
 //! to the host by a veth pair, with servers on documentation addresses (standing for
 //! public hosts; `tests/fixtures/net/servers.py`), and a DNS upstream on loopback that
-//! answers the test's names and records every question it gets. Needs root.
+//! answers the test's names and records every question it gets; and a real sshd on
+//! 198.51.100.30:22 serving a git repository (for `git` over SSH). Needs root and
+//! openssh-server.
 
 use std::fs;
 use std::path::Path;
@@ -11,6 +13,7 @@ use std::sync::{Arc, Mutex};
 pub struct NetLab {
     ns: String,
     servers: Child,
+    sshd: Child,
     dir: tempfile::TempDir,
     pub dns_port: u16,
     pub asked: Arc<Mutex<Vec<String>>>,
@@ -25,7 +28,10 @@ impl NetLab {
             let st = Command::new("ip").args(args.split(' ')).status().unwrap();
             assert!(st.success(), "ip {args}");
         };
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
         ip(&format!("netns add {ns}"));
         ip(&format!("link add {host_if} type veth peer name {ns_if}"));
         ip(&format!("link set {ns_if} netns {ns}"));
@@ -68,6 +74,8 @@ impl NetLab {
             .unwrap();
         assert_eq!(line.trim(), "ready", "the test servers did not start");
 
+        let sshd = start_sshd(&ns, dir.path());
+
         let asked = Arc::new(Mutex::new(Vec::new()));
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let dns_port = sock.local_addr().unwrap().port();
@@ -78,6 +86,7 @@ impl NetLab {
         NetLab {
             ns,
             servers,
+            sshd,
             dir,
             dns_port,
             asked,
@@ -89,6 +98,15 @@ impl NetLab {
         fs::read_to_string(self.dir.path().join("servers.log")).unwrap_or_default()
     }
 
+    /// The private key the sshd accepts (for root), and the repository it serves.
+    pub fn ssh_key(&self) -> std::path::PathBuf {
+        self.dir.path().join("client")
+    }
+
+    pub fn repo(&self) -> std::path::PathBuf {
+        self.dir.path().join("repo.git")
+    }
+
     pub fn was_asked(&self, name: &str) -> bool {
         self.asked.lock().unwrap().iter().any(|n| n == name)
     }
@@ -96,10 +114,100 @@ impl NetLab {
 
 impl Drop for NetLab {
     fn drop(&mut self) {
-        let _ = self.servers.kill();
-        let _ = self.servers.wait();
+        for c in [&mut self.servers, &mut self.sshd] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
+}
+
+fn run(c: &mut Command) {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// sshd in the namespace on 198.51.100.30:22, root allowed by key, serving a bare
+/// repository with one commit; returns once it accepts connections.
+fn start_sshd(ns: &str, dir: &Path) -> Child {
+    let sshd = Path::new("/usr/sbin/sshd");
+    assert!(
+        sshd.exists(),
+        "the network test needs sshd: apt install openssh-server"
+    );
+    for k in ["hostkey", "client"] {
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(k)));
+    }
+    // The guest user reads the key from the project share and copies it.
+    let mut perms = fs::metadata(dir.join("client")).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    fs::set_permissions(dir.join("client"), perms).unwrap();
+    fs::copy(dir.join("client.pub"), dir.join("authorized_keys")).unwrap();
+    let work = dir.join("work");
+    fs::create_dir_all(&work).unwrap();
+    fs::write(work.join("README"), "from git.test\n").unwrap();
+    let git = |args: &[&str]| {
+        run(Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .arg("-C")
+            .arg(&work)
+            .args(args));
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "README"]);
+    git(&["commit", "-q", "-m", "one"]);
+    run(Command::new("git")
+        .args(["clone", "-q", "--bare"])
+        .arg(&work)
+        .arg(dir.join("repo.git")));
+    fs::create_dir_all("/run/sshd").unwrap();
+    let log = fs::File::create(dir.join("sshd.log")).unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(sshd)
+        .args([
+            "-D",
+            "-e",
+            "-f",
+            "/dev/null",
+            "-o",
+            "ListenAddress=198.51.100.30:22",
+        ])
+        .arg("-o")
+        .arg(format!("HostKey={}", dir.join("hostkey").display()))
+        .arg("-o")
+        .arg(format!(
+            "AuthorizedKeysFile={}",
+            dir.join("authorized_keys").display()
+        ))
+        .args([
+            "-o",
+            "StrictModes=no",
+            "-o",
+            "PermitRootLogin=prohibit-password",
+        ])
+        .args(["-o", "PidFile=none", "-o", "UsePAM=no"])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect("198.51.100.30:22").is_ok() {
+            return child;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "sshd did not start: {}",
+        fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+    );
 }
 
 /// The test's DNS upstream: its names, NXDOMAIN for the rest, every question kept.
