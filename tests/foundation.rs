@@ -573,7 +573,10 @@ fn explain_text_and_json() {
     );
     assert!(mounts[2].contains("skipped: not on this host"), "{t}");
     assert!(t.contains("Network: blocklist"), "{t}");
-    assert!(t.contains("NOT ENFORCED YET"), "{t}");
+    assert!(
+        t.contains("(enforced on the host: these names do not resolve"),
+        "{t}"
+    );
     assert!(t.contains("  tracker.example.com\n"), "{t}");
     assert!(t.contains("vibebox.toml") && t.contains(".vibebox/"), "{t}");
     assert!(!p.join(".vibebox").exists(), "explain creates no session");
@@ -588,6 +591,7 @@ fn explain_text_and_json() {
     assert_eq!(v["mounts"][2]["present"], false);
     assert_eq!(v["mounts"][2]["optional"], true);
     assert_eq!(v["network"]["mode"], "blocklist");
+    assert_eq!(v["network"]["enforced"], true);
     assert_eq!(v["network"]["entries"][0], "tracker.example.com");
     assert_eq!(v["storage"]["config"], "vibebox.toml");
     assert_eq!(v["storage"]["state"], ".vibebox/");
