@@ -771,18 +771,102 @@ fn network_policy_holds_against_the_guest() {
     host_service.set_nonblocking(true).unwrap();
     let hp = host_service.local_addr().unwrap().port();
 
-    let mut b = Box::new(
-        &images,
-        "netpolicy",
-        "[network]\nmode = \"allowlist\"\nentries = [\"**.allowed.test\", \"git.test:22\"]\n",
-    );
-    b.env_vars.push((
-        "VIBEBOX_DNS_UPSTREAM".into(),
-        format!("127.0.0.1:{}", lab.dns_port),
-    ));
-    fs::copy(lab.ssh_key(), b.project.join(".netlab-key")).unwrap();
-    let repo = lab.repo().display().to_string();
-    let script = format!(
+    // Both modes: allowlist of the allowed names (+ git.test:22), and blocklist of
+    // other.test. Every probe runs in both; the expectations differ only where the
+    // modes do.
+    for (name, config, mode) in [
+        (
+            "netallow",
+            "[network]\nmode = \"allowlist\"\nentries = [\"**.allowed.test\", \"git.test:22\"]\n",
+            "allowlist",
+        ),
+        (
+            "netblock",
+            "[network]\nmode = \"blocklist\"\nentries = [\"other.test\"]\n",
+            "blocklist",
+        ),
+    ] {
+        let mut b = Box::new(&images, name, config);
+        b.env_vars.push((
+            "VIBEBOX_DNS_UPSTREAM".into(),
+            format!("127.0.0.1:{}", lab.dns_port),
+        ));
+        fs::copy(lab.ssh_key(), b.project.join(".netlab-key")).unwrap();
+        lab.asked.lock().unwrap().clear();
+        let before = lab.served().len();
+        let out = b.exec(&network_probes(&lab.repo().display().to_string(), hp));
+        let text = ok(&out).to_string();
+        let result = |key: &str| probe(&text, key);
+        let served = lab.served()[before..].to_string();
+        let ctx = format!(
+            "{mode}:\nguest:\n{text}\nservers:\n{served}\nlogs:\n{}",
+            b.logs()
+        );
+        // Allowed HTTPS and HTTP by name, with or without proxy settings.
+        assert_eq!(
+            result("https"),
+            ("0".into(), "allowed-https".into()),
+            "{ctx}"
+        );
+        assert_eq!(result("http"), ("0".into(), "allowed-http".into()), "{ctx}");
+        assert_eq!(
+            result("noproxy"),
+            ("0".into(), "allowed-https".into()),
+            "{ctx}"
+        );
+        // git over SSH to git.test:22 (a real sshd), never to an address nothing
+        // resolved.
+        assert_eq!(result("git"), ("0".into(), "from git.test".into()), "{ctx}");
+        assert_ne!(result("git_other").0, "0", "{ctx}");
+        for key in [
+            "other_dns",
+            "rebind",
+            "lan",
+            "literal",
+            "unpinned",
+            "sni_other",
+            "hostlo",
+            "hostlo2",
+            "after_edit",
+        ] {
+            assert_ne!(result(key).0, "0", "{key} must fail\n{ctx}");
+        }
+        let why = if mode == "allowlist" {
+            "denied by the network policy: other.test is not in the allowlist"
+        } else {
+            "denied by the network policy: blocked (rule other.test)"
+        };
+        assert!(result("wronghost").1.contains(why), "{ctx}");
+        assert!(result("devtcp").1.contains(why), "{ctx}");
+        // Blocked names never left the host; no UDP and nothing for other.test
+        // reached the servers; the host's loopback service saw nobody.
+        assert!(!lab.was_asked("other.test"), "{ctx}");
+        assert!(lab.was_asked("allowed.test"), "{ctx}");
+        assert!(!served.contains("udp "), "{ctx}");
+        assert!(!served.contains("198.51.100.20"), "{ctx}");
+        assert!(!served.contains("other.test"), "{ctx}");
+        assert!(
+            host_service.accept().is_err(),
+            "the guest reached the host's loopback"
+        );
+        let netlog =
+            fs::read_to_string(b.session_dir().join("logs/network.log")).unwrap_or_default();
+        let dns_denial = if mode == "allowlist" {
+            "deny dns other.test: not in the allowlist"
+        } else {
+            "deny dns other.test: blocked (rule other.test)"
+        };
+        assert!(netlog.contains(dns_denial), "{netlog}");
+        assert!(netlog.contains("allow tcp allowed.test:443"), "{netlog}");
+        ok(&b.vibebox(&["stop"]));
+    }
+}
+
+/// The guest's side of the network test: one `t KEY COMMAND` line per probe, printing
+/// `KEY=exit code|output`. The last probes run after the guest widened the policy
+/// in vibebox.toml (which must change nothing in the running VM).
+fn network_probes(repo: &str, host_port: u16) -> String {
+    format!(
         r#"
 t() {{ printf '%s=' "$1"; shift; out=$("$@" 2>/dev/null); rc=$?; printf '%s|%s\n' "$rc" "$(printf %s "$out" | tr -d '\r\n')"; }}
 t https curl -sk -m 20 https://allowed.test/
@@ -793,11 +877,12 @@ t rebind getent hosts rebind.allowed.test
 t lan getent hosts lan.allowed.test
 t literal curl -sk -m 10 https://198.51.100.10/
 t unpinned curl -sk -m 10 --resolve allowed.test:443:198.51.100.20 https://allowed.test/
+t sni_other curl -sk -m 10 --resolve other.test:443:198.51.100.10 https://other.test/
 t wronghost curl -s -m 10 -H 'Host: other.test' http://allowed.test/
-t devtcp bash -c 'exec 3<>/dev/tcp/198.51.100.20/80; printf "GET / HTTP/1.1\r\nHost: other.test\r\n\r\n" >&3; timeout 10 cat <&3'
+t devtcp bash -c 'exec 3<>/dev/tcp/198.51.100.10/80; printf "GET / HTTP/1.1\r\nHost: other.test\r\n\r\n" >&3; timeout 10 cat <&3'
 t udp bash -c 'echo x > /dev/udp/198.51.100.10/9999; echo x > /dev/udp/198.51.100.10/53; sleep 1; echo sent'
-t hostlo curl -s -m 5 http://10.0.2.2:{hp}/
-t hostlo2 curl -s -m 5 http://10.0.2.3:{hp}/
+t hostlo curl -s -m 5 http://10.0.2.2:{host_port}/
+t hostlo2 curl -s -m 5 http://10.0.2.3:{host_port}/
 cp .netlab-key /tmp/k && chmod 600 /tmp/k
 export GIT_SSH_COMMAND='ssh -i /tmp/k -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20'
 t git sh -c 'git clone -q ssh://root@git.test{repo} /tmp/r && cat /tmp/r/README'
@@ -805,102 +890,5 @@ t git_other sh -c 'git ls-remote ssh://root@198.51.100.20{repo}'
 printf '[network]\nmode = "blocklist"\nentries = []\n' >> vibebox.toml
 t after_edit getent hosts other.test
 "#
-    );
-    let out = b.exec(&script);
-    let text = ok(&out).to_string();
-    let result = |key: &str| probe(&text, key);
-    let served = lab.served();
-    let ctx = format!("guest:\n{text}\nservers:\n{served}\nlogs:\n{}", b.logs());
-    assert_eq!(
-        result("https"),
-        ("0".into(), "allowed-https".into()),
-        "{ctx}"
-    );
-    assert_eq!(result("http"), ("0".into(), "allowed-http".into()), "{ctx}");
-    assert_eq!(
-        result("noproxy"),
-        ("0".into(), "allowed-https".into()),
-        "{ctx}"
-    );
-    for key in [
-        "other_dns",
-        "rebind",
-        "lan",
-        "literal",
-        "unpinned",
-        "hostlo",
-        "hostlo2",
-        "after_edit",
-    ] {
-        assert_ne!(result(key).0, "0", "{key} must fail\n{ctx}");
-    }
-    assert!(
-        result("wronghost")
-            .1
-            .contains("denied by the network policy: other.test is not in the allowlist"),
-        "{ctx}"
-    );
-    assert!(result("devtcp").1.contains("403"), "{ctx}");
-    // git over SSH to the host:22 entry (a real sshd), and not to another address.
-    assert_eq!(result("git"), ("0".into(), "from git.test".into()), "{ctx}");
-    assert_ne!(result("git_other").0, "0", "{ctx}");
-    // Blocked names never left the host; no UDP and nothing for other.test reached
-    // the servers; the host's loopback service saw nobody.
-    assert!(!lab.was_asked("other.test"), "{ctx}");
-    assert!(lab.was_asked("allowed.test"), "{ctx}");
-    assert!(!served.contains("udp "), "{ctx}");
-    assert!(!served.contains("198.51.100.20"), "{ctx}");
-    assert!(!served.contains("other.test"), "{ctx}");
-    assert!(
-        host_service.accept().is_err(),
-        "the guest reached the host's loopback"
-    );
-    let netlog = fs::read_to_string(b.session_dir().join("logs/network.log")).unwrap_or_default();
-    assert!(
-        netlog.contains("deny dns other.test: not in the allowlist"),
-        "{netlog}"
-    );
-    assert!(netlog.contains("allow tcp allowed.test:443"), "{netlog}");
-    ok(&b.vibebox(&["stop"]));
-
-    // Blocklist mode: everything but the entries, through the same checks.
-    let mut b = Box::new(
-        &images,
-        "netblock",
-        "[network]\nmode = \"blocklist\"\nentries = [\"other.test\"]\n",
-    );
-    b.env_vars.push((
-        "VIBEBOX_DNS_UPSTREAM".into(),
-        format!("127.0.0.1:{}", lab.dns_port),
-    ));
-    lab.asked.lock().unwrap().clear();
-    let out = b.exec(&format!(
-        r#"
-t() {{ printf '%s=' "$1"; shift; out=$("$@" 2>/dev/null); rc=$?; printf '%s|%s\n' "$rc" "$(printf %s "$out" | tr -d '\r\n')"; }}
-t https curl -sk -m 20 https://allowed.test/
-t other_dns getent hosts other.test
-t rebind getent hosts rebind.allowed.test
-t literal curl -sk -m 10 https://198.51.100.20/
-t sni_other curl -sk -m 10 --resolve other.test:443:198.51.100.10 https://other.test/
-t hostlo curl -s -m 5 http://10.0.2.2:{hp}/
-"#
-    ));
-    let text = ok(&out).to_string();
-    let result = |key: &str| probe(&text, key);
-    let ctx = format!(
-        "guest:\n{text}\nservers:\n{}\nlogs:\n{}",
-        lab.served(),
-        b.logs()
-    );
-    assert_eq!(
-        result("https"),
-        ("0".into(), "allowed-https".into()),
-        "{ctx}"
-    );
-    for key in ["other_dns", "rebind", "literal", "sni_other", "hostlo"] {
-        assert_ne!(result(key).0, "0", "{key} must fail\n{ctx}");
-    }
-    assert!(!lab.was_asked("other.test"), "{ctx}");
-    assert!(!lab.served().contains("198.51.100.20"), "{ctx}");
-    ok(&b.vibebox(&["stop"]));
+    )
 }
