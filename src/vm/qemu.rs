@@ -203,9 +203,16 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
             // -kernel/-initrd/-append take the whole value: no comma escaping there.
             push(&["-kernel", &kernel.to_string_lossy()]);
             push(&["-initrd", &initrd.to_string_lossy()]);
+            // A kernel oops reboots the guest at once (QEMU resets it and boots the same
+            // kernel again) instead of leaving a dead VM: under multi-threaded TCG the
+            // guest kernel now and then hits a spurious int3 oops while it patches its
+            // own code early in boot, and a second boot gets past it.
             push(&[
                 "-append",
-                &format!("{cmdline} console={}", spec.preset.console),
+                &format!(
+                    "{cmdline} console={} oops=panic panic=-1",
+                    spec.preset.console
+                ),
             ]);
         }
         Boot::Firmware { bios } => {
@@ -378,7 +385,10 @@ mod tests {
         assert_eq!(after(&argv, "-accel"), ["tcg"]);
         assert_eq!(after(&argv, "-cpu"), ["max"]);
         assert_eq!(after(&argv, "-kernel"), ["/img/vmlinuz"]);
-        assert_eq!(after(&argv, "-append"), ["root=/dev/vda rw console=ttyS0"]);
+        assert_eq!(
+            after(&argv, "-append"),
+            ["root=/dev/vda rw console=ttyS0 oops=panic panic=-1"]
+        );
         assert_eq!(
             after(&argv, "-drive"),
             ["file=/s/disk.qcow2,if=virtio,format=qcow2,discard=unmap,cache=writeback"]
