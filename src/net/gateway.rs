@@ -106,11 +106,14 @@ struct Relay {
     tasks: [AbortHandle; 2],
 }
 
+/// An IPv4 address and port.
+type Addr = (Ipv4Addr, u16);
+
 struct Conn {
     handle: SocketHandle,
     /// The guest's end, as its SYN gave it (for telling retransmits apart).
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
+    src: Addr,
+    dst: Addr,
     name: Option<String>,
     phase: Phase,
 }
@@ -248,8 +251,8 @@ impl Engine {
         match eth.ethertype() {
             EthernetProtocol::Arp => {}
             EthernetProtocol::Ipv4 => {
-                if let Some((dst, port)) = syn_destination(eth.payload()) {
-                    self.on_syn(dst, port, eth.payload());
+                if let Some((src, (dst, port))) = syn_endpoints(eth.payload()) {
+                    self.on_syn(src, dst, port);
                 }
             }
             _ => return,
@@ -257,10 +260,7 @@ impl Engine {
         self.dev.rx.push_back(f);
     }
 
-    fn on_syn(&mut self, dst: Ipv4Addr, port: u16, ip_packet: &[u8]) {
-        let Some(src) = syn_source(ip_packet) else {
-            return;
-        };
+    fn on_syn(&mut self, src: Addr, dst: Ipv4Addr, port: u16) {
         // A retransmitted SYN: its listener exists. (The stack may give a SYN to any
         // listener of the same destination; all of them were decided alike.)
         let remote = IpEndpoint::new(src.0.into(), src.1);
@@ -441,11 +441,13 @@ impl Engine {
                 result,
             } => self.resolved(query, from, result),
             Event::Dialed { id, result } => {
-                let Some(c) = self.conns.get(&id) else { return };
-                let Phase::Dialing { pending } = &c.phase else {
+                let Some(c) = self.conns.get_mut(&id) else {
                     return;
                 };
-                let pending = pending.clone();
+                let Phase::Dialing { pending } = &mut c.phase else {
+                    return;
+                };
+                let pending = std::mem::take(pending);
                 let (dst, name, handle) = (c.dst, c.name.clone(), c.handle);
                 match result {
                     Ok(stream) => {
@@ -653,6 +655,12 @@ impl Engine {
                         }),
                         FlightRead::Got(f) => Ok(f),
                     };
+                    // The name the flight claimed, for the log line of a denial.
+                    let claimed = match &flight {
+                        Ok(Flight::Tls { name, .. }) => name.clone(),
+                        Ok(Flight::Http { host, .. }) => Some(host.clone()),
+                        _ => None,
+                    };
                     let decided = flight.and_then(|f| {
                         decide::by_flight(&self.s.policy, &self.pins, dst.0, dst.1, &f)
                     });
@@ -662,16 +670,13 @@ impl Engine {
                             let pending = std::mem::take(buf);
                             c.name = Some(name.clone());
                             c.phase = Phase::Dialing { pending };
-                            let line = format!("allow tcp {name}:{} -> {}", dst.1, dst.0);
-                            self.s.log.line(&line);
+                            self.allow_log(dst.0, dst.1, &name);
                             self.dial(id, dst.0, dst.1);
                         }
                         Err(d) => {
-                            let kind = first_flight_kind(buf);
-                            refuse(sock, kind, &d);
-                            let name = flight_name(buf);
+                            refuse(sock, first_flight_kind(buf), &d);
                             c.phase = Phase::Closing;
-                            self.deny_log("tcp", dst.0, dst.1, name.as_deref(), &d);
+                            self.deny_log("tcp", dst.0, dst.1, claimed.as_deref(), &d);
                         }
                     }
                 }
@@ -818,14 +823,6 @@ fn read_flight(buf: &[u8]) -> FlightRead {
     }
 }
 
-fn flight_name(buf: &[u8]) -> Option<String> {
-    match read_flight(buf) {
-        FlightRead::Got(Flight::Tls { name, .. }) => name,
-        FlightRead::Got(Flight::Http { host, .. }) => Some(host),
-        _ => None,
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Kind {
     Tls,
@@ -864,18 +861,17 @@ fn refuse(sock: &mut tcp::Socket, kind: Kind, d: &Deny) {
     }
 }
 
-/// The destination of a TCP SYN (without ACK) in an IPv4 packet.
-fn syn_destination(ip_packet: &[u8]) -> Option<(Ipv4Addr, u16)> {
+/// The source and destination of a TCP SYN (without ACK) in an IPv4 packet.
+fn syn_endpoints(ip_packet: &[u8]) -> Option<(Addr, Addr)> {
     let ip = Ipv4Packet::new_checked(ip_packet).ok()?;
     if ip.next_header() != IpProtocol::Tcp {
         return None;
     }
     let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    (tcp.syn() && !tcp.ack()).then(|| (ip.dst_addr(), tcp.dst_port()))
-}
-
-fn syn_source(ip_packet: &[u8]) -> Option<(Ipv4Addr, u16)> {
-    let ip = Ipv4Packet::new_checked(ip_packet).ok()?;
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    Some((ip.src_addr(), tcp.src_port()))
+    (tcp.syn() && !tcp.ack()).then(|| {
+        (
+            (ip.src_addr(), tcp.src_port()),
+            (ip.dst_addr(), tcp.dst_port()),
+        )
+    })
 }
