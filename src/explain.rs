@@ -18,12 +18,8 @@ pub struct Facts<'a> {
     pub config: &'a Config,
     /// One per `config.mounts`: whether the host path exists.
     pub present: &'a [bool],
-    /// Whether the network policy is enforced for this VM (false only for a VM
-    /// started without the gateway, which vibebox itself never does).
-    pub enforced: bool,
 }
 
-const NOT_ENFORCED: &str = "NOT ENFORCED: the VM has unrestricted outbound access";
 const ENFORCED_ALLOW: &str = "enforced on the host: DNS answers only these names, and a connection must name one of them (TLS SNI or HTTP Host) at an address the host resolved for it; ports other than 80 and 443 only where an entry names them; denials are logged in the session's network.log";
 const ENFORCED_BLOCK: &str = "enforced on the host: these names do not resolve and connections naming them are refused; every other connection must still name its server (TLS SNI or HTTP Host) at an address the host resolved for it; denials are logged in the session's network.log";
 
@@ -57,10 +53,10 @@ pub fn text(f: &Facts<'_>) -> String {
     }
     let net = &f.config.network;
     out.push_str(&format!("\nNetwork: {}", net.mode.as_str()));
-    let how = match (f.enforced, net.mode) {
-        (false, _) => NOT_ENFORCED,
-        (true, crate::net::policy::Mode::Allowlist) => ENFORCED_ALLOW,
-        (true, crate::net::policy::Mode::Blocklist) => ENFORCED_BLOCK,
+    // Every VM vibebox starts has its network behind the gateway.
+    let how = match net.mode {
+        crate::net::policy::Mode::Allowlist => ENFORCED_ALLOW,
+        crate::net::policy::Mode::Blocklist => ENFORCED_BLOCK,
     };
     out.push_str(&format!(" ({how})"));
     out.push('\n');
@@ -105,7 +101,7 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
         "network": {
             "mode": f.config.network.mode,
             "entries": f.config.network.entries.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
-            "enforced": f.enforced,
+            "enforced": true,
         },
         "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
     })
@@ -137,7 +133,6 @@ mod tests {
             session: None,
             config: &c,
             present: &[true, true, false],
-            enforced: true,
         });
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "Project /p");
@@ -166,14 +161,13 @@ mod tests {
             session: Some(id),
             config: &c,
             present: &[true],
-            enforced: false,
         });
         assert_eq!(j["session"], id.to_string());
         assert_eq!(j["mounts"][0]["guest"], "/p");
         assert_eq!(j["mounts"][0]["access"], "rw");
         assert_eq!(j["mounts"][0]["origin"], "project");
         assert_eq!(j["network"]["mode"], "allowlist");
-        assert_eq!(j["network"]["enforced"], false);
+        assert_eq!(j["network"]["enforced"], true);
         assert_eq!(j["network"]["entries"][0], "deb.debian.org");
         assert_eq!(j["storage"]["state"], ".vibebox/");
     }

@@ -22,7 +22,6 @@ pub fn run(home: &Home, start: &Path, as_json: bool) -> Result<(), Error> {
         session,
         config: &config,
         present: &present,
-        enforced: true,
     };
     let mut out = std::io::stdout().lock();
     if as_json {

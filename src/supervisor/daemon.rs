@@ -240,7 +240,6 @@ async fn boot_and_run(
             .and_then(|n| n.parse().ok()),
         config: &config,
         present: &present,
-        enforced: true,
     });
     shared.set(Message::Booting {
         accel: accel.as_str().to_string(),

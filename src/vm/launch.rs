@@ -146,13 +146,10 @@ fn net_ends() -> Result<NetEnds, Error> {
 }
 
 /// The shares for the config's mounts: present ones get a tag; a missing optional
-/// one is skipped; a missing required one is an error naming it. With a virtiofsd
+/// one is skipped; a missing required one is an error naming it. With `virtiofs`
 /// they are virtiofs shares on sockets `vfs<N>.sock` (relative to the session
 /// directory), else 9p.
-pub fn shares(
-    config: &Config,
-    virtiofsd: Option<&Path>,
-) -> Result<(Vec<Share>, Vec<GuestMount>), Error> {
+pub fn shares(config: &Config, virtiofs: bool) -> Result<(Vec<Share>, Vec<GuestMount>), Error> {
     let mut shares = Vec::new();
     let mut mounts = Vec::new();
     for m in &config.mounts {
@@ -167,14 +164,15 @@ pub fn shares(
         }
         let n = shares.len();
         let tag = format!("vbx{n}");
-        let (kind, fstype) = match virtiofsd {
-            Some(_) => (
+        let (kind, fstype) = if virtiofs {
+            (
                 ShareKind::Virtiofs {
                     socket: PathBuf::from(format!("vfs{n}.sock")),
                 },
                 FsType::Virtiofs,
-            ),
-            None => (ShareKind::NineP, FsType::NineP),
+            )
+        } else {
+            (ShareKind::NineP, FsType::NineP)
         };
         shares.push(Share {
             tag: tag.clone(),
@@ -222,7 +220,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     )?;
     let user = GuestUser::current();
     let virtiofsd = virtiofsd::find()?;
-    let (shares, mounts) = shares(plan.config, virtiofsd.as_deref())?;
+    let (shares, mounts) = shares(plan.config, virtiofsd.is_some())?;
     let guest = GuestConfig {
         user: user.name.clone(),
         uid: user.uid,
