@@ -36,6 +36,16 @@ pub enum Command {
         #[arg(short = 'y', long = "yes")]
         yes: bool,
     },
+    /// Delete the sessions whose directory is missing (gone, moved, unmounted or
+    /// unreadable): their VM disks, keys and logs. Lists them and asks first.
+    Prune {
+        /// Do not ask for confirmation.
+        #[arg(short = 'y', long = "yes")]
+        yes: bool,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Run one command in the project's VM (starting it if needed), in the project
     /// directory; stdin, stdout, stderr and the exit code pass through.
     Exec {

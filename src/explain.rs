@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::paths::{CACHE_DIR, CONFIG_FILE};
-use crate::session::SessionId;
+use crate::store::SessionId;
 use crate::vm::mounts::{Mount, Origin};
 
 /// Everything the explain text depends on.

@@ -120,7 +120,7 @@ fn fifty_concurrent_starts_in_fifty_directories_lose_none() {
 }
 
 #[test]
-fn pruning_drops_sessions_whose_directory_lost_them() {
+fn looking_never_deletes_and_prune_removes_only_missing_directories() {
     let env = Env::new();
     let a = env.project("a");
     let b = env.project("b");
@@ -128,30 +128,88 @@ fn pruning_drops_sessions_whose_directory_lost_them() {
     for p in [&a, &b, &c] {
         assert_eq!(run(env.init(p)).code, 0);
     }
-    let keep = session_file_id(&c);
     let state = |p: &std::path::Path| env.vibebox_home().join("sessions").join(session_file_id(p));
+    let (id_a, id_b, id_c) = (
+        session_file_id(&a),
+        session_file_id(&b),
+        session_file_id(&c),
+    );
     let (state_a, state_b, state_c) = (state(&a), state(&b), state(&c));
     for s in [&state_a, &state_b, &state_c] {
         fs::create_dir_all(s).unwrap();
         fs::write(s.join("disk.qcow2"), "disk").unwrap();
     }
+    // The marker deleted (the guest, or git clean) and a directory gone: looking
+    // (list, and commands in another project) keeps every session and its disk.
     fs::remove_dir_all(a.join(".vibebox")).unwrap();
     fs::remove_dir_all(&b).unwrap();
-    let out = run({
+    let list = || {
+        let out = run({
+            let mut cmd = env.cmd(&c);
+            cmd.args(["list", "--json"]);
+            cmd
+        });
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let v = list();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    let state_of = |v: &serde_json::Value, id: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == id)
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(state_of(&v, &id_b), "missing");
+    assert_eq!(state_of(&v, &id_a), "stopped");
+    assert_eq!(run(env.init(&c)).code, 0);
+    assert_eq!(index_entries(&env).len(), 3);
+    for s in [&state_a, &state_b, &state_c] {
+        assert!(
+            s.join("disk.qcow2").exists(),
+            "{} lost its disk",
+            s.display()
+        );
+    }
+
+    let prune = |args: &[&str]| {
         let mut cmd = env.cmd(&c);
-        cmd.args(["list", "--json"]);
-        cmd
-    });
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 1);
-    assert_eq!(v[0]["id"], keep);
-    assert_eq!(index_entries(&env), vec![(keep, c.display().to_string())]);
+        cmd.arg("prune").args(args);
+        run(cmd)
+    };
+    let dry = prune(&["--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
     assert!(
-        !state_a.exists() && !state_b.exists(),
-        "a deleted session's disk goes too"
+        dry.stdout.contains(&id_b) && !dry.stdout.contains(&id_a),
+        "{}",
+        dry.stdout
     );
-    assert!(state_c.join("disk.qcow2").exists());
+    assert!(state_b.exists());
+    let refused = prune(&[]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("pass -y"), "{}", refused.stderr);
+    assert!(state_b.exists());
+    let done = prune(&["-y"]);
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert!(
+        done.stdout.contains(&format!("deleted session {id_b}")),
+        "{}",
+        done.stdout
+    );
+    assert!(!state_b.exists());
+    assert!(state_a.join("disk.qcow2").exists() && state_c.join("disk.qcow2").exists());
+    let mut left: Vec<String> = index_entries(&env).into_iter().map(|(id, _)| id).collect();
+    left.sort();
+    let mut want = vec![id_a.clone(), id_c.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    // The project whose marker went keeps its session: the index is the truth.
+    assert_eq!(printed_id(&run(env.init(&a))), id_a);
+    assert_eq!(session_file_id(&a), id_a, "the hint is written again");
 }
 
 #[test]
@@ -497,7 +555,7 @@ fn delete_stale_entry_whose_directory_is_gone() {
     let cwd = env.project("cwd");
     let out = delete(&env, &cwd, &["-y", &id]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.contains("no longer exists"), "{}", out.stdout);
+    assert!(out.stdout.contains("is missing"), "{}", out.stdout);
     assert!(index_entries(&env).is_empty());
 }
 
@@ -605,7 +663,7 @@ fn a_symlinked_state_directory_is_refused() {
     std::os::unix::fs::symlink(&victim, p.join(".vibebox")).unwrap();
     fs::write(p.join("vibebox.toml"), "").unwrap();
     let out = run(env.init(&p));
-    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("symbolic link"), "{}", out.stderr);
     assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
 }

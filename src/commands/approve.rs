@@ -5,15 +5,14 @@ use std::io::Write;
 use std::path::Path;
 
 use super::{Error, up};
+use crate::config::approval;
 use crate::paths::Home;
-use crate::session::approval;
 
 pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
     let (root, outcome, config) = up::open_project(home, start)?;
     let grants = approval::grants(&config);
-    let sd = home.session(outcome.id);
-    let before = approval::read(&sd)?;
-    approval::record(&sd, &grants)?;
+    let before = approval::read(home, &root, Some(&home.session(outcome.id)))?;
+    approval::record(home, &root, &grants)?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

@@ -1,11 +1,11 @@
 //! `vibebox delete <id>`: remove a session for good.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 
 use super::Error;
 use crate::paths::{Home, Project};
-use crate::session::index::{Entry, Index};
-use crate::session::project;
+use crate::session::delete::{self, Deleted};
+use crate::store::index::{Entry, Index};
 
 /// Finds the one entry whose id is `query` or starts with it.
 pub fn resolve(entries: &[Entry], query: &str) -> Result<Entry, Error> {
@@ -36,64 +36,55 @@ pub fn resolve(entries: &[Entry], query: &str) -> Result<Entry, Error> {
 }
 
 pub fn run(home: &Home, query: &str, yes: bool) -> Result<(), Error> {
-    // Match against every entry, stale ones included: a session whose directory is
-    // gone must still be deletable by the id the user saw.
-    let target = resolve(Index::open_existing(home)?.entries(), query)?;
-    let gone = !target.directory.exists();
+    // Every entry, missing ones included: a session whose directory is gone must
+    // still be deletable by the id the user saw.
+    let target = resolve(Index::snapshot(home)?.entries(), query)?;
+    let missing = delete::is_missing(&target);
     if !yes {
-        confirm(&target, gone)?;
+        confirm(&target, missing)?;
     }
-    let mut index = Index::open(home)?;
-    let removed_dir = project::remove_cache(&Project::new(target.directory.clone()), target.id)?;
-    index.delete(target.id)?;
-    index.prune()?;
-    index.save()?;
-    let mut out = std::io::stdout().lock();
-    let detail = if gone {
-        format!(
-            "its directory {} no longer exists",
-            target.directory.display()
-        )
-    } else if removed_dir {
-        format!(
-            "removed {}",
-            Project::new(target.directory.clone()).cache().display()
-        )
-    } else {
-        format!("{} no longer held it", target.directory.display())
-    };
-    writeln!(out, "deleted session {} ({detail})", target.id)?;
+    let done = delete::delete(home, &target)?;
+    writeln!(std::io::stdout().lock(), "{}", describe(&done, missing))?;
     Ok(())
 }
 
-fn confirm(target: &Entry, gone: bool) -> Result<(), Error> {
-    let stdin = std::io::stdin();
-    if !stdin.is_terminal() {
+/// `deleted session <id> (...)`: one line per removed session.
+pub fn describe(done: &Deleted, missing: bool) -> String {
+    let e = &done.entry;
+    let detail = if missing {
+        format!("its directory {} is missing", e.directory.display())
+    } else if done.marker_removed {
+        format!(
+            "removed {}",
+            Project::new(e.directory.clone()).session_file().display()
+        )
+    } else {
+        format!("{} no longer held its marker", e.directory.display())
+    };
+    format!("deleted session {} ({detail})", e.id)
+}
+
+fn confirm(target: &Entry, missing: bool) -> Result<(), Error> {
+    if !std::io::stdin().is_terminal() {
         return Err(Error::Usage(format!(
             "not deleting session {} without confirmation: no terminal to ask on; pass -y",
             target.id
         )));
     }
-    let mut err = std::io::stderr().lock();
-    if gone {
-        write!(
-            err,
-            "Delete session {} (its directory {} is gone)? [y/N] ",
+    let question = if missing {
+        format!(
+            "Delete session {} (its directory {} is missing)? Its VM disk and keys are removed for good. [y/N] ",
             target.id,
             target.directory.display()
-        )?;
+        )
     } else {
-        write!(
-            err,
+        format!(
             "Delete session {} of {}? Its VM disk and keys are removed for good. [y/N] ",
             target.id,
             target.directory.display(),
-        )?;
-    }
-    err.flush()?;
-    let mut answer = String::new();
-    stdin.lock().read_line(&mut answer)?;
-    if matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        )
+    };
+    if super::ask(&question)? {
         Ok(())
     } else {
         Err(Error::Declined(format!(

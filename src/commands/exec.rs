@@ -9,8 +9,9 @@ use crate::ssh;
 
 pub fn run(home: &Home, start: &Path, command: &[String]) -> Result<(), Error> {
     let (root, outcome, config) = up::open_project(home, start)?;
-    up::ensure_image(home, &config)?;
+    // Approval first: no image is fetched for a config that will not start.
     up::approve(home, &root, outcome.id, &config, false)?;
+    up::ensure_image(home, &config)?;
     let attached = up::attach(home, &root, outcome.id, true)?;
     let words: Vec<String> = command.iter().map(|w| ssh::shell_quote(w)).collect();
     let script = format!(

@@ -15,7 +15,7 @@ pub fn run(home: &Home, start: &Path, as_json: bool) -> Result<(), Error> {
     let paths = Project::new(root.clone());
     let host = Host::detect(GuestUser::current().home())?;
     let config = config::load(&paths.config(), &root, &host)?;
-    let session = project::read_session_id(&paths)?;
+    let session = project::registered(home, &root)?;
     let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
     let facts = Facts {
         project: &root,

@@ -10,7 +10,7 @@ use crate::image::build::{self, Options};
 use crate::image::pull;
 use crate::image::store::{self, Image, Store};
 use crate::paths::Home;
-use crate::session::index::Index;
+use crate::store::index::Index;
 
 pub fn run(home: &Home, cmd: &ImageCommand) -> Result<(), Error> {
     match cmd {
@@ -52,8 +52,7 @@ fn report(image: &Image, made: bool, verb: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn users(home: &Home, image: &Image) -> Result<Vec<(String, String)>, Error> {
-    let index = Index::open_existing(home)?;
+fn users(index: &Index, home: &Home, image: &Image) -> Result<Vec<(String, String)>, Error> {
     let ids: Vec<_> = index.entries().iter().map(|e| e.id).collect();
     let using = store::sessions_using(home, image, &ids);
     Ok(index
@@ -67,9 +66,10 @@ fn users(home: &Home, image: &Image) -> Result<Vec<(String, String)>, Error> {
 fn list(home: &Home, as_json: bool) -> Result<(), Error> {
     let images = Store::new(home).list()?;
     let mut out = std::io::stdout().lock();
+    let index = Index::snapshot(home)?;
     let mut rows = Vec::new();
     for img in &images {
-        rows.push((img, users(home, img)?.len()));
+        rows.push((img, users(&index, home, img)?.len()));
     }
     if as_json {
         let items: Vec<_> = rows
@@ -138,7 +138,10 @@ fn rm(home: &Home, name: &str) -> Result<(), Error> {
             )));
         }
     };
-    let using = users(home, image)?;
+    // Under the index lock, so no session is registered between the check and the
+    // removal.
+    let index = Index::open(home)?;
+    let using = users(&index, home, image)?;
     if !using.is_empty() {
         return Err(Error::InUse(format!(
             "image {} is used by {}; delete those sessions first (`vibebox delete <id>`)",
@@ -151,6 +154,7 @@ fn rm(home: &Home, name: &str) -> Result<(), Error> {
         )));
     }
     store.remove(image)?;
+    drop(index);
     writeln!(std::io::stdout().lock(), "removed image {}", image.id())?;
     Ok(())
 }

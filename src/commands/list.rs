@@ -7,31 +7,41 @@ use serde_json::json;
 
 use super::Error;
 use crate::paths::Home;
-use crate::session::index::{Entry, Index};
-use crate::supervisor::{self, Status};
+use crate::session::delete::is_missing;
+use crate::store::index::{Entry, Index};
+use crate::supervisor::{self, State, Status};
 
+/// One row: the entry, its VM's state, and whether its directory is missing.
+type Row = (Entry, Status, bool);
+
+/// Only looks: no lock, no write, no project file read, nothing stopped or removed.
 pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
-    let mut index = Index::open_existing(home)?;
-    index.prune()?;
-    index.save()?;
-    let mut rows: Vec<(Entry, Status)> = index
+    let index = Index::snapshot(home)?;
+    let mut rows: Vec<Row> = index
         .entries()
         .iter()
-        .map(|e| (e.clone(), supervisor::status(&home.session(e.id))))
+        .map(|e| {
+            (
+                e.clone(),
+                supervisor::status(&home.session(e.id)),
+                is_missing(e),
+            )
+        })
         .collect();
     drop(index);
     // Ties within a second fall back to the id: UUIDv7 ids sort by creation time.
-    rows.sort_by_key(|(e, _)| std::cmp::Reverse((e.last_active, e.id)));
+    rows.sort_by_key(|(e, _, _)| std::cmp::Reverse((e.last_active, e.id)));
 
     let mut out = std::io::stdout().lock();
     if as_json {
         let items: Vec<_> = rows
             .iter()
-            .map(|(e, s)| {
+            .map(|(e, s, missing)| {
                 json!({
                     "id": e.id.to_string(),
                     "directory": e.directory,
-                    "state": s.state,
+                    "state": state_word(s, *missing),
+                    "missing": missing,
                     "clients": s.clients,
                     "last_active": e.last_active.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 })
@@ -49,11 +59,11 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
     let now = Utc::now();
     let table: Vec<Vec<String>> = rows
         .iter()
-        .map(|(e, s)| {
+        .map(|(e, s, missing)| {
             vec![
                 e.id.to_string(),
                 e.directory.display().to_string(),
-                s.state.as_str().to_string(),
+                state_word(s, *missing).to_string(),
                 s.clients.to_string(),
                 relative_time(e.last_active, now),
             ]
@@ -65,6 +75,16 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
         super::table::render(&HEADERS, &table, terminal_width().map(|w| (w, 1)))
     )?;
     Ok(())
+}
+
+/// A stopped session whose directory is missing shows as `missing`: it keeps its
+/// disk, and `vibebox` in the moved directory, or `vibebox prune`, decides.
+fn state_word(s: &Status, missing: bool) -> &'static str {
+    if missing && s.state == State::Stopped {
+        "missing"
+    } else {
+        s.state.as_str()
+    }
 }
 
 const HEADERS: [&str; 5] = ["ID", "DIRECTORY", "STATE", "CLIENTS", "LAST ACTIVE"];

@@ -7,6 +7,7 @@ pub mod explain;
 pub mod image;
 pub mod init;
 pub mod list;
+pub mod prune;
 pub mod ssh_config;
 pub mod stop;
 pub mod table;
@@ -22,7 +23,11 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] crate::config::Error),
     #[error(transparent)]
-    Session(#[from] crate::session::Error),
+    Open(#[from] crate::session::project::OpenError),
+    #[error(transparent)]
+    Delete(#[from] crate::session::delete::DeleteError),
+    #[error(transparent)]
+    Index(#[from] crate::store::index::IndexError),
     #[error(transparent)]
     Paths(#[from] crate::paths::Error),
     #[error(transparent)]
@@ -32,7 +37,7 @@ pub enum Error {
     #[error(transparent)]
     Build(#[from] crate::image::build::BuildError),
     #[error(transparent)]
-    Approval(#[from] crate::session::approval::ApprovalError),
+    Approval(#[from] crate::config::approval::ApprovalError),
     #[error(transparent)]
     Pull(#[from] crate::image::pull::PullError),
     #[error(transparent)]
@@ -68,8 +73,10 @@ impl Error {
             | Error::Usage(_)
             | Error::Dir { .. }
             | Error::Paths(_)
-            | Error::Approval(crate::session::approval::ApprovalError::NotApproved { .. }) => 2,
+            | Error::Approval(crate::config::approval::ApprovalError::NotApproved { .. }) => 2,
             Error::Exit(c) => u8::try_from(*c).unwrap_or(1),
+            Error::Open(e) => e.exit_code(),
+            Error::Delete(e) => e.exit_code(),
             Error::Build(crate::image::build::BuildError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Download(
@@ -87,6 +94,19 @@ impl Error {
     }
 }
 
+/// The one yes/no question on the terminal; anything but y/yes is no.
+pub fn ask(question: &str) -> Result<bool, Error> {
+    use std::io::{BufRead, Write};
+    eprint!("{question}");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
 /// `--json` output: pretty, one trailing newline.
 fn write_json(out: &mut impl std::io::Write, value: &impl serde::Serialize) -> Result<(), Error> {
     let text = serde_json::to_string_pretty(value).expect("values built here serialize");
@@ -94,16 +114,14 @@ fn write_json(out: &mut impl std::io::Write, value: &impl serde::Serialize) -> R
     Ok(())
 }
 
-/// The directory commands act on: `-C DIR` or the working directory.
+/// The directory commands act on: `-C DIR` or the working directory, as a logical
+/// path (a symlink on the way stays visible, see `project::find_root`).
 fn start_dir(cli: &Cli) -> Result<PathBuf, Error> {
-    let cwd = std::env::current_dir().map_err(|source| Error::Dir {
-        path: PathBuf::from("."),
-        source,
-    })?;
-    let dir = match &cli.dir {
-        Some(d) => cwd.join(d),
-        None => cwd,
-    };
+    let dir =
+        crate::session::project::logical_dir(cli.dir.as_deref()).map_err(|source| Error::Dir {
+            path: PathBuf::from("."),
+            source,
+        })?;
     match std::fs::metadata(&dir) {
         Ok(m) if m.is_dir() => Ok(dir),
         Ok(_) => Err(Error::Usage(format!(
@@ -120,6 +138,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         None => up::run(&home, &start_dir(&cli)?),
         Some(Command::List { json }) => list::run(&home, *json),
         Some(Command::Delete { id, yes }) => delete::run(&home, id, *yes),
+        Some(Command::Prune { yes, dry_run }) => prune::run(&home, *yes, *dry_run),
         Some(Command::Init) => init::run(&home, &start_dir(&cli)?),
         Some(Command::Approve) => approve::run(&home, &start_dir(&cli)?),
         Some(Command::Image(cmd)) => image::run(&home, cmd),

@@ -4,16 +4,17 @@ use std::path::Path;
 
 use super::Error;
 use crate::paths::Home;
-use crate::session::index::Index;
 use crate::session::project;
+use crate::store::index::Index;
 use crate::supervisor::client;
 
 pub fn run(home: &Home, start: &Path, id: Option<&str>) -> Result<(), Error> {
     let id = match id {
-        Some(q) => super::delete::resolve(Index::open_existing(home)?.entries(), q)?.id,
+        Some(q) => super::delete::resolve(Index::snapshot(home)?.entries(), q)?.id,
+        // Through the index, never the project's marker: the guest can write that.
         None => {
             let root = project::find_root(start, home)?;
-            project::read_session_id(&crate::paths::Project::new(root.clone()))?
+            project::registered(home, &root)?
                 .ok_or_else(|| Error::Usage(format!("{} has no vibebox session", root.display())))?
         }
     };

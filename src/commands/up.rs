@@ -1,21 +1,22 @@
 //! `vibebox` with no command: find or create this project's session, boot or attach
 //! to its VM, and open a shell in the project.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use super::Error;
+use crate::config::approval;
 use crate::config::{self, Config, Host};
 use crate::image::build::{self, Options};
 use crate::image::store::Store;
 use crate::image::{catalog, pull, recipe};
 use crate::paths::{Home, Project};
 use crate::session::SessionId;
-use crate::session::approval;
-use crate::session::index::Index;
+use crate::session::delete;
 use crate::session::project::{self, Found, Outcome};
 use crate::ssh;
 use crate::statefile;
+use crate::store::index::Index;
 use crate::supervisor::client::{self, Attached};
 use crate::supervisor::protocol::Message;
 use crate::vm::guest::GuestUser;
@@ -56,6 +57,16 @@ pub fn open_project(home: &Home, start: &Path) -> Result<(PathBuf, Outcome, Conf
             "vibebox: this project's session was not in the index; registered it again"
         )?,
         Found::Existing | Found::Created => {}
+    }
+    if matches!(outcome.found, Found::Created | Found::Copied { .. }) {
+        // Said every time, so a session made for an unexpected directory (a link,
+        // a parent with a stray vibebox.toml) is noticed at once.
+        writeln!(
+            err,
+            "vibebox: new session {} for {}",
+            outcome.id,
+            root.display()
+        )?;
     }
     if created_config {
         writeln!(
@@ -125,7 +136,7 @@ pub fn approve(
     }
     let host = Host::detect(GuestUser::current().home())?;
     let baseline = config::defaults(root, &host);
-    let pending = approval::pending(&sd, config, &baseline)?;
+    let pending = approval::pending(home, root, Some(&sd), config, &baseline)?;
     if pending.is_empty() {
         return Ok(());
     }
@@ -142,25 +153,13 @@ pub fn approve(
     for line in &pending {
         eprintln!("    {line}");
     }
-    if !ask("Start the VM with this? [y/N] ")? {
+    if !super::ask("Start the VM with this? [y/N] ")? {
         return Err(Error::Declined(
             "not started; edit vibebox.toml back, or approve it with `vibebox approve`".into(),
         ));
     }
-    approval::record(&sd, &approval::grants(config))?;
+    approval::record(home, root, &approval::grants(config))?;
     Ok(())
-}
-
-/// One yes/no question on the terminal; anything but y/yes is no.
-fn ask(question: &str) -> Result<bool, Error> {
-    eprint!("{question}");
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(matches!(
-        answer.trim().to_ascii_lowercase().as_str(),
-        "y" | "yes"
-    ))
 }
 
 /// Attaches to the session's VM (booting it if needed), printing progress.
@@ -186,8 +185,9 @@ pub fn attach(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<At
 
 pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
     let (root, outcome, mut config) = open_project(home, start)?;
-    ensure_image(home, &config)?;
     let mut id = outcome.id;
+    approve(home, &root, id, &config, true)?;
+    ensure_image(home, &config)?;
     loop {
         approve(home, &root, id, &config, true)?;
         let attached = attach(home, &root, id, false)?;
@@ -208,20 +208,14 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
             eprintln!("vibebox: kept session {id}; back to its shell");
             continue;
         }
-        // What the user approved for this project carries over to its new session.
-        let approved = approval::read(&sd)?;
+        // What the user approved belongs to the directory: the new session has it.
         drop(attached);
-        client::stop(&sd)?;
-        let mut index = Index::open(home)?;
-        project::remove_cache(&Project::new(root.clone()), id)?;
-        index.delete(id)?;
-        index.save()?;
-        drop(index);
+        let entry = Index::snapshot(home)?.get(id).cloned();
+        if let Some(entry) = entry {
+            delete::delete(home, &entry)?;
+        }
         let (_, outcome, fresh) = open_project(home, &root)?;
         config = fresh;
-        if let Some(grants) = approved {
-            approval::record(&home.session(outcome.id), &grants)?;
-        }
         eprintln!("vibebox: deleted session {id}; new session {}", outcome.id);
         id = outcome.id;
     }
@@ -259,7 +253,7 @@ fn confirm_new(id: SessionId, root: &Path, others: u32) -> Result<bool, Error> {
         1 => "1 other terminal will be cut off".to_string(),
         n => format!("{n} other terminals will be cut off"),
     };
-    ask(&format!(
+    super::ask(&format!(
         "Delete session {id} of {} (its VM disk and everything in it outside the project) and start a new one? {cut}. [y/N] ",
         root.display()
     ))

@@ -332,7 +332,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
             opts.mirror
         ),
         vibebox_version: env!("CARGO_PKG_VERSION").to_string(),
-        created: crate::session::index::now(),
+        created: crate::store::index::now(),
         files: Default::default(),
     };
     m.hash_files(out)?;

@@ -231,7 +231,7 @@ pub fn pull(home: &Home, name: Option<&str>, arch: &str) -> Result<(Image, bool)
         root_device: info.root.clone(),
         source: format!("pull {}", entry.url),
         vibebox_version: env!("CARGO_PKG_VERSION").to_string(),
-        created: crate::session::index::now(),
+        created: crate::store::index::now(),
         files: Default::default(),
     };
     m.hash_files(out)?;

@@ -210,8 +210,8 @@ impl Store {
 pub fn sessions_using(
     home: &Home,
     image: &Image,
-    sessions: &[crate::session::SessionId],
-) -> Vec<crate::session::SessionId> {
+    sessions: &[crate::store::SessionId],
+) -> Vec<crate::store::SessionId> {
     sessions
         .iter()
         .copied()

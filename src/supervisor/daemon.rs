@@ -12,7 +12,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, watch};
 
-use super::instance::Instance;
 use super::protocol::{self, Endpoint, Message, Op, Request};
 use crate::config::{self, Host};
 use crate::explain::{self, Facts};
@@ -21,6 +20,7 @@ use crate::paths::{self, Home, SessionDir};
 use crate::session::SessionId;
 use crate::ssh;
 use crate::statefile::{self, Lock};
+use crate::store::instance::Instance;
 use crate::vm::guest::GuestUser;
 use crate::vm::host::{self, Probe};
 use crate::vm::launch::{self, Plan};
@@ -209,8 +209,14 @@ async fn boot_and_run(
         config::load(&project_paths.config(), project, &host_facts).map_err(|e| e.to_string())?;
     // Re-checked here, right before the boot: the guest may have edited vibebox.toml
     // after the client asked.
-    crate::session::approval::check(sd, &config, &config::defaults(project, &host_facts))
-        .map_err(|e| e.to_string())?;
+    config::approval::check(
+        home,
+        project,
+        Some(sd),
+        &config,
+        &config::defaults(project, &host_facts),
+    )
+    .map_err(|e| e.to_string())?;
     let arch = crate::image::host_arch();
     let image = Store::new(home)
         .find(&config.image, arch)

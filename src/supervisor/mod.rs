@@ -2,7 +2,6 @@
 
 pub mod client;
 pub mod daemon;
-pub mod instance;
 pub mod network;
 pub mod protocol;
 

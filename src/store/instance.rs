@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::paths::SessionDir;
-use crate::statefile;
+use super::paths::SessionDir;
+use super::statefile;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {

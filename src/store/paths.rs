@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 
 /// Name of the project configuration file.
 pub const CONFIG_FILE: &str = "vibebox.toml";
-/// Name of the per-project cache directory.
+/// Name of the per-project marker directory (a hint for rename and copy detection).
 pub const CACHE_DIR: &str = ".vibebox";
+/// The marker file in it, naming the session id.
+pub const MARKER_FILE: &str = "session.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -63,6 +65,12 @@ impl Home {
     /// Verified downloads (cloud images), cached by URL so a second pull is free.
     pub fn downloads(&self) -> PathBuf {
         self.root.join("downloads")
+    }
+    /// What the host user approved, one file per canonical project directory: the
+    /// grants belong to the directory, not to a session or a marker the guest can
+    /// delete or forge.
+    pub fn approvals(&self) -> PathBuf {
+        self.root.join("approvals")
     }
     /// Logs of image builds and pulls (sessions keep theirs in their own dir).
     pub fn logs(&self) -> PathBuf {
@@ -147,6 +155,6 @@ impl Project {
         self.root.join(CACHE_DIR)
     }
     pub fn session_file(&self) -> PathBuf {
-        self.cache().join("session.toml")
+        self.cache().join(MARKER_FILE)
     }
 }

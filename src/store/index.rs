@@ -1,16 +1,33 @@
-//! The global session index, `~/.vibebox/sessions.toml`.
+//! The global session index, `~/.vibebox/sessions.toml`: the truth about which
+//! session belongs to which directory (the project's marker is only a hint).
 //!
-//! Every reader takes the exclusive lock because every reader may prune; the file is
-//! replaced atomically, so a crash mid-write leaves the previous index.
+//! Writers take the exclusive lock for a read-modify-write and hold it only for that:
+//! never while a VM stops, never while a guest-writable file is read. The file is
+//! replaced atomically, so a reader without the lock sees a whole index, old or new.
 
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Error, SessionId, project};
-use crate::paths::Home;
-use crate::statefile::{self, Lock};
+use super::SessionId;
+use super::paths::Home;
+use super::statefile::{self, Lock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(
+        "{path}:{line}:{col}: {message}; the file is left as it is: fix it, or move it away to start a new index"
+    )]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error(transparent)]
+    State(#[from] statefile::Error),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -29,7 +46,6 @@ struct File {
 /// The index, read under its lock; the lock is held until this value is dropped, so a
 /// read-modify-write through it is atomic with respect to other vibebox processes.
 pub struct Index {
-    home: Home,
     path: PathBuf,
     entries: Vec<Entry>,
     dirty: bool,
@@ -38,35 +54,38 @@ pub struct Index {
 
 impl Index {
     /// Opens the index for reading and updating, creating the vibebox home if needed.
-    pub fn open(home: &Home) -> Result<Index, Error> {
+    pub fn open(home: &Home) -> Result<Index, IndexError> {
         statefile::ensure_dir(home.root(), 0o700)?;
-        let lock = Lock::exclusive(&home.index_lock())?;
+        let lock = match Lock::try_exclusive(&home.index_lock())? {
+            Some(l) => l,
+            None => {
+                // Held only for short read-modify-writes; a long wait means a stuck
+                // vibebox, and the user should know which file it is.
+                eprintln!(
+                    "vibebox: waiting for another vibebox command to release {}",
+                    home.index_lock().display()
+                );
+                Lock::exclusive(&home.index_lock())?
+            }
+        };
         let mut index = Self::read(home)?;
         index._lock = Some(lock);
         Ok(index)
     }
 
-    /// Opens the index without creating anything: a vibebox home that does not exist
-    /// yet reads as an empty index. Used by commands that only look.
-    pub fn open_existing(home: &Home) -> Result<Index, Error> {
-        if !home.root().is_dir() {
-            return Ok(Index {
-                home: home.clone(),
-                path: home.index(),
-                entries: Vec::new(),
-                dirty: false,
-                _lock: None,
-            });
-        }
-        Self::open(home)
+    /// The index as it is now, without the lock and without creating anything (a
+    /// vibebox home that does not exist yet reads as empty). For commands that only
+    /// look, and for decisions re-checked under the lock. Cannot be saved.
+    pub fn snapshot(home: &Home) -> Result<Index, IndexError> {
+        Self::read(home)
     }
 
-    fn read(home: &Home) -> Result<Index, Error> {
+    fn read(home: &Home) -> Result<Index, IndexError> {
         let path = home.index();
         let text = statefile::read_nofollow(&path)?.unwrap_or_default();
         let file: File = toml::from_str(&text).map_err(|e| {
             let (line, col) = crate::tomlpos::error_line_col(&text, &e);
-            Error::CorruptIndex {
+            IndexError::Corrupt {
                 path: path.clone(),
                 line,
                 col,
@@ -74,7 +93,6 @@ impl Index {
             }
         })?;
         Ok(Index {
-            home: home.clone(),
             path,
             entries: file.sessions,
             dirty: false,
@@ -98,37 +116,33 @@ impl Index {
         self.dirty = true;
     }
 
+    /// Records that the session was used now.
+    pub fn touch(&mut self, id: SessionId, at: DateTime<Utc>) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.id == id)
+            && e.last_active != at
+        {
+            e.last_active = at;
+            self.dirty = true;
+        }
+    }
+
     pub fn remove(&mut self, id: SessionId) -> Option<Entry> {
         let pos = self.entries.iter().position(|e| e.id == id)?;
         self.dirty = true;
         Some(self.entries.remove(pos))
     }
 
-    /// Drops entries whose directory no longer holds `.vibebox/session.toml` with their
-    /// id (the project was deleted, or its `.vibebox/` was), and deletes their state:
-    /// that is the documented way to delete a session. Returns what it dropped.
-    pub fn prune(&mut self) -> Result<Vec<Entry>, Error> {
-        let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(is_live);
-        self.entries = keep;
-        if !gone.is_empty() {
-            self.dirty = true;
-        }
-        for e in &gone {
-            remove_state(&self.home, e.id)?;
-        }
-        Ok(gone)
-    }
-
-    /// Removes an entry and the session's state directory.
-    pub fn delete(&mut self, id: SessionId) -> Result<Option<Entry>, Error> {
-        remove_state(&self.home, id)?;
-        Ok(self.remove(id))
+    /// The entry whose directory is `dir` (canonical), if any.
+    pub fn find_dir(&self, dir: &Path) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.directory == dir)
     }
 
     /// Writes the index back if anything changed.
-    pub fn save(&mut self) -> Result<(), Error> {
+    pub fn save(&mut self) -> Result<(), IndexError> {
+        assert!(
+            self._lock.is_some(),
+            "the index is saved only under its lock"
+        );
         if !self.dirty {
             return Ok(());
         }
@@ -144,32 +158,6 @@ impl Index {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-}
-
-/// Deleting a session stops its VM first: a disk is never removed under a running
-/// QEMU.
-fn remove_state(home: &Home, id: SessionId) -> Result<(), Error> {
-    let session = home.session(id);
-    if let Err(e) = crate::supervisor::client::stop(&session) {
-        tracing::warn!("stopping session {id} before deleting it: {e}");
-    }
-    let dir = session.dir().to_path_buf();
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Dir { path: dir, source }),
-    }
-}
-
-/// Whether the entry's directory still holds its session. Unreadable for other reasons
-/// (permissions, an unmounted disk that left a stale mount point) counts as live only
-/// when the `.vibebox` directory is still there, so a hiccup never drops a session.
-fn is_live(e: &Entry) -> bool {
-    match project::read_session_id(&crate::paths::Project::new(e.directory.clone())) {
-        Ok(Some(id)) => id == e.id,
-        Ok(None) => false,
-        Err(_) => e.directory.join(crate::paths::CACHE_DIR).exists(),
     }
 }
 

@@ -4,6 +4,8 @@
 //! untrusted input: parsed strictly (unknown keys are errors), bounded in size, never
 //! followed through a symlink, and every error names the file, line and column.
 
+pub mod approval;
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -135,6 +137,8 @@ pub enum Error {
     },
     #[error(transparent)]
     File(#[from] statefile::Error),
+    #[error(transparent)]
+    Guest(#[from] crate::store::guestfile::GuestFileError),
 }
 
 #[derive(Deserialize, Default)]
@@ -171,9 +175,15 @@ struct RawSupervisor {
     auto_shutdown_ms: Option<Spanned<i64>>,
 }
 
-/// Reads and validates `path`; a missing file gives the defaults.
+/// `vibebox.toml` is a few KiB; a bigger one is not a config anybody wrote.
+const CONFIG_CAP: u64 = 1 << 20;
+
+/// Reads and validates `path` (the project's `vibebox.toml`) as the guest-writable
+/// file it is (see `store::guestfile`); a missing file gives the defaults.
 pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
-    match statefile::read_nofollow(path)? {
+    let dir = path.parent().unwrap_or(project);
+    let name = Path::new(path.file_name().unwrap_or_default());
+    match crate::store::guestfile::read(dir, name, CONFIG_CAP)? {
         Some(text) => parse(&text, path, project, host),
         None => parse("", path, project, host),
     }
