@@ -304,6 +304,33 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     let mut c1 = b.spawn_exec("sleep 20");
     let mut c2 = b.spawn_exec("sleep 20");
     b.wait_status(60, |s, n| s == "running" && n == 2);
+
+    // The guest deletes the project's marker while clients are attached; host
+    // commands elsewhere only look: the VM keeps running and its state stays.
+    let id = b.id();
+    let disk = b.session_dir().join("disk.qcow2");
+    ok(&b.exec("sudo rm -rf .vibebox && test ! -e .vibebox"));
+    let elsewhere = b.env.project("elsewhere");
+    for args in [&["list"][..], &["explain"][..]] {
+        let mut c = b.env.cmd(&elsewhere);
+        c.args(args);
+        let out = common::run(c);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+    }
+    assert_eq!(b.status(), ("running".to_string(), 2));
+    assert!(
+        disk.is_file()
+            && b.env
+                .vibebox_home()
+                .join("sessions")
+                .join(&id)
+                .join("logs")
+                .is_dir()
+    );
+    // The next command in the project writes the hint again, same session.
+    ok(&b.vibebox(&["init"]));
+    assert_eq!(b.id(), id);
+
     kill9(c1.id() as i32);
     let _ = c1.wait();
     b.wait_status(30, |s, n| s == "running" && n == 1);

@@ -17,15 +17,21 @@ type Row = (Entry, Status, bool);
 /// Only looks: no lock, no write, no project file read, nothing stopped or removed.
 pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
     let index = Index::snapshot(home)?;
+    let live = supervisor::live_sessions(home);
+    let stopped = Status {
+        state: State::Stopped,
+        clients: 0,
+    };
     let mut rows: Vec<Row> = index
         .entries()
         .iter()
         .map(|e| {
-            (
-                e.clone(),
-                supervisor::status(&home.session(e.id)),
-                is_missing(e),
-            )
+            let status = if live.contains(&e.id.to_string()) {
+                supervisor::status(&home.session(e.id))
+            } else {
+                stopped
+            };
+            (e.clone(), status, is_missing(e))
         })
         .collect();
     drop(index);

@@ -72,6 +72,11 @@ impl Home {
     pub fn approvals(&self) -> PathBuf {
         self.root.join("approvals")
     }
+    /// One empty file per live supervisor, named by session id: `list` reads this
+    /// one directory instead of knocking on every session's control socket.
+    pub fn live(&self) -> PathBuf {
+        self.root.join("live")
+    }
     /// Logs of image builds and pulls (sessions keep theirs in their own dir).
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")

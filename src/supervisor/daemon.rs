@@ -80,6 +80,7 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
     else {
         return Ok(());
     };
+    let _live = super::LiveMark::new(home, &id.to_string());
     stop_orphan(&sd);
     let _ = fs::remove_file(paths::CONTROL_SOCKET);
     let rt = tokio::runtime::Builder::new_multi_thread()

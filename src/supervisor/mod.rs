@@ -44,6 +44,38 @@ pub struct Status {
     pub clients: u32,
 }
 
+/// The ids of the sessions whose supervisor announced itself in `live/` (see
+/// `Home::live`). A supervisor killed with -9 leaves its name behind; asking it
+/// then finds nobody, so such a session still shows as stopped.
+pub fn live_sessions(home: &crate::paths::Home) -> std::collections::HashSet<String> {
+    std::fs::read_dir(home.live())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Announces a live supervisor in `live/` for as long as this value lives.
+pub struct LiveMark(std::path::PathBuf);
+
+impl LiveMark {
+    pub fn new(home: &crate::paths::Home, id: &str) -> LiveMark {
+        let path = home.live().join(id);
+        if crate::statefile::ensure_dir(&home.live(), 0o700).is_ok() {
+            let _ = crate::statefile::write_atomic(&path, b"", 0o600);
+        }
+        LiveMark(path)
+    }
+}
+
+impl Drop for LiveMark {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// What the session's supervisor reports; a session without a live supervisor is
 /// stopped with no clients.
 pub fn status(session: &SessionDir) -> Status {
