@@ -17,7 +17,6 @@ use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use vibebox::config::Network;
 use vibebox::net::decide::Policy;
 use vibebox::net::device::Queues;
 use vibebox::net::dhcp::Lan;
@@ -295,10 +294,10 @@ fn world() -> Arc<World> {
 }
 
 fn policy(mode: Mode, entries: &[&str]) -> Policy {
-    Policy::new(&Network {
+    Policy::new(
         mode,
-        entries: entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
-    })
+        entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
+    )
 }
 
 /// Starts a gateway for `policy` and returns the guest attached to it, plus the

@@ -16,7 +16,6 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use super::policy::{DEFAULT_PORTS, Mode, Rule};
-use crate::config::Network;
 
 /// A denial, with what the log line needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,11 +48,10 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(network: &Network) -> Policy {
-        Policy {
-            mode: network.mode,
-            rules: network.entries.clone(),
-        }
+    /// From the mode and rules the supervisor read at boot (net knows nothing of
+    /// vibebox.toml: the config layer sits above it).
+    pub fn new(mode: Mode, rules: Vec<Rule>) -> Policy {
+        Policy { mode, rules }
     }
 
     pub fn mode(&self) -> Mode {
@@ -270,10 +268,10 @@ mod tests {
     use super::*;
 
     fn policy(mode: Mode, entries: &[&str]) -> Policy {
-        Policy::new(&Network {
+        Policy::new(
             mode,
-            entries: entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
-        })
+            entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
+        )
     }
 
     const IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);

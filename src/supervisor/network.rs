@@ -40,7 +40,7 @@ pub fn start(
     let dialer: Arc<dyn upstream::Dialer> = Arc::new(upstream::Direct);
     let settings = Settings {
         lan: Lan::default(),
-        policy: Policy::new(&config.network),
+        policy: Policy::new(config.network.mode, config.network.entries.clone()),
         log: NetLog::new(&sd.logs().join("network.log"), id),
         ssh_port: 22,
     };
