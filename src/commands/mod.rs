@@ -29,6 +29,8 @@ pub enum Error {
     #[error(transparent)]
     Index(#[from] crate::store::index::IndexError),
     #[error(transparent)]
+    EnsureImage(#[from] crate::session::open::EnsureImageError),
+    #[error(transparent)]
     Paths(#[from] crate::paths::Error),
     #[error(transparent)]
     State(#[from] crate::statefile::Error),
@@ -76,6 +78,16 @@ impl Error {
             | Error::Approval(crate::config::approval::ApprovalError::NotApproved { .. }) => 2,
             Error::Exit(c) => u8::try_from(*c).unwrap_or(1),
             Error::Open(e) => e.exit_code(),
+            Error::EnsureImage(crate::session::open::EnsureImageError::Unknown { .. }) => 2,
+            Error::EnsureImage(crate::session::open::EnsureImageError::Pull(
+                crate::image::pull::PullError::Interrupted
+                | crate::image::pull::PullError::Download(
+                    crate::image::download::DownloadError::Interrupted,
+                ),
+            ))
+            | Error::EnsureImage(crate::session::open::EnsureImageError::Build(
+                crate::image::build::BuildError::Interrupted,
+            )) => 130,
             Error::Delete(e) => e.exit_code(),
             Error::Build(crate::image::build::BuildError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Interrupted)

@@ -1,124 +1,42 @@
 //! `vibebox` with no command: find or create this project's session, boot or attach
 //! to its VM, and open a shell in the project.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use super::Error;
+use crate::config::Config;
 use crate::config::approval;
-use crate::config::{self, Config, Host};
-use crate::image::build::{self, Options};
-use crate::image::store::Store;
-use crate::image::{catalog, pull, recipe};
 use crate::paths::{Home, Project};
 use crate::session::SessionId;
-use crate::session::delete;
-use crate::session::project::{self, Found, Outcome};
+use crate::session::project::Outcome;
+use crate::session::{delete, open};
 use crate::ssh;
-use crate::statefile;
 use crate::store::index::Index;
 use crate::supervisor::client::{self, Attached};
 use crate::supervisor::protocol::Message;
-use crate::vm::guest::GuestUser;
 
 /// Exit status of the guest shell that means `:new` (see images/guest/vibebox.sh).
 pub const NEW_SESSION_STATUS: i32 = 75;
 
-/// Root discovery, the default config on first run, validation, find-or-create, and
-/// the notes the user should see (moved, copied, config written).
+/// Opens the project (see `session::open`) and tells the user what happened.
 pub fn open_project(home: &Home, start: &Path) -> Result<(PathBuf, Outcome, Config), Error> {
-    let root = project::find_root(start, home)?;
-    let paths = Project::new(root.clone());
-    let created_config = statefile::write_new_atomic(
-        &paths.config(),
-        config::default_file_text().as_bytes(),
-        0o644,
-    )?;
-    let host = Host::detect(GuestUser::current().home())?;
-    let config = config::load(&paths.config(), &root, &host)?;
-    let outcome = project::find_or_create(home, &root)?;
-    let mut err = std::io::stderr().lock();
-    match &outcome.found {
-        Found::Moved { from } => writeln!(
-            err,
-            "vibebox: this project moved from {}; its session moved with it",
-            from.display()
-        )?,
-        Found::Copied {
-            original,
-            original_id,
-        } => writeln!(
-            err,
-            "vibebox: this directory is a copy of {} (session {original_id}); it gets its own new session",
-            original.display()
-        )?,
-        Found::Registered => writeln!(
-            err,
-            "vibebox: this project's session was not in the index; registered it again"
-        )?,
-        Found::Existing | Found::Created => {}
+    let opened = open::open(home, start)?;
+    for note in &opened.notes {
+        eprintln!("vibebox: {note}");
     }
-    if matches!(outcome.found, Found::Created | Found::Copied { .. }) {
-        // Said every time, so a session made for an unexpected directory (a link,
-        // a parent with a stray vibebox.toml) is noticed at once.
-        writeln!(
-            err,
-            "vibebox: new session {} for {}",
-            outcome.id,
-            root.display()
-        )?;
-    }
-    if created_config {
-        writeln!(
-            err,
-            "vibebox: wrote {} with the defaults; edit it to change the VM",
-            paths.config().display()
-        )?;
-    }
-    Ok((root, outcome, config))
+    Ok((opened.root, opened.outcome, opened.config))
 }
 
-/// Makes sure a base image exists for the config: a cached one, else the official
-/// cloud image pulled and prepared, else (Linux, when the download cannot be had)
-/// one built from Debian's packages; saying which, since each takes minutes once.
+/// A base image for the config, saying what it does to get one.
 pub fn ensure_image(home: &Home, config: &Config) -> Result<(), Error> {
-    let arch = crate::image::host_arch();
-    if Store::new(home).find(&config.image, arch)?.is_some() {
-        return Ok(());
-    }
-    let wanted = (config.image != crate::config::DEFAULT_IMAGE).then_some(config.image.as_str());
-    if let Some(name) = wanted {
-        let known = catalog::load()
-            .ok()
-            .is_some_and(|c| catalog::find(&c, name, arch).is_ok());
-        if !known {
-            return Err(Error::Usage(format!(
-                "no base image named {name:?} for {arch}; `vibebox image list` shows the images, or set image = \"default\" in vibebox.toml"
-            )));
-        }
-    }
-    eprintln!(
-        "vibebox: no base image yet; pulling Debian's official cloud image and preparing it (once)"
-    );
-    let err = match pull::pull(home, wanted, arch) {
-        Ok(_) => return Ok(()),
-        Err(e) => e,
-    };
-    let buildable = cfg!(target_os = "linux")
-        && wanted.is_none_or(|n| n == recipe::image_name(build::DEFAULT_RELEASE));
-    if !err.is_unreachable() || !buildable {
-        return Err(err.into());
-    }
-    eprintln!("vibebox: {err}");
-    eprintln!("vibebox: building an image from Debian's packages instead (once, a few minutes)");
-    build::build(home, &Options::default())?;
-    Ok(())
+    Ok(open::ensure_image(home, config, |m| {
+        eprintln!("vibebox: {m}")
+    })?)
 }
 
 /// Before a VM boots, makes sure the host user approved what `vibebox.toml` grants
-/// it (see `session::approval`): asks on a terminal when `interactive`, else refuses
-/// with the changes named. A running VM keeps what it booted with, so nothing is
-/// asked then.
+/// it: asks on a terminal when `interactive`, else refuses with the changes named.
 pub fn approve(
     home: &Home,
     root: &Path,
@@ -126,17 +44,7 @@ pub fn approve(
     config: &Config,
     interactive: bool,
 ) -> Result<(), Error> {
-    let sd = home.session(id);
-    use crate::supervisor::State;
-    if matches!(
-        crate::supervisor::status(&sd).state,
-        State::Running | State::Booting
-    ) {
-        return Ok(());
-    }
-    let host = Host::detect(GuestUser::current().home())?;
-    let baseline = config::defaults(root, &host);
-    let pending = approval::pending(home, root, Some(&sd), config, &baseline)?;
+    let pending = open::pending_approval(home, root, id, config)?;
     if pending.is_empty() {
         return Ok(());
     }
@@ -158,7 +66,7 @@ pub fn approve(
             "not started; edit vibebox.toml back, or approve it with `vibebox approve`".into(),
         ));
     }
-    approval::record(home, root, &approval::grants(config))?;
+    open::record_approval(home, root, config)?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::SessionId;
 use crate::config::approval;
-use crate::paths::{CACHE_DIR, CONFIG_FILE, Home, MARKER_FILE, Project};
+use crate::paths::{CACHE_DIR, Home, MARKER_FILE, Project};
 use crate::store::guestfile::{self, GuestFileError};
 use crate::store::index::{self, Entry, Index, IndexError};
 
@@ -46,12 +46,19 @@ pub enum OpenError {
     Index(#[from] IndexError),
     #[error(transparent)]
     Approval(#[from] approval::ApprovalError),
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Paths(#[from] crate::paths::Error),
+    #[error(transparent)]
+    State(#[from] crate::statefile::Error),
 }
 
 impl OpenError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            OpenError::Index(_) | OpenError::Approval(_) => 1,
+            OpenError::Approval(approval::ApprovalError::NotApproved { .. }) => 2,
+            OpenError::Index(_) | OpenError::Approval(_) | OpenError::State(_) => 1,
             _ => 2,
         }
     }
@@ -374,11 +381,6 @@ pub fn find_or_create(home: &Home, root: &Path) -> Result<Outcome, OpenError> {
 /// resolve it here, never through the guest-writable marker.
 pub fn registered(home: &Home, root: &Path) -> Result<Option<SessionId>, OpenError> {
     Ok(Index::snapshot(home)?.find_dir(root).map(|e| e.id))
-}
-
-/// Whether the vibebox.toml of the project exists (used to tell a new project).
-pub fn has_config(root: &Path) -> bool {
-    root.join(CONFIG_FILE).exists()
 }
 
 #[cfg(test)]
