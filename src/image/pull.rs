@@ -11,7 +11,7 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -27,7 +27,7 @@ use crate::config::Accel;
 use crate::interrupt;
 use crate::paths::Home;
 use crate::vm::host::{self, Accelerator, Probe};
-use crate::vm::qemu::{self, Boot, Network, Preset, Spec};
+use crate::vm::qemu::{Boot, Network, Preset, Spec};
 
 /// The downloaded file, the prepared copy and QEMU's scratch, side by side.
 const NEEDED_FREE_BYTES: u64 = 4 << 30;
@@ -303,18 +303,7 @@ fn prepare_boot(run: &PrepareRun<'_>) -> Result<export::Info, PullError> {
         network: Network::Outbound,
         shares: &[],
     };
-    let log = fs::OpenOptions::new()
-        .append(true)
-        .open(run.log)
-        .map_err(io(run.log))?;
-    let mut cmd = Command::new(run.qemu);
-    cmd.args(qemu::argv(&spec))
-        .current_dir(run.dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io(run.log))?)
-        .stderr(log);
-    let mut child = cmd
-        .spawn()
+    let mut child = crate::vm::launch::spawn_qemu(run.qemu, &spec, run.dir, run.log)
         .map_err(|e| failed(format!("cannot start {}: {e}", run.qemu.display())))?;
 
     let limit = if run.accel == Accelerator::Tcg {

@@ -278,20 +278,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
             }
         }
     }
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(s.qemu_log())
-        .map_err(Error::Spawn)?;
-    let mut cmd = Command::new(&plan.qemu);
-    cmd.args(qemu::argv(&spec))
-        .current_dir(s.dir())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(Error::Spawn)?)
-        .stderr(log);
-    // QEMU never outlives its supervisor: SIGTERM makes it quit cleanly.
-    host::end_with_parent(&mut cmd);
-    let child = cmd.spawn().map_err(Error::Spawn)?;
+    let child = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log()).map_err(Error::Spawn)?;
     Ok(Started {
         child,
         ssh_port: port,
@@ -299,4 +286,24 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         net,
         daemons,
     })
+}
+
+/// The one place QEMU is started, for sessions and for image preparation alike: in
+/// `dir` (the sockets in `spec` are relative to it), stdio to `log`, and never
+/// outliving the process that started it (SIGTERM makes it quit cleanly).
+pub fn spawn_qemu(
+    binary: &Path,
+    spec: &Spec<'_>,
+    dir: &Path,
+    log: &Path,
+) -> std::io::Result<std::process::Child> {
+    let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = Command::new(binary);
+    cmd.args(qemu::argv(spec))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    host::end_with_parent(&mut cmd);
+    cmd.spawn()
 }
