@@ -135,6 +135,12 @@ pub enum Error {
         col: usize,
         message: String,
     },
+    #[error("{}: mount {}: {message}", path.display(), host.display())]
+    Mount {
+        path: PathBuf,
+        host: PathBuf,
+        message: String,
+    },
     #[error(transparent)]
     File(#[from] statefile::Error),
     #[error(transparent)]
@@ -183,10 +189,51 @@ const CONFIG_CAP: u64 = 1 << 20;
 pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
     let dir = path.parent().unwrap_or(project);
     let name = Path::new(path.file_name().unwrap_or_default());
-    match crate::store::guestfile::read(dir, name, CONFIG_CAP)? {
-        Some(text) => parse(&text, path, project, host),
-        None => parse("", path, project, host),
+    let mut config = match crate::store::guestfile::read(dir, name, CONFIG_CAP)? {
+        Some(text) => parse(&text, path, project, host)?,
+        None => parse("", path, project, host)?,
+    };
+    pin_mounts(&mut config, path)?;
+    Ok(config)
+}
+
+/// Mount sources are what they really are: each host path is replaced by its
+/// canonical path (so a grant names a real directory, and a link changed later
+/// changes the grant and asks again), and a source reached through a directory the
+/// VM can write (the project, any rw mount) is refused: the guest could swap it for
+/// a link to any host directory before the next start.
+fn pin_mounts(config: &mut Config, path: &Path) -> Result<(), Error> {
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let writable: Vec<(usize, PathBuf, PathBuf)> = config
+        .mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.access == mounts::Access::ReadWrite)
+        .map(|(i, m)| (i, m.host.clone(), real(&m.host)))
+        .collect();
+    for (i, m) in config.mounts.iter_mut().enumerate() {
+        if m.origin == mounts::Origin::Project {
+            continue;
+        }
+        let pinned = real(&m.host);
+        if let Some((_, shown, _)) = writable.iter().find(|(j, lexical, canonical)| {
+            *j != i
+                && [&m.host, &pinned]
+                    .iter()
+                    .any(|p| p.starts_with(lexical) || p.starts_with(canonical))
+        }) {
+            return Err(Error::Mount {
+                path: path.to_path_buf(),
+                host: m.host.clone(),
+                message: format!(
+                    "its host path lies inside {}, which the VM can write (it could replace it with a link to any directory); mount a directory outside the project and outside read-write mounts",
+                    shown.display()
+                ),
+            });
+        }
+        m.host = pinned;
     }
+    Ok(())
 }
 
 /// The config a project without `vibebox.toml` gets: the baseline of what a VM may

@@ -181,21 +181,16 @@ pub fn check_root(root: &Path, home_root: &Path) -> Result<(), OpenError> {
             why: "is not valid UTF-8",
         });
     };
-    if text.chars().any(|c| c.is_control() || is_format_char(c)) {
+    if text
+        .chars()
+        .any(|c| c.is_control() || crate::vm::mounts::is_format_char(c))
+    {
         return Err(OpenError::BadPath {
             path: root.to_path_buf(),
             why: "contains control or invisible formatting characters (tab, newline, bidi)",
         });
     }
     Ok(())
-}
-
-/// Unicode format characters (bidi overrides, zero-width) that make a path print as
-/// something it is not.
-pub fn is_format_char(c: char) -> bool {
-    matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 /// The id in the project's marker, if any, read defensively (see `guestfile`).

@@ -55,14 +55,21 @@ pub enum SpecError {
     TooManyColons(String),
     #[error("mount {0:?} contains a control character (tab, newline); rename the path")]
     ControlChar(String),
-    #[error("mount {0:?}: '..' is not allowed in a guest path; write the path it means")]
+    #[error("mount {0:?}: '..' is not allowed in a mount path; write the path it means")]
     DotDot(String),
+    #[error(
+        "mount {0:?} contains an invisible formatting character (bidi, zero-width); rename the path"
+    )]
+    FormatChar(String),
 }
 
 impl MountSpec {
     pub fn parse(spec: &str) -> Result<MountSpec, SpecError> {
         if spec.chars().any(char::is_control) {
             return Err(SpecError::ControlChar(spec.to_string()));
+        }
+        if spec.chars().any(is_format_char) {
+            return Err(SpecError::FormatChar(spec.to_string()));
         }
         let mut parts: Vec<&str> = spec.split(':').collect();
         let mut access = Access::ReadWrite;
@@ -86,7 +93,10 @@ impl MountSpec {
             [_] => Err(SpecError::MissingGuest(spec.to_string())),
             [h, g] if h.is_empty() || g.is_empty() => Err(SpecError::EmptyPath(spec.to_string())),
             [h, g] => {
-                if Path::new(g).components().any(|c| c == Component::ParentDir) {
+                if [h, g]
+                    .iter()
+                    .any(|p| Path::new(p).components().any(|c| c == Component::ParentDir))
+                {
                     return Err(SpecError::DotDot(spec.to_string()));
                 }
                 Ok(MountSpec {
@@ -103,6 +113,14 @@ impl MountSpec {
         let host = self.host.trim_end_matches('/');
         OPTIONAL_HOST_PATHS.contains(&host)
     }
+}
+
+/// Unicode format characters (bidi overrides, zero-width) that make a path print as
+/// something it is not.
+pub fn is_format_char(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 fn is_mode(s: &str) -> bool {
@@ -222,6 +240,8 @@ mod tests {
         assert!(matches!(err("/a:/b:/c:ro"), TooManyColons(_)));
         assert!(matches!(err("/a\t:/b"), ControlChar(_)));
         assert!(matches!(err("/a:/b/../etc"), DotDot(_)));
+        assert!(matches!(err("/a/../etc:/b"), DotDot(_)));
+        assert!(matches!(err("/a\u{202e}b:/b"), FormatChar(_)));
     }
 
     #[test]

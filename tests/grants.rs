@@ -1,0 +1,85 @@
+//! A grant names a real directory: mount sources are canonical when shown and
+//! approved, and a source the VM could redirect (inside the project or a
+//! read-write mount) is refused. Real binary, temporary homes, no VM.
+
+mod common;
+
+use std::fs;
+
+use common::{Env, run};
+
+#[test]
+fn mount_sources_inside_writable_shares_are_refused() {
+    let env = Env::new();
+    let p = env.project("p");
+    let outside = env.project("scratch");
+    fs::create_dir_all(p.join("data")).unwrap();
+    fs::create_dir_all(outside.join("inner")).unwrap();
+    for (config, inside) in [
+        // The documented relative form: under the project, which the guest writes.
+        ("[box]\nmounts = [\"data:/mnt/data:ro\"]\n".to_string(), p.display().to_string()),
+        (
+            format!("[box]\nmounts = [\"{}/data:/mnt/data:ro\"]\n", p.display()),
+            p.display().to_string(),
+        ),
+        // A ro mount inside an rw mount.
+        (
+            format!(
+                "[box]\nmounts = [\"{0}:/mnt/s\", \"{0}/inner:/mnt/i:ro\"]\n",
+                outside.display()
+            ),
+            outside.display().to_string(),
+        ),
+    ] {
+        fs::write(p.join("vibebox.toml"), &config).unwrap();
+        let out = run(env.init(&p));
+        assert_eq!(out.code, 2, "{config}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("lies inside {inside}"))
+                && out.stderr.lines().count() == 1,
+            "{config}: {}",
+            out.stderr
+        );
+    }
+    // `..` and invisible characters in a host path.
+    for bad in ["/tmp/../etc:/mnt/x", "/tmp/a\u{202e}b:/mnt/x"] {
+        fs::write(p.join("vibebox.toml"), format!("[box]\nmounts = [\"{bad}\"]\n")).unwrap();
+        assert_eq!(run(env.init(&p)).code, 2, "{bad}");
+    }
+}
+
+#[test]
+fn a_grant_names_the_real_directory_and_a_swapped_link_asks_again() {
+    let env = Env::new();
+    let p = env.project("p");
+    let real = env.project("real data");
+    let other = env.project("other");
+    let link = env.tmp.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    fs::write(
+        p.join("vibebox.toml"),
+        format!("[box]\nmounts = [\"{}:/mnt/d:ro\"]\n", link.display()),
+    )
+    .unwrap();
+    let mut c = env.cmd(&p);
+    c.arg("approve");
+    let out = run(c);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&format!("mount ro {} -> /mnt/d", real.display())),
+        "the grant shows where the link leads: {}",
+        out.stdout
+    );
+    // Someone points the link elsewhere: the next start is refused, naming it.
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&other, &link).unwrap();
+    let mut c = env.cmd(&p);
+    c.args(["exec", "--", "true"]);
+    let out = run(c);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("+ mount ro {} -> /mnt/d", other.display())),
+        "{}",
+        out.stderr
+    );
+}
