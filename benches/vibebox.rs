@@ -523,8 +523,20 @@ fn bench_network(b: &mut Bench, images: &Path) {
         "[network]\nmode = \"allowlist\"\nentries = [\"bench.test\"]\n",
     )
     .unwrap();
+    // Approved as a script does: the digest the refusal names, then --expect it.
     let mut c = b.cmd(&project);
-    c.arg("approve");
+    c.arg("approve").stderr(Stdio::piped());
+    let refusal = c.output().unwrap();
+    let text = String::from_utf8_lossy(&refusal.stderr);
+    let digest: String = text
+        .split("approve --expect ")
+        .nth(1)
+        .expect("the refusal names a digest")
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    let mut c = b.cmd(&project);
+    c.args(["approve", "--expect", &digest]);
     must(c);
     // The same script on both sides; `URL_HOST` is the name (gateway) or the address
     // (user networking, which has no DNS for the test's names).

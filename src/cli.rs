@@ -63,9 +63,15 @@ pub enum Command {
     /// Manage base images (`~/.vibebox/images/`).
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Approve what vibebox.toml grants the VM (mounts, network, image) for its next
-    /// start, after reviewing it; needed when the file changed since the last start.
-    Approve,
+    /// Approve what vibebox.toml grants the VM (mounts, network, image, resources)
+    /// for its next start: shows the changes and asks on a terminal; needed when the
+    /// file changed since the last start.
+    Approve {
+        /// Without a terminal: approve only if the grants still have this digest (the
+        /// one the refusal printed), so what is approved is what was reviewed.
+        #[arg(long, value_name = "DIGEST")]
+        expect: Option<String>,
+    },
     /// Show what this project's VM can see and reach: mounts, network, storage.
     Explain {
         /// Print JSON instead of text.

@@ -21,6 +21,7 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod escape;
 pub mod explain;
 pub mod image;
 pub mod interrupt;

@@ -19,7 +19,9 @@ fn main() -> ExitCode {
         // A guest command's status is passed through without a message of ours.
         Err(commands::Error::Exit(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("vibebox: {e}");
+            // Errors quote paths, config text and guest reports: escaped, so nothing
+            // the guest wrote can act on the host terminal.
+            eprintln!("vibebox: {}", vibebox::escape::escape(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

@@ -17,7 +17,10 @@ fn mount_sources_inside_writable_shares_are_refused() {
     fs::create_dir_all(outside.join("inner")).unwrap();
     for (config, inside) in [
         // The documented relative form: under the project, which the guest writes.
-        ("[box]\nmounts = [\"data:/mnt/data:ro\"]\n".to_string(), p.display().to_string()),
+        (
+            "[box]\nmounts = [\"data:/mnt/data:ro\"]\n".to_string(),
+            p.display().to_string(),
+        ),
         (
             format!("[box]\nmounts = [\"{}/data:/mnt/data:ro\"]\n", p.display()),
             p.display().to_string(),
@@ -43,7 +46,11 @@ fn mount_sources_inside_writable_shares_are_refused() {
     }
     // `..` and invisible characters in a host path.
     for bad in ["/tmp/../etc:/mnt/x", "/tmp/a\u{202e}b:/mnt/x"] {
-        fs::write(p.join("vibebox.toml"), format!("[box]\nmounts = [\"{bad}\"]\n")).unwrap();
+        fs::write(
+            p.join("vibebox.toml"),
+            format!("[box]\nmounts = [\"{bad}\"]\n"),
+        )
+        .unwrap();
         assert_eq!(run(env.init(&p)).code, 2, "{bad}");
     }
 }
@@ -61,12 +68,11 @@ fn a_grant_names_the_real_directory_and_a_swapped_link_asks_again() {
         format!("[box]\nmounts = [\"{}:/mnt/d:ro\"]\n", link.display()),
     )
     .unwrap();
-    let mut c = env.cmd(&p);
-    c.arg("approve");
-    let out = run(c);
+    let out = common::approve(|| env.cmd(&p));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stdout.contains(&format!("mount ro {} -> /mnt/d", real.display())),
+        out.stdout
+            .contains(&format!("mount ro {} -> /mnt/d", real.display())),
         "the grant shows where the link leads: {}",
         out.stdout
     );
@@ -78,8 +84,77 @@ fn a_grant_names_the_real_directory_and_a_swapped_link_asks_again() {
     let out = run(c);
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(
-        out.stderr.contains(&format!("+ mount ro {} -> /mnt/d", other.display())),
+        out.stderr
+            .contains(&format!("+ mount ro {} -> /mnt/d", other.display())),
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn approve_shows_what_it_approves_and_needs_the_reviewed_digest() {
+    let env = Env::new();
+    let p = env.project("p");
+    fs::write(
+        p.join("vibebox.toml"),
+        "[network]\nmode = \"blocklist\"\nentries = []\n",
+    )
+    .unwrap();
+    let approve = |args: &[&str]| {
+        let mut c = env.cmd(&p);
+        c.arg("approve").args(args);
+        run(c)
+    };
+    // No terminal: nothing is approved blindly; the refusal names the changes and
+    // the digest of what the file grants now.
+    let out = approve(&[]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("+ network blocklist"), "{}", out.stderr);
+    let digest = common::expected_digest(&out.stderr).unwrap();
+    assert_eq!(digest.len(), 12);
+    // The guest edits the file between the review and the approval.
+    fs::write(
+        p.join("vibebox.toml"),
+        "[box]\nmounts = [\"/etc:/mnt/etc:ro\"]\n[network]\nmode = \"blocklist\"\nentries = []\n",
+    )
+    .unwrap();
+    let out = approve(&["--expect", &digest]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("now grants something else"),
+        "{}",
+        out.stderr
+    );
+    let mut c = env.cmd(&p);
+    c.args(["exec", "--", "true"]);
+    assert_eq!(run(c).code, 2, "still not approved");
+    // What was reviewed is what gets approved.
+    let now = common::expected_digest(&approve(&[]).stderr).unwrap();
+    let out = approve(&["--expect", &now]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("+ mount ro /etc -> /mnt/etc"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn guest_text_reaches_the_terminal_escaped() {
+    let env = Env::new();
+    let p = env.project("p");
+    // An unknown key carrying a terminal escape (sets the window title).
+    fs::write(
+        p.join("vibebox.toml"),
+        "[box]\n\"x\\u001b]0;pwned\\u0007\" = 1\n",
+    )
+    .unwrap();
+    let out = run(env.init(&p));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        !out.stderr.contains('\u{1b}') && !out.stderr.contains('\u{7}'),
+        "{:?}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("\\u{1b}"), "{}", out.stderr);
 }

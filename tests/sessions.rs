@@ -171,9 +171,7 @@ fn approvals_belong_to_the_directory_and_cover_resources() {
         "[network]\nmode = \"allowlist\"\nentries = [\"example.org\"]\n",
     )
     .unwrap();
-    let mut c = env.cmd(&p);
-    c.arg("approve");
-    assert_eq!(run(c).code, 0);
+    assert_eq!(common::approve(|| env.cmd(&p)).code, 0);
     let exec = || {
         let mut c = env.cmd(&p);
         c.args(["exec", "--", "true"]);

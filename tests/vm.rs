@@ -42,7 +42,7 @@ impl Box {
         };
         if !config.is_empty() {
             // The host user reviewed the config the test wrote.
-            let out = b.vibebox(&["approve"]);
+            let out = common::approve(|| b.cmd());
             assert_eq!(out.code, 0, "{}", out.stderr);
         }
         b
@@ -361,8 +361,9 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         out.stderr
     );
     assert_eq!(b.status().0, "stopped");
-    // ...until the host user approves it.
-    let out = b.vibebox(&["approve"]);
+    // ...until the host user approves what the refusal named.
+    let digest = common::expected_digest(&out.stderr).expect("the refusal names a digest");
+    let out = b.vibebox(&["approve", "--expect", &digest]);
     assert!(ok(&out).contains("+ network blocklist"), "{}", out.stdout);
 
     // Resume from the preserved disk.

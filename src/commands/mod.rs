@@ -152,7 +152,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Some(Command::Delete { id, yes }) => delete::run(&home, id, *yes),
         Some(Command::Prune { yes, dry_run }) => prune::run(&home, *yes, *dry_run),
         Some(Command::Init) => init::run(&home, &start_dir(&cli)?),
-        Some(Command::Approve) => approve::run(&home, &start_dir(&cli)?),
+        Some(Command::Approve { expect }) => {
+            approve::run(&home, &start_dir(&cli)?, expect.as_deref())
+        }
         Some(Command::Image(cmd)) => image::run(&home, cmd),
         Some(Command::Exec { command }) => exec::run(&home, &start_dir(&cli)?, command),
         Some(Command::Stop { id }) => stop::run(&home, &start_dir(&cli)?, id.as_deref()),

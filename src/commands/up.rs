@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use super::Error;
 use crate::config::Config;
 use crate::config::approval;
+use crate::escape::escape;
 use crate::paths::{Home, Project};
 use crate::session::SessionId;
 use crate::session::project::Outcome;
@@ -23,7 +24,7 @@ pub const NEW_SESSION_STATUS: i32 = 75;
 pub fn open_project(home: &Home, start: &Path) -> Result<(PathBuf, Outcome, Config), Error> {
     let opened = open::open(home, start)?;
     for note in &opened.notes {
-        eprintln!("vibebox: {note}");
+        eprintln!("vibebox: {}", escape(note));
     }
     Ok((opened.root, opened.outcome, opened.config))
 }
@@ -51,15 +52,21 @@ pub fn approve(
     if !interactive || !std::io::stdin().is_terminal() {
         return Err(approval::ApprovalError::NotApproved {
             changes: pending.join("; "),
+            digest: approval::digest(&approval::grants(config)),
         }
         .into());
     }
     eprintln!(
         "vibebox: {} gives the VM more than you last approved (the VM itself can edit that file):",
-        Project::new(root.to_path_buf()).config().display()
+        escape(
+            &Project::new(root.to_path_buf())
+                .config()
+                .display()
+                .to_string()
+        )
     );
     for line in &pending {
-        eprintln!("    {line}");
+        eprintln!("    {}", escape(line));
     }
     if !super::ask("Start the VM with this? [y/N] ")? {
         return Err(Error::Declined(
@@ -86,7 +93,7 @@ pub fn attach(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<At
         _ => {}
     })?;
     for w in &attached.warnings {
-        eprintln!("vibebox: the guest reported: {w}");
+        eprintln!("vibebox: the guest reported: {}", escape(w));
     }
     Ok(attached)
 }

@@ -29,9 +29,9 @@ const LEGACY_FILE: &str = "approved.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ApprovalError {
     #[error(
-        "vibebox.toml gives the VM more than you last approved ({changes}); the VM (or someone) may have edited it: review it, then run `vibebox` in a terminal or `vibebox approve`"
+        "vibebox.toml gives the VM more than you last approved ({changes}); the VM (or someone) may have edited it: review it, then run `vibebox` in a terminal or `vibebox approve --expect {digest}`"
     )]
-    NotApproved { changes: String },
+    NotApproved { changes: String, digest: String },
     #[error("{}: {why}; remove it and approve again with `vibebox approve`", path.display())]
     Corrupt { path: PathBuf, why: String },
     #[error(transparent)]
@@ -67,6 +67,21 @@ pub fn grants(config: &Config) -> BTreeSet<String> {
     out.insert(format!("memory_mb {}", config.memory_mb));
     out.insert(format!("disk_gb {}", config.disk_gb));
     out
+}
+
+/// A short digest of a set of grants: what `vibebox approve --expect` checks, so a
+/// script approves exactly what was shown to the user, not whatever the file says
+/// by the time it runs.
+pub fn digest(grants: &BTreeSet<String>) -> String {
+    let mut h = Sha256::new();
+    for g in grants {
+        h.update(g.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Lines of `now` not in `approved` (`+ ...`) and of `approved` not in `now`
@@ -178,6 +193,7 @@ pub fn check(
     }
     Err(ApprovalError::NotApproved {
         changes: pending.join("; "),
+        digest: digest(&grants(config)),
     })
 }
 

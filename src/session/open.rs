@@ -95,6 +95,24 @@ pub fn pending_approval(
     Ok(approval::pending(home, root, Some(&sd), config, &baseline)?)
 }
 
+/// What `config` changes against what was approved for `root`, even while the VM
+/// runs (for `vibebox approve`, which shows it before recording).
+pub fn approval_changes(
+    home: &Home,
+    root: &Path,
+    id: SessionId,
+    config: &Config,
+) -> Result<Vec<String>, OpenError> {
+    let host = Host::detect(GuestUser::current().home())?;
+    Ok(approval::pending(
+        home,
+        root,
+        Some(&home.session(id)),
+        config,
+        &config::defaults(root, &host),
+    )?)
+}
+
 /// Records the user's yes to what `config` grants the project at `root`.
 pub fn record_approval(home: &Home, root: &Path, config: &Config) -> Result<(), OpenError> {
     Ok(approval::record(home, root, &approval::grants(config))?)

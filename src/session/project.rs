@@ -183,7 +183,7 @@ pub fn check_root(root: &Path, home_root: &Path) -> Result<(), OpenError> {
     };
     if text
         .chars()
-        .any(|c| c.is_control() || crate::vm::mounts::is_format_char(c))
+        .any(|c| c.is_control() || crate::escape::is_format_char(c))
     {
         return Err(OpenError::BadPath {
             path: root.to_path_buf(),

@@ -68,7 +68,7 @@ impl MountSpec {
         if spec.chars().any(char::is_control) {
             return Err(SpecError::ControlChar(spec.to_string()));
         }
-        if spec.chars().any(is_format_char) {
+        if spec.chars().any(crate::escape::is_format_char) {
             return Err(SpecError::FormatChar(spec.to_string()));
         }
         let mut parts: Vec<&str> = spec.split(':').collect();
@@ -113,14 +113,6 @@ impl MountSpec {
         let host = self.host.trim_end_matches('/');
         OPTIONAL_HOST_PATHS.contains(&host)
     }
-}
-
-/// Unicode format characters (bidi overrides, zero-width) that make a path print as
-/// something it is not.
-pub fn is_format_char(c: char) -> bool {
-    matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 fn is_mode(s: &str) -> bool {

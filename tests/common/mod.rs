@@ -168,3 +168,24 @@ pub fn index_entries(env: &Env) -> Vec<(String, String)> {
         })
         .unwrap_or_default()
 }
+
+/// The digest a refusal names in `vibebox approve --expect <digest>`.
+pub fn expected_digest(text: &str) -> Option<String> {
+    let rest = text.split("approve --expect ").nth(1)?;
+    Some(rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect())
+}
+
+/// `vibebox approve` as a script does it after reviewing: the refusal without a
+/// terminal names the digest of what the file grants, and approving that digest
+/// records it. `cmd` makes a fresh `vibebox` command each time.
+pub fn approve(cmd: impl Fn() -> Command) -> Out {
+    let mut c = cmd();
+    c.arg("approve");
+    let first = run(c);
+    let Some(digest) = expected_digest(&first.stderr) else {
+        return first;
+    };
+    let mut c = cmd();
+    c.args(["approve", "--expect", &digest]);
+    run(c)
+}
