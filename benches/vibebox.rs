@@ -437,6 +437,8 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
     let spec = Spec {
         preset: &preset,
         accel: Accelerator::Tcg,
+        // As vibebox runs it (the filter costs nothing measurable at boot).
+        sandbox: vibebox::vm::host::qemu_sandbox(std::path::Path::new(&preset.binary)),
         cpus,
         memory_mb: 2048,
         boot: Boot::Kernel {

@@ -6,6 +6,11 @@ use clap::Parser;
 use vibebox::{cli, commands};
 
 fn main() -> ExitCode {
+    if let Some(path) = std::env::var_os("PATH") {
+        let safe = vibebox::vm::host::absolute_path_entries(&path);
+        // SAFETY: the first thing main does, before any other thread exists.
+        unsafe { std::env::set_var("PATH", safe) };
+    }
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

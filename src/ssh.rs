@@ -202,9 +202,24 @@ pub fn config_block(c: &ClientConfig<'_>) -> String {
 pub fn control_path(ssh_dir: &Path) -> PathBuf {
     let p = ssh_dir.join("cm");
     if p.as_os_str().len() <= 80 {
-        p
-    } else {
-        std::env::temp_dir().join(format!("vbx-{}-%C", nix::unistd::getuid()))
+        return p;
+    }
+    // Too long for a socket path: a private (0700, ours, not a link) directory in
+    // the temp dir, never a name in the shared, world-writable one.
+    let dir = std::env::temp_dir().join(format!("vibebox-{}", nix::unistd::getuid()));
+    if private_dir(&dir) { dir.join("%C") } else { p }
+}
+
+/// Makes `dir` a 0700 directory owned by us, or says it cannot be one.
+fn private_dir(dir: &Path) -> bool {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() && m.uid() == nix::unistd::getuid().as_raw() => {
+            m.permissions().mode() & 0o077 == 0
+                || std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).is_ok()
+        }
+        _ => false,
     }
 }
 

@@ -159,6 +159,7 @@ fn built_image_boots_and_applies_fw_cfg() {
     let spec = Spec {
         preset: &preset,
         accel: Accelerator::Tcg,
+        sandbox: vibebox::vm::host::qemu_sandbox(std::path::Path::new(&preset.binary)),
         cpus: 2,
         memory_mb: 1024,
         boot: Boot::Kernel {

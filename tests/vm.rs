@@ -272,6 +272,27 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         );
     }
 
+    // QEMU runs under its seccomp filter (Debian's QEMU has -sandbox).
+    let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();
+    let status = fs::read_to_string(format!("/proc/{qemu_pid}/status")).unwrap();
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "QEMU without seccomp:\n{status}"
+    );
+
+    // A relative PATH entry (here the project, which the guest writes) never
+    // supplies the programs vibebox runs: a planted `ssh` does not run.
+    ok(&b.exec("mkdir -p bin && printf '#!/bin/sh\\ntouch \"$(dirname \"$0\")/../PLANTED\"\\nexit 1\\n' > bin/ssh && chmod +x bin/ssh"));
+    let mut c = b.cmd();
+    let path = format!("bin:{}", std::env::var("PATH").unwrap_or_default());
+    c.env("PATH", path).args(["exec", "--", "true"]);
+    let out = common::run(c);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        !b.project.join("PLANTED").exists(),
+        "the project's ssh ran on the host"
+    );
+
     // Exit codes and stdin pass through.
     assert_eq!(b.exec("exit 7").code, 7);
     let mut c = b.cmd();

@@ -292,6 +292,7 @@ fn prepare_boot(run: &PrepareRun<'_>) -> Result<export::Info, PullError> {
         accel: run.accel,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get().min(2) as u32),
         memory_mb: PREPARE_MEMORY_MB,
+        sandbox: crate::vm::host::qemu_sandbox(run.qemu),
         boot: Boot::Firmware { bios: run.bios },
         disk: run.disk,
         fw_cfg: &[],

@@ -107,6 +107,29 @@ pub fn qemu_binary(arch: &str) -> Option<PathBuf> {
     which::which(format!("qemu-system-{arch}")).ok()
 }
 
+/// Whether this QEMU was built with seccomp (`-sandbox`): Linux builds usually
+/// are, macOS ones are not. An unsupported `-sandbox` fails before `-version` is
+/// reached, so this costs one short process.
+pub fn qemu_sandbox(binary: &std::path::Path) -> bool {
+    std::process::Command::new(binary)
+        .args(["-sandbox", super::qemu::SANDBOX, "-version"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `PATH` without its relative and empty entries: those name directories relative
+/// to wherever vibebox runs, often a project the guest can write, where a planted
+/// `ssh` or `qemu-img` would run with the user's rights.
+pub fn absolute_path_entries(path: &std::ffi::OsStr) -> std::ffi::OsString {
+    let kept: Vec<PathBuf> = std::env::split_paths(path)
+        .filter(|p| p.is_absolute())
+        .collect();
+    std::env::join_paths(kept).unwrap_or_default()
+}
+
 /// The oldest QEMU vibebox drives: 7.2 brought `-netdev stream` (the network
 /// gateway) and is what Debian 12 ships.
 pub const MIN_QEMU: (u32, u32) = (7, 2);
@@ -191,6 +214,12 @@ mod tests {
         kvm_device_rw: true,
         cpu_virt_flags: false,
     };
+
+    #[test]
+    fn relative_path_entries_are_dropped() {
+        let p = absolute_path_entries(std::ffi::OsStr::new(".:bin::/usr/bin:/bin:./x"));
+        assert_eq!(p, "/usr/bin:/bin");
+    }
 
     #[test]
     fn auto_prefers_hardware_but_not_a_hanging_kvm() {

@@ -258,6 +258,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         export_file: None,
         smbios_serial: None,
         qmp_socket: Path::new(paths::QMP_SOCKET),
+        sandbox: host::qemu_sandbox(&plan.qemu),
         network: Network::Gateway {
             socket: PathBuf::from(paths::NET_SOCKET),
         },

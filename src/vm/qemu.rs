@@ -152,7 +152,14 @@ pub struct Spec<'a> {
     pub qmp_socket: &'a Path,
     pub network: Network,
     pub shares: &'a [Share],
+    /// QEMU's seccomp filter (`-sandbox`), where this QEMU has it (see
+    /// `host::qemu_sandbox`): a guest that breaks into QEMU then cannot exec, raise
+    /// privileges or use obsolete system calls.
+    pub sandbox: bool,
 }
+
+/// The `-sandbox` value: everything QEMU lets a filter deny.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// QEMU option values use `,` as separator: a literal comma is written `,,`.
 pub fn escape(value: &str) -> String {
@@ -177,6 +184,9 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
         .any(|s| matches!(s.kind, ShareKind::Virtiofs { .. }));
 
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    if spec.sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
     push(&["-machine", &spec.preset.machine]);
     push(&["-accel", spec.accel.as_str()]);
     push(&["-cpu", spec.preset.cpu(spec.accel)]);
@@ -347,6 +357,7 @@ mod tests {
             qmp_socket: Path::new("qmp.sock"),
             network: Network::User { ssh_port: 2222 },
             shares,
+            sandbox: true,
         }
     }
 
@@ -407,6 +418,26 @@ mod tests {
         assert!(argv.iter().any(|a| a.contains("name=org.vibebox.guest")));
         assert_eq!(after(&argv, "-qmp"), ["unix:qmp.sock,server=on,wait=off"]);
         assert!(!argv.iter().any(|a| a.contains("memory-backend")));
+    }
+
+    #[test]
+    fn sandbox_only_where_asked() {
+        let p = Preset::for_arch("x86_64").unwrap();
+        let words = |sandbox| -> Vec<String> {
+            let mut spec = base(&p, &[], &[]);
+            spec.sandbox = sandbox;
+            argv(&spec)
+                .into_iter()
+                .map(|w| w.to_string_lossy().into_owned())
+                .collect()
+        };
+        let on = words(true);
+        let i = on.iter().position(|w| w == "-sandbox").unwrap();
+        assert_eq!(
+            on[i + 1],
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        );
+        assert!(!words(false).iter().any(|w| w == "-sandbox"));
     }
 
     #[test]
