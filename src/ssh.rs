@@ -245,7 +245,12 @@ mod tests {
         assert!(!b.contains("StrictHostKeyChecking no"));
         assert_eq!(control_path(Path::new("/s/ssh")), Path::new("/s/ssh/cm"));
         let long = Path::new("/x").join("y".repeat(100));
-        assert!(control_path(&long).to_string_lossy().ends_with("-%C"));
+        let cp = control_path(&long);
+        assert!(cp.ends_with("%C"), "{}", cp.display());
+        let dir = cp.parent().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::symlink_metadata(dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
     }
 
     #[test]
