@@ -222,7 +222,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
         });
     }
 
-    interrupt::install();
+    let _interrupt = interrupt::install();
     let logs = home.logs();
     crate::statefile::ensure_dir(&logs, 0o700).map_err(Error::from)?;
     let log = logs.join(format!(
