@@ -435,6 +435,77 @@ mod tests {
     }
 
     #[test]
+    fn a_write_sweeps_stale_temps_of_the_same_file_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let make = |name: &str, modified| {
+            let f = File::create(dir.path().join(name)).unwrap();
+            f.set_modified(modified).unwrap();
+        };
+        make(".state.toml.tmp-1-aa", old);
+        make("..state.toml.new-1-bb.tmp-1-cc", old);
+        make(".state.toml.tmp-2-dd", std::time::SystemTime::now());
+        make(".other.toml.tmp-1-ee", old);
+        write_atomic(&dir.path().join("state.toml"), b"x", 0o600).unwrap();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".other.toml.tmp-1-ee", ".state.toml.tmp-2-dd", "state.toml"]
+        );
+    }
+
+    #[test]
+    fn a_directory_fsync_failure_is_returned() {
+        assert!(sync_dir(Path::new("/nonexistent-vibebox-dir")).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        sync_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn ensure_dir_makes_missing_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        ensure_dir(&deep, 0o700).unwrap();
+        assert!(deep.is_dir());
+        ensure_dir(&deep, 0o700).unwrap();
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(&deep, &link).unwrap();
+        assert!(matches!(
+            ensure_dir(&link, 0o700),
+            Err(Error::Symlink { .. })
+        ));
+        // A link above the final component is followed (macOS's /tmp is one).
+        ensure_dir(&link.join("d"), 0o700).unwrap();
+        assert!(deep.join("d").is_dir());
+    }
+
+    #[test]
+    fn a_lock_wait_says_what_it_waits_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        let mut said = Vec::new();
+        drop(Lock::exclusive_waiting_to(&p, "nothing", &mut said).unwrap());
+        assert!(said.is_empty(), "a free lock is taken silently");
+        let held = Lock::exclusive(&p).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            drop(held);
+        });
+        let _got = Lock::exclusive_waiting_to(&p, "the other one", &mut said).unwrap();
+        release.join().unwrap();
+        let said = String::from_utf8(said).unwrap();
+        assert!(
+            said.starts_with("vibebox: waiting for the other one ("),
+            "{said}"
+        );
+        assert_eq!(said.lines().count(), 1);
+    }
+
+    #[test]
     fn try_lock_fails_while_held() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("l");

@@ -230,6 +230,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
         Utc::now().format("%Y%m%dT%H%M%S")
     ));
     File::create(&log).map_err(io(&log))?;
+    crate::statefile::give_to_user(&log).map_err(io(&log))?;
     eprintln!(
         "Building {id} from Debian {} ({debarch}) with {}; log: {}",
         opts.release,

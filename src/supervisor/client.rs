@@ -98,6 +98,7 @@ pub fn spawn_supervisor(home: &Home, project: &Path, id: SessionId) -> Result<()
         .append(true)
         .open(sd.supervisor_log())
         .map_err(Error::Spawn)?;
+    statefile::give_to_user(&sd.supervisor_log()).map_err(Error::Spawn)?;
     let exe = std::env::current_exe().map_err(Error::Spawn)?;
     let mut cmd = Command::new(exe);
     cmd.arg("__supervise")

@@ -357,6 +357,13 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         .append(true)
         .open(s.qemu_log())
         .map_err(Error::Spawn)?;
+    // What ssh-keygen, qemu-img and the logs made, for a VM started under sudo.
+    statefile::give_tree_to_user(s.dir()).map_err(|source| {
+        Error::State(statefile::Error::Write {
+            path: s.dir().to_path_buf(),
+            source,
+        })
+    })?;
     let mut cmd = Command::new(&plan.qemu);
     cmd.args(qemu::argv(&spec))
         .current_dir(s.dir())
