@@ -191,8 +191,11 @@ pub fn attach(
         let mut reader = BufReader::new(stream.try_clone().map_err(Error::Spawn)?);
         let mut line = String::new();
         let mut first = true;
-        // `stopped` while this client is attached: the supervisor boots again for
-        // us unless the stop was asked for (`vibebox stop`), and then it ends.
+        // `stopped` after a boot this client waited for, then the end of the
+        // connection: that boot was cancelled by `vibebox stop` (a shutdown that is
+        // not asked for boots again while a client is attached). A client that only
+        // arrived during a stop saw no boot, and starts a fresh one instead.
+        let mut waited_for_boot = false;
         let mut stopped = false;
         loop {
             line.clear();
@@ -216,7 +219,14 @@ pub fn attach(
                 wait_unlocked(&sd, Duration::from_secs(5))?;
                 break;
             }
-            stopped = msg == Message::Stopped;
+            match msg {
+                Message::Starting | Message::Booting { .. } => {
+                    waited_for_boot = true;
+                    stopped = false;
+                }
+                Message::Stopped => stopped = true,
+                _ => {}
+            }
             progress(&msg);
             match msg {
                 Message::Ready { ssh, warnings } => {
@@ -233,7 +243,7 @@ pub fn attach(
                 _ => {}
             }
         }
-        if stopped {
+        if stopped && waited_for_boot {
             return Err(Error::StoppedWhileStarting);
         }
         // The supervisor went away before the VM was ready (it was finishing a
