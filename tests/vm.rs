@@ -407,6 +407,7 @@ fn a_stop_during_the_boot_cancels_it() {
     };
     let _vm = vm_lock();
     let b = Box::new(&images, "stopboot", "");
+    ok(&b.vibebox(&["init"]));
     let client = b.spawn_exec("true");
     let instance = {
         let deadline = Instant::now() + Duration::from_secs(60);
