@@ -211,3 +211,34 @@ fn under_sudo_the_vibebox_home_stays_the_users() {
     let bad = not_owned_by(&vhome, uid, gid);
     assert!(bad.is_empty(), "left to root: {bad:?}");
 }
+
+/// `vibebox stop` never reports a VM stopped that it could not confirm gone: a
+/// supervisor that holds its lock and never answers (here the test holds it) makes
+/// stop say what it waits for, then fail, so callers keep the session's state.
+#[test]
+fn stop_fails_when_the_vm_cannot_be_confirmed_gone() {
+    let env = Env::new();
+    let project = env.project("proj");
+    let out = run(env.init(&project));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = common::session_file_id(&project);
+    let sd = env.vibebox_home().join("sessions").join(&id);
+    std::fs::create_dir_all(&sd).unwrap();
+    let _held =
+        vibebox::statefile::Lock::exclusive(&sd.join(vibebox::paths::SUPERVISOR_LOCK)).unwrap();
+    let mut stop = env.cmd(&project);
+    stop.arg("stop");
+    let out = run(stop);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("waiting for the session's supervisor"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("did not stop") && out.stderr.contains("nothing was removed"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("stopped session"), "{}", out.stdout);
+}
