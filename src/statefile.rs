@@ -149,7 +149,14 @@ pub fn write_new_atomic(path: &Path, data: &[u8], mode: u32) -> Result<bool, Err
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
     match linked {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            let dir = tmp.parent().unwrap_or(Path::new("."));
+            sync_dir(dir).map_err(|source| Error::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Ok(true)
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
         Err(source) => Err(Error::Write {
             path: path.to_path_buf(),

@@ -334,6 +334,7 @@ pub fn stop(session: &SessionDir) -> Result<bool, Error> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let supervisor = peer_pid(&s);
     send(&mut s, Op::Stop).map_err(|_| Error::Lost(session.supervisor_log()))?;
     let _ = s.set_read_timeout(Some(STOP_WAIT));
     let mut reader = BufReader::new(s);
@@ -352,13 +353,59 @@ pub fn stop(session: &SessionDir) -> Result<bool, Error> {
         }
     }
     drop(reader);
-    // The supervisor exits right after; its lock coming free is the proof that it
-    // and its QEMU are gone (QEMU is its child and dies with it).
-    let left = deadline.saturating_duration_since(Instant::now());
-    if wait_unlocked(session, left.max(Duration::from_secs(10)))? {
-        Ok(true)
-    } else {
-        Err(not_stopped())
+    // The supervisor exits right after it has stopped QEMU (which also dies with
+    // it). Its process ending is the proof; where the peer's pid is unknown, its
+    // lock coming free. A client that arrived during the stop may already have
+    // started a new supervisor, so the lock alone would not tell.
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(10));
+    let gone = match supervisor {
+        Some(pid) => wait_exited(pid, left),
+        None => wait_unlocked(session, left)?,
+    };
+    if gone { Ok(true) } else { Err(not_stopped()) }
+}
+
+/// The pid of the process at the other end of a unix socket (the supervisor that
+/// bound the control socket), where the host tells it.
+fn peer_pid(s: &UnixStream) -> Option<i32> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|c| c.pid())
+            .filter(|p| *p > 0)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::LocalPeerPid)
+            .ok()
+            .filter(|p| *p > 0)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
+    {
+        let _ = s;
+        None
+    }
+}
+
+/// Waits up to `wait` for process `pid` to end (a zombie counts as ended).
+fn wait_exited(pid: i32, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            });
+        if !alive {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -344,10 +344,7 @@ async fn boot_and_run(
     .await
     .map_err(|e| e.to_string())?;
     let r = match waited {
-        Ok(_) if shared.stop_requested() => {
-            cancel_boot(shared, qemu_pid, &mut exit_rx).await;
-            return Ok(Outcome::Stopped);
-        }
+        // Ready as the stop came: the stop below powers the guest off gracefully.
         Ok(r) => r,
         Err(_) if shared.stop_requested() => {
             cancel_boot(shared, qemu_pid, &mut exit_rx).await;
