@@ -411,6 +411,89 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     b.qemu_img_check();
 }
 
+/// A client attaching while the idle shutdown is being decided (the window widened
+/// by a test-only delay after the login check) keeps its VM: the decision sees it,
+/// so it is never told "ready" by a VM that then powers off under it.
+#[test]
+fn an_attach_raced_against_the_idle_shutdown_keeps_its_vm() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let _vm = vm_lock();
+    let mut b = Box::new(
+        &images,
+        "idlerace",
+        "[supervisor]\nauto_shutdown_ms = 1000\n",
+    );
+    b.env_vars
+        .push(("VIBEBOX_TEST_IDLE_DECIDE_DELAY_MS".into(), "15000".into()));
+    ok(&b.exec("true"));
+    let log = b.session_dir().join("logs/supervisor.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("test delay: deciding the idle shutdown")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the idle shutdown never got to its decision:\n{}",
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Attached inside the window, and still running when the decision comes.
+    let out = b.exec("sleep 25; echo survived");
+    assert_eq!(ok(&out), "survived\n");
+}
+
+/// `vibebox stop` during a boot cancels it within seconds (not at the ready
+/// timeout): no QEMU is left, the client that was waiting is told, and the disk
+/// is intact.
+#[test]
+fn a_stop_during_the_boot_cancels_it() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let _vm = vm_lock();
+    let b = Box::new(&images, "stopboot", "");
+    ok(&b.vibebox(&["init"]));
+    let client = b.spawn_exec("true");
+    let instance = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = fs::read_to_string(b.session_dir().join("instance.toml"))
+                && let Ok(t) = toml::from_str::<toml::Table>(&text)
+            {
+                break t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "QEMU never started:\n{}",
+                b.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let qemu = instance["qemu_pid"].as_integer().unwrap();
+    assert_eq!(b.status().0, "booting");
+    let started = Instant::now();
+    let out = b.vibebox(&["stop"]);
+    let took = started.elapsed();
+    assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
+    assert!(took < Duration::from_secs(15), "stop took {took:?}");
+    assert!(!alive(qemu), "QEMU left running");
+    let o = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("stopped (`vibebox stop`) before it was ready"),
+        "{err}"
+    );
+    assert_eq!(b.status(), ("stopped".to_string(), 0));
+    b.qemu_img_check();
+    eprintln!("stop during the boot took {took:?}");
+}
+
 /// kill -9 of QEMU (attached clients are told; the next start boots again with an
 /// intact disk) and of the supervisor (QEMU does not outlive it; the next start
 /// recovers), then `delete` of a running session.

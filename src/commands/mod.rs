@@ -146,6 +146,8 @@ fn start_dir(cli: &Cli) -> Result<PathBuf, Error> {
 
 pub fn run(cli: Cli) -> Result<(), Error> {
     let home = Home::from_env()?;
+    // `sudo -E vibebox image build` must not leave root-owned files in the user's home.
+    crate::statefile::adopt_sudo_user(home.root());
     match &cli.command {
         None => up::run(&home, &start_dir(&cli)?),
         Some(Command::List { json }) => list::run(&home, *json),

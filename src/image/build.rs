@@ -222,7 +222,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
         });
     }
 
-    interrupt::install();
+    let _interrupt = interrupt::install();
     let logs = home.logs();
     crate::statefile::ensure_dir(&logs, 0o700).map_err(Error::from)?;
     let log = logs.join(format!(
@@ -230,6 +230,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
         Utc::now().format("%Y%m%dT%H%M%S")
     ));
     File::create(&log).map_err(io(&log))?;
+    crate::statefile::give_to_user(&log).map_err(io(&log))?;
     eprintln!(
         "Building {id} from Debian {} ({debarch}) with {}; log: {}",
         opts.release,

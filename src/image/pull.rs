@@ -120,7 +120,7 @@ pub fn pull(home: &Home, name: Option<&str>, arch: &str) -> Result<(Image, bool)
         None => catalog::default_name(&entries, arch).unwrap_or_else(|| "debian-13".into()),
     };
     let entry = catalog::find(&entries, &name, arch)?;
-    interrupt::install();
+    let _interrupt = interrupt::install();
 
     let sums = download::fetch_text(&entry.sums_url, MAX_SUMS_BYTES)?;
     let upstream = download::parse_sums(&sums, &entry.file).ok_or_else(|| PullError::NoSum {

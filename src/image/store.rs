@@ -118,7 +118,10 @@ impl Store {
     /// the first one's result.
     pub fn lock(&self, key: &str) -> Result<Lock, Error> {
         statefile::ensure_dir(&self.dir, 0o755)?;
-        Ok(Lock::exclusive(&self.dir.join(format!(".{key}.lock")))?)
+        Ok(Lock::exclusive_waiting(
+            &self.dir.join(format!(".{key}.lock")),
+            "another vibebox making the same image",
+        )?)
     }
 
     /// A fresh staging directory, removed again on drop unless installed.
@@ -171,6 +174,11 @@ impl Store {
             let _ = fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o444));
         }
         manifest.write(&src)?;
+        // Made by root under `sudo -E vibebox image build`: the user's own from here.
+        statefile::give_tree_to_user(&src).map_err(|source| Error::Io {
+            path: src.clone(),
+            source,
+        })?;
         let id = format!("{}-{}-{digest12}", manifest.name, manifest.arch);
         let dest = self.dir.join(&id);
         if dest.exists() {

@@ -22,6 +22,21 @@ pub enum Error {
     Lost(PathBuf),
     #[error("cannot start the supervisor: {0}")]
     Spawn(std::io::Error),
+    #[error(
+        "the VM was stopped (`vibebox stop`) before it was ready; run vibebox again to start it"
+    )]
+    StoppedWhileStarting,
+    #[error(
+        "the VM of this session did not stop within {}s (its supervisor still holds {}); nothing was removed: see {} and try again",
+        waited.as_secs(),
+        lock.display(),
+        log.display()
+    )]
+    NotStopped {
+        lock: PathBuf,
+        log: PathBuf,
+        waited: Duration,
+    },
     #[error(transparent)]
     State(#[from] statefile::Error),
 }
@@ -83,6 +98,7 @@ pub fn spawn_supervisor(home: &Home, project: &Path, id: SessionId) -> Result<()
         .append(true)
         .open(sd.supervisor_log())
         .map_err(Error::Spawn)?;
+    statefile::give_to_user(&sd.supervisor_log()).map_err(Error::Spawn)?;
     let exe = std::env::current_exe().map_err(Error::Spawn)?;
     let mut cmd = Command::new(exe);
     cmd.arg("__supervise")
@@ -175,6 +191,12 @@ pub fn attach(
         let mut reader = BufReader::new(stream.try_clone().map_err(Error::Spawn)?);
         let mut line = String::new();
         let mut first = true;
+        // `stopped` after a boot this client waited for, then the end of the
+        // connection: that boot was cancelled by `vibebox stop` (a shutdown that is
+        // not asked for boots again while a client is attached). A client that only
+        // arrived during a stop saw no boot, and starts a fresh one instead.
+        let mut waited_for_boot = false;
+        let mut stopped = false;
         loop {
             line.clear();
             match reader.read_line(&mut line) {
@@ -186,13 +208,24 @@ pub fn attach(
             };
             // A supervisor that is already finishing (its VM failed or stopped just
             // before we connected) answers with its last state: start over with a
-            // fresh one rather than report an old failure.
+            // fresh one rather than report an old failure, once it has let go.
             if std::mem::take(&mut first) && matches!(msg, Message::Error { .. } | Message::Stopped)
             {
                 if let Message::Error { message, log } = msg {
                     last_error = Some(Error::Failed { message, log });
                 }
+                drop(reader);
+                drop(stream);
+                wait_unlocked(&sd, Duration::from_secs(5))?;
                 break;
+            }
+            match msg {
+                Message::Starting | Message::Booting { .. } => {
+                    waited_for_boot = true;
+                    stopped = false;
+                }
+                Message::Stopped => stopped = true,
+                _ => {}
             }
             progress(&msg);
             match msg {
@@ -209,6 +242,9 @@ pub fn attach(
                 Message::Error { message, log } => return Err(Error::Failed { message, log }),
                 _ => {}
             }
+        }
+        if stopped && waited_for_boot {
+            return Err(Error::StoppedWhileStarting);
         }
         // The supervisor went away before the VM was ready (it was finishing a
         // shutdown as we arrived): start over with a fresh one.
@@ -257,13 +293,50 @@ fn watch(mut reader: BufReader<UnixStream>, tx: std::sync::mpsc::Sender<Message>
     }
 }
 
-/// Asks a running supervisor to shut the VM down and waits until it has. Returns
-/// false when no supervisor was running.
+/// How long `stop` waits for a supervisor's shutdown: its graceful power-off, QMP
+/// quit and kill take up to 40 s together.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+
+/// Asks the session's supervisor to shut the VM down (cancelling a boot in
+/// progress) and waits until the supervisor has let go of its lock, which it holds
+/// for as long as it owns a QEMU. `Ok(true)`: it was running and is gone now;
+/// `Ok(false)`: nothing was running. An error means the VM could not be confirmed
+/// gone, so callers must keep the session's state (its disk may be in use).
 pub fn stop(session: &SessionDir) -> Result<bool, Error> {
-    let Ok(mut s) = connect(&session.control_socket()) else {
-        return Ok(false);
+    let lock = session.dir().join(paths::SUPERVISOR_LOCK);
+    let deadline = Instant::now() + STOP_WAIT;
+    let not_stopped = || Error::NotStopped {
+        lock: lock.clone(),
+        log: session.supervisor_log(),
+        waited: STOP_WAIT,
     };
+    let started = Instant::now();
+    let mut said = false;
+    let mut s = loop {
+        if let Ok(s) = connect(&session.control_socket()) {
+            break s;
+        }
+        // No socket: either nothing runs (the lock is free), or a supervisor is
+        // starting (it binds the socket after stopping an old QEMU) or ending (it
+        // removed the socket and is about to exit).
+        if lock_free(&lock)? {
+            return Ok(false);
+        }
+        if Instant::now() > deadline {
+            return Err(not_stopped());
+        }
+        if !said && started.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "vibebox: waiting for the session's supervisor to answer or exit (it holds {})",
+                lock.display()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let supervisor = peer_pid(&s);
     send(&mut s, Op::Stop).map_err(|_| Error::Lost(session.supervisor_log()))?;
+    let _ = s.set_read_timeout(Some(STOP_WAIT));
     let mut reader = BufReader::new(s);
     let mut line = String::new();
     loop {
@@ -279,15 +352,88 @@ pub fn stop(session: &SessionDir) -> Result<bool, Error> {
             break;
         }
     }
-    // The supervisor exits right after; wait for it to let go of its lock so a
-    // following start never races a dying supervisor.
-    let lock = session.dir().join(paths::SUPERVISOR_LOCK);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if statefile::Lock::try_exclusive(&lock)?.is_some() {
-            break;
+    drop(reader);
+    // The supervisor exits right after it has stopped QEMU (which also dies with
+    // it). Its process ending is the proof; where the peer's pid is unknown, its
+    // lock coming free. A client that arrived during the stop may already have
+    // started a new supervisor, so the lock alone would not tell.
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(10));
+    let gone = match supervisor {
+        Some(pid) => wait_exited(pid, left),
+        None => wait_unlocked(session, left)?,
+    };
+    if gone { Ok(true) } else { Err(not_stopped()) }
+}
+
+/// The pid of the process at the other end of a unix socket (the supervisor that
+/// bound the control socket), where the host tells it.
+fn peer_pid(s: &UnixStream) -> Option<i32> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|c| c.pid())
+            .filter(|p| *p > 0)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::LocalPeerPid)
+            .ok()
+            .filter(|p| *p > 0)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
+    {
+        let _ = s;
+        None
+    }
+}
+
+/// Waits up to `wait` for process `pid` to end (a zombie counts as ended).
+fn wait_exited(pid: i32, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            });
+        if !alive {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(true)
+}
+
+/// Whether nobody holds the supervisor lock at `lock` (a missing session directory
+/// counts as free: nothing can run there).
+fn lock_free(lock: &Path) -> Result<bool, Error> {
+    match statefile::Lock::try_exclusive(lock) {
+        Ok(l) => Ok(l.is_some()),
+        Err(statefile::Error::Lock { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(true)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits up to `wait` for the session's supervisor lock to be free; whether it is.
+fn wait_unlocked(session: &SessionDir, wait: Duration) -> Result<bool, Error> {
+    let lock = session.dir().join(paths::SUPERVISOR_LOCK);
+    let deadline = Instant::now() + wait;
+    loop {
+        if lock_free(&lock)? {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -48,6 +48,10 @@ const LOGIN_RECHECK: Duration = Duration::from_secs(15);
 struct Shared {
     state: watch::Sender<Message>,
     clients: watch::Sender<u32>,
+    /// Taken by an attach (count it, read the state) and by the idle shutdown's
+    /// decision (no clients, so state becomes `stopping`): whichever comes second
+    /// sees the first, so no client is ever told "ready" by a VM that is going down.
+    life: std::sync::Mutex<()>,
     stop: Notify,
     stop_requested: AtomicBool,
     /// Whether any client has attached: a supervisor that fails before the client
@@ -94,6 +98,7 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
         let shared = Arc::new(Shared {
             state: watch::Sender::new(Message::Starting),
             clients: watch::Sender::new(0),
+            life: std::sync::Mutex::new(()),
             stop: Notify::new(),
             stop_requested: AtomicBool::new(false),
             attached_ever: AtomicBool::new(false),
@@ -110,6 +115,7 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
         if matches!(*shared.state.borrow(), Message::Error { .. }) {
             let deadline = tokio::time::Instant::now() + ERROR_LINGER;
             while !shared.attached_ever.load(Ordering::SeqCst)
+                && !shared.stop_requested.load(Ordering::SeqCst)
                 && tokio::time::Instant::now() < deadline
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -187,14 +193,46 @@ async fn lifecycle(shared: &Arc<Shared>, home: &Home, project: &Path, sd: &Sessi
                 });
                 return;
             }
-            Outcome::Stopped => shared.set(Message::Stopped),
+            Outcome::Stopped => {}
         }
         // A client that attached while the VM was stopping gets a new boot, never a
-        // dead VM; an explicit stop or nobody attached ends the supervisor.
+        // dead VM; an explicit stop or nobody attached ends the supervisor. Decided
+        // under the attach lock, so a client that sees `stopped` first knows this
+        // supervisor is ending, and one attached before it gets the new boot.
+        let _life = shared.life.lock().unwrap_or_else(|e| e.into_inner());
+        shared.set(Message::Stopped);
         if shared.stop_requested.load(Ordering::SeqCst) || *shared.clients.borrow() == 0 {
             return;
         }
+        shared.set(Message::Starting);
     }
+}
+
+impl Shared {
+    /// The idle shutdown's decision: only with no client attached, and in the same
+    /// step the state becomes `stopping`, so a client attaching right after waits for
+    /// the next boot instead of being told "ready".
+    fn begin_idle_stop(&self) -> bool {
+        let _life = self.life.lock().unwrap_or_else(|e| e.into_inner());
+        if *self.clients.borrow() > 0 {
+            return false;
+        }
+        self.set(Message::Stopping);
+        true
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+}
+
+/// Test-only: widens the window between the idle checks and the shutdown decision
+/// (`VIBEBOX_TEST_IDLE_DECIDE_DELAY_MS`), so a test can attach inside it.
+fn idle_decide_delay() -> Option<Duration> {
+    std::env::var("VIBEBOX_TEST_IDLE_DECIDE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
 }
 
 async fn boot_and_run(
@@ -203,6 +241,9 @@ async fn boot_and_run(
     project: &Path,
     sd: &SessionDir,
 ) -> Result<Outcome, String> {
+    if shared.stop_requested() {
+        return Ok(Outcome::Stopped);
+    }
     let user = GuestUser::current();
     let host_facts = Host::detect(user.home()).map_err(|e| e.to_string())?;
     let project_paths = paths::Project::new(project.to_path_buf());
@@ -296,18 +337,26 @@ async fn boot_and_run(
 
     let ready_path = sd.dir().join(paths::READY_SOCKET);
     let alive = exited.clone();
+    let asked = shared.clone();
+    // A stop during the boot ends the wait at its next poll (half a second), not at
+    // the ready timeout.
     let waited = tokio::task::spawn_blocking(move || {
         ready::wait(
             &ready_path,
             ready_timeout(),
-            || !alive.load(Ordering::SeqCst),
+            || !alive.load(Ordering::SeqCst) && !asked.stop_requested(),
             |e| tracing::info!("guest: {e:?}"),
         )
     })
     .await
     .map_err(|e| e.to_string())?;
     let r = match waited {
+        // Ready as the stop came: the stop below powers the guest off gracefully.
         Ok(r) => r,
+        Err(_) if shared.stop_requested() => {
+            cancel_boot(shared, qemu_pid, &mut exit_rx).await;
+            return Ok(Outcome::Stopped);
+        }
         Err(e) => {
             kill(qemu_pid);
             return Err(format!(
@@ -350,12 +399,32 @@ async fn boot_and_run(
                 status.unwrap_or_default()
             )));
         }
-        _ = shared.stop.notified() => {}
+        _ = shared.stop.notified() => shared.set(Message::Stopping),
+        // Already `stopping`: set in the same step as the decision.
         _ = idle(shared, sd, auto_shutdown) => {}
     }
-    shared.set(Message::Stopping);
     shutdown(qmp, qemu_pid, &mut exit_rx).await;
     Ok(Outcome::Stopped)
+}
+
+/// A stop asked for while the guest boots: nothing in the guest is worth a graceful
+/// power-off yet, so QEMU gets SIGTERM (it flushes its disks and quits), then SIGKILL.
+async fn cancel_boot(
+    shared: &Shared,
+    pid: u32,
+    exit_rx: &mut tokio::sync::oneshot::Receiver<String>,
+) {
+    shared.set(Message::Stopping);
+    tracing::info!("stop asked during the boot; ending QEMU {pid}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    if tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await.is_ok() {
+        return;
+    }
+    kill(pid);
+    let _ = tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await;
 }
 
 fn sd_id(sd: &SessionDir) -> String {
@@ -387,7 +456,15 @@ async fn idle(shared: &Arc<Shared>, sd: &SessionDir, grace: Duration) {
             _ = tokio::time::sleep(grace) => {}
         }
         match guest_login_sessions(sd).await {
-            Some(0) | None => return,
+            Some(0) | None => {
+                if let Some(delay) = idle_decide_delay() {
+                    tracing::warn!("test delay: deciding the idle shutdown in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                }
+                if shared.begin_idle_stop() {
+                    return;
+                }
+            }
             Some(n) => {
                 tracing::info!(
                     "idle, but {n} login session(s) live in the guest; keeping the VM up"
@@ -490,14 +567,17 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         }
         Op::Attach | Op::Stop => {
             let attach = req.op == Op::Attach;
-            if attach {
-                shared.attached_ever.store(true, Ordering::SeqCst);
-                shared.clients.send_modify(|c| *c += 1);
-            } else {
-                shared.stop_requested.store(true, Ordering::SeqCst);
-                shared.stop.notify_one();
-            }
-            let mut state = shared.state.subscribe();
+            let mut state = {
+                let _life = shared.life.lock().unwrap_or_else(|e| e.into_inner());
+                if attach {
+                    shared.attached_ever.store(true, Ordering::SeqCst);
+                    shared.clients.send_modify(|c| *c += 1);
+                } else {
+                    shared.stop_requested.store(true, Ordering::SeqCst);
+                    shared.stop.notify_one();
+                }
+                shared.state.subscribe()
+            };
             loop {
                 let msg = state.borrow_and_update().clone();
                 if write

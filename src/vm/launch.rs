@@ -34,6 +34,10 @@ pub enum Error {
     },
     #[error("cannot create the VM disk {path}: {message}")]
     Disk { path: PathBuf, message: String },
+    #[error(
+        "the VM disk {path} is damaged ({why}); it holds this session's files, so vibebox leaves it as it is: inspect it with `qemu-img check`, move it away to start this session on a fresh disk, or `vibebox delete` the session"
+    )]
+    BadDisk { path: PathBuf, why: String },
     #[error("qemu-img is not installed: install qemu-utils (Debian) or qemu (Homebrew)")]
     NoQemuImg,
     #[error(
@@ -95,9 +99,16 @@ pub fn known_hosts(session: &SessionDir) -> PathBuf {
 }
 
 /// Creates the session's qcow2 overlay on the base image if it does not exist yet.
-/// Made under a temp name and renamed, so a failure (disk full) leaves no half disk.
+/// Made under a temp name, fsynced, renamed and the rename fsynced: a failure (disk
+/// full) leaves no half disk, and a power cut never leaves a name pointing at an
+/// empty file. An existing disk is checked, never replaced: the user's work is in it.
 pub fn ensure_disk(disk: &Path, base: &Path, size_gb: u64) -> Result<bool, Error> {
-    if disk.exists() {
+    let derr = |message: String| Error::Disk {
+        path: disk.to_path_buf(),
+        message,
+    };
+    if fs::symlink_metadata(disk).is_ok() {
+        check_disk(disk)?;
         return Ok(false);
     }
     let qemu_img = which::which("qemu-img").map_err(|_| Error::NoQemuImg)?;
@@ -109,22 +120,85 @@ pub fn ensure_disk(disk: &Path, base: &Path, size_gb: u64) -> Result<bool, Error
         .arg(&tmp)
         .arg(format!("{size_gb}G"))
         .output()
-        .map_err(|e| Error::Disk {
-            path: disk.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| derr(e.to_string()))?;
     if !out.status.success() {
         let _ = fs::remove_file(&tmp);
-        return Err(Error::Disk {
-            path: disk.to_path_buf(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(derr(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
-    fs::rename(&tmp, disk).map_err(|e| Error::Disk {
-        path: disk.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let made = (|| {
+        fs::File::open(&tmp)?.sync_all()?;
+        statefile::give_to_user(&tmp)?;
+        fs::rename(&tmp, disk)?;
+        statefile::sync_dir(disk.parent().unwrap_or(Path::new(".")))
+    })();
+    if let Err(e) = made {
+        let _ = fs::remove_file(&tmp);
+        return Err(derr(e.to_string()));
+    }
     Ok(true)
+}
+
+/// qcow2 header fields vibebox checks (big-endian, see QEMU's docs/interop/qcow2.txt).
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Refuses a session disk that is not a whole qcow2 image: wrong magic or version,
+/// or a file too short to hold the tables its header points at (truncated by a
+/// crash). Only reads; the caller reports, the user decides.
+pub fn check_disk(disk: &Path) -> Result<(), Error> {
+    use std::io::Read;
+    let bad = |why: String| Error::BadDisk {
+        path: disk.to_path_buf(),
+        why,
+    };
+    let meta = fs::symlink_metadata(disk).map_err(|e| bad(e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let mut header = [0u8; 72];
+    let mut f = fs::File::open(disk).map_err(|e| bad(e.to_string()))?;
+    let mut got = 0;
+    while got < header.len() {
+        match f.read(&mut header[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(bad(e.to_string())),
+        }
+    }
+    qcow2_header_problem(&header[..got], meta.len()).map_or(Ok(()), |why| Err(bad(why)))
+}
+
+/// What is wrong with a qcow2 header of a file `len` bytes long, if anything.
+fn qcow2_header_problem(h: &[u8], len: u64) -> Option<String> {
+    if h.len() < 72 {
+        return Some(format!(
+            "{len} bytes long, too short for a qcow2 header; it was probably cut short by a crash"
+        ));
+    }
+    if &h[..4] != QCOW2_MAGIC {
+        return Some("not a qcow2 image".into());
+    }
+    let be32 = |o: usize| u32::from_be_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+    let be64 = |o: usize| u64::from_be_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+    let version = be32(4);
+    if !(2..=3).contains(&version) {
+        return Some(format!("qcow2 version {version}, expected 2 or 3"));
+    }
+    let cluster_bits = be32(20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Some(format!("bad cluster size 2^{cluster_bits}"));
+    }
+    let cluster = 1u64 << cluster_bits;
+    let l1_end = be64(40).saturating_add(u64::from(be32(36)).saturating_mul(8));
+    let refcount_end = be64(48).saturating_add(u64::from(be32(56)).saturating_mul(cluster));
+    let need = l1_end.max(refcount_end);
+    if need > len {
+        return Some(format!(
+            "{len} bytes long, but its tables end at byte {need}; it was probably cut short by a crash"
+        ));
+    }
+    None
 }
 
 /// The host's end of the guest's network: QEMU connects its NIC to `link`; `ssh`
@@ -279,6 +353,18 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
             }
         }
     }
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.qemu_log())
+        .map_err(Error::Spawn)?;
+    // What ssh-keygen, qemu-img and the logs made, for a VM started under sudo.
+    statefile::give_tree_to_user(s.dir()).map_err(|source| {
+        Error::State(statefile::Error::Write {
+            path: s.dir().to_path_buf(),
+            source,
+        })
+    })?;
     let child = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log()).map_err(Error::Spawn)?;
     Ok(Started {
         child,
@@ -307,4 +393,56 @@ pub fn spawn_qemu(
         .stderr(log);
     host::end_with_parent(&mut cmd);
     cmd.spawn()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qemu_img(args: &[&str], dir: &Path) -> bool {
+        Command::new("qemu-img")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    #[test]
+    fn a_damaged_disk_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.qcow2");
+        fs::write(&disk, b"").unwrap();
+        let err = ensure_disk(&disk, &dir.path().join("base.qcow2"), 1).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::BadDisk { .. }), "{msg}");
+        assert!(msg.contains(&disk.display().to_string()), "{msg}");
+        assert!(disk.exists(), "the disk was removed");
+        fs::write(&disk, [b'x'; 4096]).unwrap();
+        let msg = ensure_disk(&disk, &dir.path().join("base.qcow2"), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a qcow2 image"), "{msg}");
+    }
+
+    #[test]
+    fn a_made_disk_passes_and_a_truncated_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        if !qemu_img(
+            &["create", "-q", "-f", "qcow2", "base.qcow2", "1G"],
+            dir.path(),
+        ) {
+            eprintln!("skipped: no qemu-img");
+            return;
+        }
+        let disk = dir.path().join("disk.qcow2");
+        assert!(ensure_disk(&disk, &dir.path().join("base.qcow2"), 2).unwrap());
+        assert!(!dir.path().join("disk.qcow2.tmp").exists());
+        assert!(!ensure_disk(&disk, &dir.path().join("base.qcow2"), 2).unwrap());
+        let len = fs::metadata(&disk).unwrap().len();
+        let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.set_len(len / 2).unwrap();
+        let err = ensure_disk(&disk, &dir.path().join("base.qcow2"), 2).unwrap_err();
+        assert!(err.to_string().contains("cut short"), "{err}");
+        assert_eq!(fs::metadata(&disk).unwrap().len(), len / 2);
+    }
 }
