@@ -56,18 +56,9 @@ impl Index {
     /// Opens the index for reading and updating, creating the vibebox home if needed.
     pub fn open(home: &Home) -> Result<Index, IndexError> {
         statefile::ensure_dir(home.root(), 0o700)?;
-        let lock = match Lock::try_exclusive(&home.index_lock())? {
-            Some(l) => l,
-            None => {
-                // Held only for short read-modify-writes; a long wait means a stuck
-                // vibebox, and the user should know which file it is.
-                eprintln!(
-                    "vibebox: waiting for another vibebox command to release {}",
-                    home.index_lock().display()
-                );
-                Lock::exclusive(&home.index_lock())?
-            }
-        };
+        // Held only for short read-modify-writes; a long wait means a stuck vibebox,
+        // and the user is told which file it waits for.
+        let lock = Lock::exclusive_waiting(&home.index_lock(), "another vibebox command")?;
         let mut index = Self::read(home)?;
         index._lock = Some(lock);
         Ok(index)
