@@ -3,7 +3,6 @@
 use std::io::{IsTerminal, Write};
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use super::Error;
 use crate::paths::Home;
@@ -12,7 +11,19 @@ use crate::store::index::{Entry, Index};
 use crate::supervisor::{self, State, Status};
 
 /// One row: the entry, its VM's state, and whether its directory is missing.
-type Row = (Entry, Status, bool);
+type Row<'a> = (&'a Entry, Status, bool);
+
+/// A `--json` item, serialised straight from the rows (no intermediate values: a
+/// list of 10,000 sessions stays fast).
+#[derive(serde::Serialize)]
+struct Item<'a> {
+    id: String,
+    directory: &'a std::path::Path,
+    state: &'static str,
+    missing: bool,
+    clients: u32,
+    last_active: String,
+}
 
 /// Only looks: no lock, no write, no project file read, nothing stopped or removed.
 pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
@@ -22,38 +33,41 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
         state: State::Stopped,
         clients: 0,
     };
-    let mut rows: Vec<Row> = index
-        .entries()
+    let entries = index.entries();
+    let missing = missing_flags(entries);
+    let mut rows: Vec<Row<'_>> = entries
         .iter()
-        .map(|e| {
-            let status = if live.contains(&e.id.to_string()) {
+        .zip(missing)
+        .map(|(e, missing)| {
+            let status = if live.contains(&e.id) {
                 supervisor::status(&home.session(e.id))
             } else {
                 stopped
             };
-            (e.clone(), status, is_missing(e))
+            (e, status, missing)
         })
         .collect();
-    drop(index);
     // Ties within a second fall back to the id: UUIDv7 ids sort by creation time.
-    rows.sort_by_key(|(e, _, _)| std::cmp::Reverse((e.last_active, e.id)));
+    rows.sort_unstable_by_key(|(e, _, _)| std::cmp::Reverse((e.last_active, e.id)));
 
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if as_json {
-        let items: Vec<_> = rows
+        let items: Vec<Item<'_>> = rows
             .iter()
-            .map(|(e, s, missing)| {
-                json!({
-                    "id": e.id.to_string(),
-                    "directory": e.directory,
-                    "state": state_word(s, *missing),
-                    "missing": missing,
-                    "clients": s.clients,
-                    "last_active": e.last_active.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                })
+            .map(|(e, s, missing)| Item {
+                id: e.id.to_string(),
+                directory: &e.directory,
+                state: state_word(s, *missing),
+                missing: *missing,
+                clients: s.clients,
+                last_active: e
+                    .last_active
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             })
             .collect();
-        return super::write_json(&mut out, &items);
+        super::write_json(&mut out, &items)?;
+        out.flush()?;
+        return Ok(());
     }
     if rows.is_empty() {
         writeln!(
@@ -68,7 +82,7 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
         .map(|(e, s, missing)| {
             vec![
                 e.id.to_string(),
-                e.directory.display().to_string(),
+                crate::escape::escape(&e.directory.display().to_string()).into_owned(),
                 state_word(s, *missing).to_string(),
                 s.clients.to_string(),
                 relative_time(e.last_active, now),
@@ -80,7 +94,28 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
         "{}",
         super::table::render(&HEADERS, &table, terminal_width().map(|w| (w, 1)))
     )?;
+    out.flush()?;
     Ok(())
+}
+
+/// Whether each entry's directory is missing. One `stat` per project is most of
+/// what a long list costs, so a long list spreads them over the cores.
+fn missing_flags(entries: &[Entry]) -> Vec<bool> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if threads < 2 || entries.len() < 512 {
+        return entries.iter().map(is_missing).collect();
+    }
+    let chunk = entries.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = entries
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(is_missing).collect::<Vec<bool>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("a stat does not panic"))
+            .collect()
+    })
 }
 
 /// A stopped session whose directory is missing shows as `missing`: it keeps its

@@ -74,6 +74,14 @@ impl Index {
     fn read(home: &Home) -> Result<Index, IndexError> {
         let path = home.index();
         let text = statefile::read_nofollow(&path)?.unwrap_or_default();
+        if let Some(sessions) = parse_plain(&text) {
+            return Ok(Index {
+                path,
+                entries: sessions,
+                dirty: false,
+                _lock: None,
+            });
+        }
         let file: File = toml::from_str(&text).map_err(|e| {
             let (line, col) = crate::tomlpos::error_line_col(&text, &e);
             IndexError::Corrupt {
@@ -152,6 +160,57 @@ impl Index {
     }
 }
 
+/// The index exactly as vibebox writes it (`[[session]]` tables of three plain
+/// basic strings), read without the general TOML parser: `vibebox list` reads the
+/// whole index, and with thousands of sessions the general parser is most of its
+/// time. Anything else (a hand edit, an escape, another key) returns `None` and
+/// goes through `toml`, which also gives the error messages.
+fn parse_plain(text: &str) -> Option<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut cur: Option<[Option<&str>; 3]> = None;
+    let finish = |cur: [Option<&str>; 3], out: &mut Vec<Entry>| -> Option<()> {
+        let [id, dir, at] = cur;
+        out.push(Entry {
+            id: id?.parse().ok()?,
+            directory: PathBuf::from(dir?),
+            last_active: DateTime::parse_from_rfc3339(at?).ok()?.with_timezone(&Utc),
+        });
+        Some(())
+    };
+    for line in text.lines() {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "[[session]]" {
+            if let Some(c) = cur.take() {
+                finish(c, &mut out)?;
+            }
+            cur = Some([None; 3]);
+            continue;
+        }
+        let (key, value) = line.split_once(" = ")?;
+        let value = value.strip_prefix('"')?.strip_suffix('"')?;
+        if value.contains(['"', '\\']) || value.chars().any(char::is_control) {
+            return None;
+        }
+        let slot = match key {
+            "id" => 0,
+            "directory" => 1,
+            "last_active" => 2,
+            _ => return None,
+        };
+        let c = cur.as_mut()?;
+        if c[slot].replace(value).is_some() {
+            return None;
+        }
+    }
+    if let Some(c) = cur {
+        finish(c, &mut out)?;
+    }
+    Some(out)
+}
+
 mod rfc3339 {
     use chrono::{DateTime, SecondsFormat, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
@@ -172,4 +231,54 @@ mod rfc3339 {
 pub fn now() -> DateTime<Utc> {
     use chrono::SubsecRound;
     Utc::now().trunc_subsecs(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn via_toml(text: &str) -> Vec<Entry> {
+        toml::from_str::<File>(text).unwrap().sessions
+    }
+
+    #[test]
+    fn plain_reading_agrees_with_toml_and_steps_aside() {
+        let text = "[[session]]\nid = \"019bf290-cccc-7c23-ba1d-dce7e6d40693\"\ndirectory = \"/p/a b\"\nlast_active = \"2026-11-01T00:00:00Z\"\n";
+        assert_eq!(parse_plain(text), Some(via_toml(text)));
+        assert_eq!(parse_plain(""), Some(vec![]));
+        // What vibebox writes takes the plain path.
+        let written = toml::to_string(&File {
+            sessions: via_toml(text),
+        })
+        .unwrap();
+        assert_eq!(parse_plain(&written), Some(via_toml(text)), "{written}");
+        // Escapes, comments, other keys, missing keys: left to toml.
+        assert_eq!(parse_plain(&text.replace("/p/a b", "/p/a\\\\b")), None);
+        assert_eq!(parse_plain(&format!("# hi\n{text}")), None);
+        assert_eq!(parse_plain(&format!("{text}x = \"1\"\n")), None);
+        assert_eq!(parse_plain(&text.replace("directory", "dir")), None);
+        assert_eq!(parse_plain("id = \"x\"\n"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn whatever_vibebox_writes_reads_back_the_same(
+            dirs in proptest::collection::vec("/[^\\x00]{0,40}", 0..6),
+        ) {
+            let sessions: Vec<Entry> = dirs
+                .iter()
+                .map(|d| Entry {
+                    id: SessionId::new(),
+                    directory: PathBuf::from(d),
+                    last_active: now(),
+                })
+                .collect();
+            let text = toml::to_string(&File { sessions: sessions.clone() }).unwrap();
+            prop_assert_eq!(via_toml(&text), sessions.clone());
+            if let Some(fast) = parse_plain(&text) {
+                prop_assert_eq!(fast, sessions);
+            }
+        }
+    }
 }

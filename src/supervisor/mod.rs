@@ -47,11 +47,13 @@ pub struct Status {
 /// The ids of the sessions whose supervisor announced itself in `live/` (see
 /// `Home::live`). A supervisor killed with -9 leaves its name behind; asking it
 /// then finds nobody, so such a session still shows as stopped.
-pub fn live_sessions(home: &crate::paths::Home) -> std::collections::HashSet<String> {
+pub fn live_sessions(
+    home: &crate::paths::Home,
+) -> std::collections::HashSet<crate::store::SessionId> {
     std::fs::read_dir(home.live())
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
                 .collect()
         })
         .unwrap_or_default()
