@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use super::policy::{DEFAULT_PORTS, Mode, Rule};
+use super::policy::{DEFAULT_PORTS, Mode, Rule, is_ip_literal};
 use crate::config::Network;
 
 /// A denial, with what the log line needs.
@@ -62,6 +62,7 @@ impl Policy {
 
     /// May the guest learn the addresses of `name` (normalised)?
     pub fn name(&self, name: &str) -> Result<(), Deny> {
+        not_an_ip_literal(name)?;
         match self.mode {
             Mode::Allowlist => {
                 if self.rules.iter().any(|r| r.matches_name(name)) {
@@ -83,6 +84,7 @@ impl Policy {
 
     /// May the guest connect to `name` (normalised) on `port`?
     pub fn connect(&self, name: &str, port: u16) -> Result<(), Deny> {
+        not_an_ip_literal(name)?;
         match self.mode {
             Mode::Allowlist => {
                 if self.rules.iter().any(|r| r.matches(name, port)) {
@@ -120,6 +122,18 @@ impl Policy {
     }
 }
 
+/// In either mode: a name that is an address would be resolved to itself and pinned,
+/// so the guest would pick its destination (blocklist mode would let it anywhere).
+fn not_an_ip_literal(name: &str) -> Result<(), Deny> {
+    if is_ip_literal(name) {
+        return Err(deny(
+            "an IP address, not a name (connections need a name the gateway resolved)",
+            None,
+        ));
+    }
+    Ok(())
+}
+
 /// Which addresses the host resolved for which names, this boot. A connection's
 /// destination must be pinned for the name it claims, so a guest cannot send an
 /// allowed SNI or Host to an address of its choosing. Bounded: the oldest pins go
@@ -134,6 +148,9 @@ impl Pins {
     pub const MAX: usize = 1 << 16;
 
     pub fn pin(&mut self, name: &str, ips: &[Ipv4Addr]) {
+        if is_ip_literal(name) {
+            return; // never a name: see `not_an_ip_literal`
+        }
         for ip in ips {
             let names = self.by_ip.entry(*ip).or_default();
             if names.iter().any(|n| n == name) {
@@ -417,6 +434,20 @@ mod tests {
         let lit = Ipv4Addr::new(203, 0, 113, 50);
         assert!(matches!(by_destination(&p, &pins, lit, 5432), Some(Err(_))));
         assert_eq!(by_destination(&p, &pins, IP, 443), None);
+    }
+
+    #[test]
+    fn ip_literals_are_refused_in_both_modes() {
+        for mode in [Mode::Allowlist, Mode::Blocklist] {
+            let p = policy(mode, &["example.com"]);
+            let mut pins = Pins::default();
+            pins.pin("198.51.100.7", &[IP]);
+            assert!(pins.is_empty(), "an address is never pinned as a name");
+            assert!(p.name("198.51.100.7").is_err(), "{mode:?}");
+            assert!(p.name("3325256711").is_err(), "{mode:?}");
+            assert!(p.connect("198.51.100.7", 443).is_err(), "{mode:?}");
+            assert!(by_flight(&p, &pins, IP, 443, &tls("198.51.100.7")).is_err());
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod daemon;
 pub mod instance;
+pub mod limits;
 pub mod network;
 pub mod protocol;
 
