@@ -1043,3 +1043,19 @@ fn syn_endpoints(ip_packet: &[u8]) -> Option<(Addr, Addr)> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stack's clock counts from the process's first use, not from the epoch:
+    /// the wall clock (smoltcp's default) steps with NTP and jumps on resume.
+    #[test]
+    fn the_stack_clock_is_monotonic_not_the_wall_clock() {
+        let a = now();
+        let wall = SInstant::now();
+        assert!(a.total_millis() < wall.total_millis() / 2, "{a} vs {wall}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(now() >= a + smoltcp::time::Duration::from_millis(20));
+    }
+}
