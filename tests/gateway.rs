@@ -17,7 +17,6 @@ use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use vibebox::config::Network;
 use vibebox::net::decide::Policy;
 use vibebox::net::device::Queues;
 use vibebox::net::dhcp::Lan;
@@ -363,10 +362,8 @@ fn world() -> Arc<World> {
 }
 
 fn policy(mode: Mode, entries: &[&str]) -> Policy {
-    Policy::new(&Network {
-        mode,
-        entries: entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
-    })
+    let rules: Vec<Rule> = entries.iter().map(|e| Rule::parse(e).unwrap()).collect();
+    Policy::new(mode, &rules)
 }
 
 /// Starts a gateway for `policy` and returns the guest attached to it, plus the

@@ -16,7 +16,6 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use super::policy::{DEFAULT_PORTS, Mode, Rule, is_ip_literal};
-use crate::config::Network;
 
 /// A denial, with what the log line needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,10 +48,10 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(network: &Network) -> Policy {
+    pub fn new(mode: Mode, rules: &[Rule]) -> Policy {
         Policy {
-            mode: network.mode,
-            rules: network.entries.clone(),
+            mode,
+            rules: rules.to_vec(),
         }
     }
 
@@ -287,10 +286,8 @@ mod tests {
     use super::*;
 
     fn policy(mode: Mode, entries: &[&str]) -> Policy {
-        Policy::new(&Network {
-            mode,
-            entries: entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
-        })
+        let rules: Vec<Rule> = entries.iter().map(|e| Rule::parse(e).unwrap()).collect();
+        Policy::new(mode, &rules)
     }
 
     const IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);

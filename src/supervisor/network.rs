@@ -42,7 +42,7 @@ pub fn start(
     let dialer: Arc<dyn upstream::Dialer> = Arc::new(upstream::Direct);
     let settings = Settings {
         lan: Lan::default(),
-        policy: Policy::new(&config.network),
+        policy: Policy::new(config.network.mode, &config.network.entries),
         log: NetLog::new(&sd.logs().join("network.log"), id),
         ssh_port: 22,
         host: HostAddrs::system(),
