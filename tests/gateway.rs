@@ -903,7 +903,7 @@ async fn half_open_connections_are_never_dialled_and_are_reaped() {
         connections: 2,
         ..Limits::default()
     };
-    let (mut g, _) = start_with(
+    let (mut g, log) = start_with(
         &w,
         policy(Mode::Allowlist, &["git.test:22"]),
         dir.path(),
@@ -927,4 +927,11 @@ async fn half_open_connections_are_never_dialled_and_are_reaped() {
     let ex = g.exchange(GIT, 22, b"hi").await;
     assert!(ex.received.starts_with(b"SSH-2.0-test\r\n"), "{ex:?}");
     assert_eq!(w.dialed.lock().unwrap().clone(), vec![(GIT, 22)]);
+    let text = log_text(&log);
+    assert!(
+        text.contains(
+            "drop tcp 198.51.100.30:22 (git.test): the guest's TCP handshake did not complete within 10 s"
+        ),
+        "{text}"
+    );
 }

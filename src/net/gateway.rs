@@ -731,6 +731,7 @@ impl Engine {
     fn pump(&mut self) -> bool {
         let mut moved = false;
         let mut gone = Vec::new();
+        let mut reaped = Vec::new();
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else {
@@ -747,6 +748,14 @@ impl Engine {
                     // A handshake never completed, a dial or a close that hangs.
                     sock.abort();
                     gone.push(id);
+                    let what = match c.phase {
+                        Phase::Flight { .. } | Phase::Handshake { .. } => {
+                            "the guest's TCP handshake did not complete within 10 s"
+                        }
+                        Phase::Dialing { .. } => "the host's connection did not open in time",
+                        _ => "the connection did not close in time",
+                    };
+                    reaped.push((c.dst, c.name.clone(), what));
                 }
                 Phase::Flight { .. } | Phase::Handshake { .. } if handshaking => {}
                 Phase::Handshake { .. } => {
@@ -847,6 +856,13 @@ impl Engine {
                     }
                 }
             }
+        }
+        for ((ip, port), name, what) in reaped {
+            let who = match name {
+                Some(n) => format!("{ip}:{port} ({n})"),
+                None => format!("{ip}:{port}"),
+            };
+            self.s.log.line(&format!("drop tcp {who}: {what}"));
         }
         for id in gone {
             if let Some(c) = self.conns.remove(&id) {
