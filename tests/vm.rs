@@ -867,7 +867,7 @@ fn network_policy_holds_against_the_guest() {
         if let Some(since) = idle_since {
             // Undo the guest's edit (it made the file invalid for the host's vibebox).
             fs::write(b.project.join("vibebox.toml"), config).unwrap();
-            guest_cannot_starve_or_widen(&b, since);
+            guest_cannot_starve_or_widen(&b, &lab, since);
         }
         ok(&b.vibebox(&["stop"]));
         assert_eq!(b.status().0, "stopped");
@@ -887,7 +887,8 @@ echo started"#;
 /// (public-looking) veth address, a jumbo frame, a flood on the serial console,
 /// more connections than the gateway's cap; then the relayed connection silent for
 /// 150 s still works, a new host SSH session opens, and `stop` stops the VM.
-fn guest_cannot_starve_or_widen(b: &Box, idle_since: Instant) {
+fn guest_cannot_starve_or_widen(b: &Box, lab: &NetLab, idle_since: Instant) {
+    let served_before = lab.served().len();
     // A host service on every address, the veth's included.
     let wildcard = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     wildcard.set_nonblocking(true).unwrap();
@@ -900,7 +901,7 @@ fn guest_cannot_starve_or_widen(b: &Box, idle_since: Instant) {
     let script = r#"
 t() { printf '%s=' "$1"; shift; out=$("$@" 2>/dev/null); rc=$?; printf '%s|%s\n' "$rc" "$(printf %s "$out" | tr -d '\r\n')"; }
 t literal_dns bash -c 'exec 3<>/dev/udp/10.0.2.3/53; printf "\022\064\001\000\000\001\000\000\000\000\000\000\003198\00251\003100\00220\000\000\001\000\001" >&3; timeout 5 head -c4 <&3 | od -An -tx1'
-t literal_sni bash -c 'exec 3<>/dev/tcp/198.51.100.20/443; cat PROJECT/.hello-literal >&3; timeout 5 head -c1 <&3 | od -An -tx1'
+t literal_sni bash -c 'exec 3<>/dev/tcp/198.51.100.20/443; cat PROJECT/.hello-literal >&3; timeout 5 head -c7 <&3 | od -An -tx1'
 t hostveth_dns getent hosts hostveth.test
 t hostveth curl -s -m 10 http://hostveth.test:WPORT/
 t hostveth_ip curl -s -m 10 http://198.51.100.1:WPORT/
@@ -911,9 +912,17 @@ t hostveth_ip curl -s -m 10 http://198.51.100.1:WPORT/
     let netlog =
         || fs::read_to_string(b.session_dir().join("logs/network.log")).unwrap_or_default();
     let ctx = || format!("guest:\n{text}\nnetwork.log:\n{}", netlog());
-    // NXDOMAIN (rcode 3), and a TLS alert (0x15) rather than the server's hello.
+    // NXDOMAIN (rcode 3), and the gateway's own access_denied alert; the server at
+    // that address never saw the connection.
     assert!(probe(&text, "literal_dns").1.ends_with("83"), "{}", ctx());
-    assert_eq!(probe(&text, "literal_sni").1.trim(), "15", "{}", ctx());
+    assert_eq!(
+        probe(&text, "literal_sni").1.trim(),
+        "15 03 03 00 02 02 31",
+        "{}",
+        ctx()
+    );
+    let served = lab.served()[served_before..].to_string();
+    assert!(!served.contains("198.51.100.20:443"), "{served}");
     for key in ["hostveth_dns", "hostveth", "hostveth_ip"] {
         assert_ne!(probe(&text, key).0, "0", "{key} must fail\n{}", ctx());
     }
