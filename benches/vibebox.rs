@@ -449,6 +449,7 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
         disk: &disk,
         fw_cfg: &fw,
         console_log: &console,
+        console_socket: None,
         ready_socket: Some(Path::new("ready.sock")),
         export_file: None,
         smbios_serial: None,

@@ -20,9 +20,10 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 use vibebox::net::decide::Policy;
 use vibebox::net::device::Queues;
 use vibebox::net::dhcp::Lan;
-use vibebox::net::gateway::{self, Settings};
+use vibebox::net::gateway::{self, FLIGHT_TIMEOUT, Limits, Settings};
 use vibebox::net::netlog::NetLog;
 use vibebox::net::policy::{Mode, Rule};
+use vibebox::net::ranges::HostAddrs;
 use vibebox::net::upstream::{BoxFuture, Dialer, Resolver};
 use vibebox::net::{dns, frame, sni};
 
@@ -266,6 +267,65 @@ impl Guest {
     }
 }
 
+impl Guest {
+    /// Keeps the guest stack running (answering whatever arrives) for `d`.
+    async fn idle(&mut self, d: Duration) {
+        let end = tokio::time::Instant::now() + d;
+        while tokio::time::Instant::now() < end {
+            let left = end - tokio::time::Instant::now();
+            let until = tokio::time::Instant::now() + left.min(Duration::from_secs(10));
+            self.run_until("idling", |_| tokio::time::Instant::now() >= until)
+                .await;
+        }
+    }
+
+    /// Sends a bare TCP SYN from `sport`, outside the guest's stack (no socket answers
+    /// the gateway's SYN-ACK but with a reset): a handshake that never completes.
+    async fn raw_syn(&mut self, dst: Ipv4Addr, dport: u16, sport: u16, good_checksum: bool) {
+        let src = Lan::default().guest.octets();
+        let dst = dst.octets();
+        let mut tcp = Vec::new();
+        tcp.extend_from_slice(&sport.to_be_bytes());
+        tcp.extend_from_slice(&dport.to_be_bytes());
+        tcp.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        tcp.extend_from_slice(&0u32.to_be_bytes());
+        tcp.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src);
+        pseudo.extend_from_slice(&dst);
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&tcp);
+        let mut sum = checksum(&pseudo);
+        if !good_checksum {
+            sum ^= 0x5555;
+        }
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let ipsum = checksum(&ip);
+        ip[10..12].copy_from_slice(&ipsum.to_be_bytes());
+        let mut f = Vec::new();
+        f.extend_from_slice(&Lan::default().gateway_mac.0);
+        f.extend_from_slice(&GUEST_MAC.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&tcp);
+        self.link.write_all(&frame::encode(&f)).await.unwrap();
+    }
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 #[derive(Default, Debug)]
 struct Exchange {
     established: bool,
@@ -278,6 +338,8 @@ struct Exchange {
 const ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 const GIT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
+/// An address the tests give the host's own interfaces.
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 40);
 
 fn world() -> Arc<World> {
     let mut w = World::default();
@@ -290,14 +352,18 @@ fn world() -> Arc<World> {
         "lan.allowed.test".into(),
         vec![Ipv4Addr::new(192, 168, 1, 1)],
     );
+    // The host's resolver answers an IP literal with itself (getaddrinfo does, for
+    // the dotted form and the others inet_aton reads).
+    w.names.insert("198.51.100.20".into(), vec![OTHER]);
+    w.names.insert("3325256724".into(), vec![OTHER]);
+    w.names.insert("0xc6336414".into(), vec![OTHER]);
+    w.names.insert("self.test".into(), vec![HOST]);
     Arc::new(w)
 }
 
 fn policy(mode: Mode, entries: &[&str]) -> Policy {
-    Policy::new(
-        mode,
-        entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
-    )
+    let rules: Vec<Rule> = entries.iter().map(|e| Rule::parse(e).unwrap()).collect();
+    Policy::new(mode, &rules)
 }
 
 /// Starts a gateway for `policy` and returns the guest attached to it, plus the
@@ -308,6 +374,26 @@ async fn start(
     log_dir: &std::path::Path,
     ssh: Option<TcpListener>,
 ) -> (Guest, std::path::PathBuf) {
+    start_with(
+        world,
+        policy,
+        log_dir,
+        ssh,
+        HostAddrs::fixed(Vec::new()),
+        Limits::default(),
+    )
+    .await
+}
+
+/// [`start`] with the host's own addresses and the gateway's bounds given.
+async fn start_with(
+    world: &Arc<World>,
+    policy: Policy,
+    log_dir: &std::path::Path,
+    ssh: Option<TcpListener>,
+    host: HostAddrs,
+    limits: Limits,
+) -> (Guest, std::path::PathBuf) {
     let (g_end, gw_end) = UnixStream::pair().unwrap();
     let lan = Lan::default();
     let log = log_dir.join("network.log");
@@ -316,6 +402,8 @@ async fn start(
         policy,
         log: NetLog::new(&log, "test-session"),
         ssh_port: 22,
+        host,
+        limits,
     };
     let resolver: Arc<dyn Resolver> = Arc::new(WorldResolver(world.clone()));
     let dialer: Arc<dyn Dialer> = Arc::new(WorldDialer(world.clone()));
@@ -576,6 +664,8 @@ async fn garbage_on_the_link_closes_it_without_a_panic() {
         policy: policy(Mode::Allowlist, &[]),
         log: NetLog::none(),
         ssh_port: 22,
+        host: HostAddrs::fixed(Vec::new()),
+        limits: Limits::default(),
     };
     let task = tokio::spawn(gateway::serve(
         gw_end,
@@ -595,4 +685,253 @@ async fn garbage_on_the_link_closes_it_without_a_panic() {
         .unwrap()
         .unwrap();
     assert!(r.is_err(), "an impossible frame length must end the link");
+}
+
+#[tokio::test]
+async fn ip_literal_names_are_refused_in_both_modes() {
+    for mode in [Mode::Blocklist, Mode::Allowlist] {
+        let w = world();
+        server(&w, OTHER, 443, b"").await;
+        server(&w, OTHER, 80, b"").await;
+        let dir = tempfile::tempdir().unwrap();
+        let entries: &[&str] = match mode {
+            Mode::Blocklist => &["blocked.test"],
+            Mode::Allowlist => &["**.other.test"],
+        };
+        let (mut g, log) = start(&w, policy(mode, entries), dir.path(), None).await;
+        // Asked as names, in the forms the host's resolver would read as addresses:
+        // never resolved, never pinned.
+        for lit in ["198.51.100.20", "3325256724", "0xc6336414"] {
+            let m = g.dns(lit, RecordType::A).await;
+            assert_eq!(
+                m.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{mode:?} {lit}"
+            );
+        }
+        assert!(w.asked.lock().unwrap().is_empty(), "{mode:?}");
+        // As the TLS server name or the HTTP Host, at the very address it names.
+        let hello = sni::build_client_hello(Some("198.51.100.20"), &[]);
+        let ex = g.exchange(OTHER, 443, &hello).await;
+        assert_eq!(ex.received, [21, 3, 3, 0, 2, 2, 49], "{mode:?}");
+        let ex = g.exchange(OTHER, 80, &http_get("198.51.100.20")).await;
+        assert!(ex.received.starts_with(b"HTTP/1.1 403"), "{mode:?} {ex:?}");
+        assert!(w.dialed.lock().unwrap().is_empty(), "{mode:?}");
+        let text = log_text(&log);
+        assert!(
+            text.contains("deny dns 198.51.100.20: an IP address, not a name"),
+            "{text}"
+        );
+        assert!(
+            text.contains("deny tcp 198.51.100.20:443 (198.51.100.20): an IP address, not a name"),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_hosts_own_addresses_are_refused() {
+    let w = world();
+    server(&w, HOST, 443, b"").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, log) = start_with(
+        &w,
+        policy(Mode::Blocklist, &[]),
+        dir.path(),
+        None,
+        HostAddrs::fixed(vec![HOST.into()]),
+        Limits::default(),
+    )
+    .await;
+    let m = g.dns("self.test", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    let ex = g
+        .exchange(HOST, 443, &sni::build_client_hello(Some("self.test"), &[]))
+        .await;
+    assert!(ex.received.is_empty(), "{ex:?}");
+    assert!(w.dialed.lock().unwrap().is_empty());
+    let text = log_text(&log);
+    assert!(
+        text.contains("deny dns self.test: it resolves to 198.51.100.40, an address of this host"),
+        "{text}"
+    );
+    assert!(
+        text.contains("deny tcp 198.51.100.40:443: an address of this host"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_dropped_and_the_link_stays_up() {
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, log) = start(
+        &w,
+        policy(Mode::Allowlist, &["allowed.test"]),
+        dir.path(),
+        None,
+    )
+    .await;
+    assert_eq!(g.resolve("allowed.test").await, vec![ALLOWED]);
+    // What a guest that set its MTU to 9000 sends: a jumbo frame, cut anywhere.
+    let mut jumbo = vec![0u8; 9014];
+    jumbo[..6].copy_from_slice(&Lan::default().gateway_mac.0);
+    jumbo[6..12].copy_from_slice(&GUEST_MAC.0);
+    jumbo[12..14].copy_from_slice(&[0x08, 0x00]);
+    let bytes = frame::encode(&jumbo);
+    for part in bytes.chunks(1000) {
+        g.link.write_all(part).await.unwrap();
+    }
+    assert_eq!(g.resolve("allowed.test").await, vec![ALLOWED]);
+    let text = log_text(&log);
+    assert!(
+        text.contains("drop frame: 9014 bytes, over the link's 1500-byte MTU"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_outlives_the_socket_timeout() {
+    let w = world();
+    server(&w, GIT, 22, b"SSH-2.0-test\r\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        keep_alive: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (mut g, _) = start_with(
+        &w,
+        policy(Mode::Allowlist, &["git.test:22"]),
+        dir.path(),
+        None,
+        HostAddrs::fixed(Vec::new()),
+        limits,
+    )
+    .await;
+    g.resolve("git.test").await;
+    let h = g.connect(GIT, 22);
+    let mut got = Vec::new();
+    g.run_until("the banner", |g| {
+        let s = g.sockets.get_mut::<tcp::Socket>(h);
+        let mut buf = [0u8; 256];
+        while let Ok(n) = s.recv_slice(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got.ends_with(b"\r\n")
+    })
+    .await;
+    // Silent both ways for many times the keep-alive interval (and so many times
+    // any timeout that counted silence).
+    g.idle(limits.keep_alive * 20).await;
+    let ex = g.exchange_on(vec![(h, b"still there".to_vec())]).await;
+    assert_eq!(ex[0].received, b"echo:still there", "{:?}", ex[0]);
+}
+
+#[tokio::test]
+async fn host_ssh_has_slots_guest_connections_cannot_take() {
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let limits = Limits {
+        connections: 3,
+        ssh: 1,
+        ..Limits::default()
+    };
+    let (mut g, log) = start_with(
+        &w,
+        policy(Mode::Allowlist, &["allowed.test"]),
+        dir.path(),
+        Some(listener),
+        HostAddrs::fixed(Vec::new()),
+        limits,
+    )
+    .await;
+    g.resolve("allowed.test").await;
+    let mut sshd = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 8192]),
+        tcp::SocketBuffer::new(vec![0; 8192]),
+    );
+    sshd.listen(22).unwrap();
+    let sshd = g.sockets.add(sshd);
+    // The guest fills its share: three connections held open (silent).
+    let held: Vec<_> = (0..3).map(|_| g.connect(ALLOWED, 443)).collect();
+    g.run_until("the guest's connections", |g| {
+        held.iter()
+            .all(|h| g.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Established)
+    })
+    .await;
+    // A fourth is refused.
+    let extra = g.connect(ALLOWED, 443);
+    g.idle(Duration::from_millis(500)).await;
+    assert_ne!(
+        g.sockets.get::<tcp::Socket>(extra).state(),
+        tcp::State::Established
+    );
+    // The host's SSH connection still gets through.
+    let client = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"hello guest").await.unwrap();
+    });
+    let mut got = Vec::new();
+    g.run_until("the host's SSH connection", |g| {
+        let s = g.sockets.get_mut::<tcp::Socket>(sshd);
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.recv_slice(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got == b"hello guest"
+    })
+    .await;
+    client.await.unwrap();
+    let text = log_text(&log);
+    assert!(
+        text.contains("deny tcp 198.51.100.10:443: 3 guest connections open already"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn half_open_connections_are_never_dialled_and_are_reaped() {
+    let w = world();
+    server(&w, GIT, 22, b"SSH-2.0-test\r\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        connections: 2,
+        ..Limits::default()
+    };
+    let (mut g, log) = start_with(
+        &w,
+        policy(Mode::Allowlist, &["git.test:22"]),
+        dir.path(),
+        None,
+        HostAddrs::fixed(Vec::new()),
+        limits,
+    )
+    .await;
+    g.resolve("git.test").await;
+    // A SYN with a bad checksum (the stack drops it) and two that never complete.
+    g.raw_syn(GIT, 22, 50001, false).await;
+    g.raw_syn(GIT, 22, 50002, true).await;
+    g.raw_syn(GIT, 22, 50003, true).await;
+    g.idle(Duration::from_secs(1)).await;
+    assert!(
+        w.dialed.lock().unwrap().is_empty(),
+        "the host dialled for a handshake that never completed"
+    );
+    // Once they are reaped, their slots serve a real connection.
+    g.idle(FLIGHT_TIMEOUT + Duration::from_secs(2)).await;
+    let ex = g.exchange(GIT, 22, b"hi").await;
+    assert!(ex.received.starts_with(b"SSH-2.0-test\r\n"), "{ex:?}");
+    assert_eq!(w.dialed.lock().unwrap().clone(), vec![(GIT, 22)]);
+    let text = log_text(&log);
+    assert!(
+        text.contains(
+            "drop tcp 198.51.100.30:22 (git.test): the guest's TCP handshake did not complete within 10 s"
+        ),
+        "{text}"
+    );
 }

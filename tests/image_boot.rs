@@ -170,6 +170,7 @@ fn built_image_boots_and_applies_fw_cfg() {
         disk: &disk,
         fw_cfg: &fw,
         console_log: &console,
+        console_socket: None,
         ready_socket: Some(Path::new("ready.sock")),
         export_file: None,
         smbios_serial: None,

@@ -925,6 +925,12 @@ fn network_policy_holds_against_the_guest() {
         ));
         fs::copy(lab.ssh_key(), b.project.join(".netlab-key")).unwrap();
         lab.asked.lock().unwrap().clear();
+        // Blocklist mode lets the guest hold connections on other ports: one of them
+        // left silent for longer than any silence timeout, while the rest runs.
+        let idle_since = (mode == "blocklist").then(|| {
+            ok(&b.exec(IDLE_PROBE));
+            Instant::now()
+        });
         let before = lab.served().len();
         let out = b.exec(&network_probes(&lab.repo().display().to_string(), hp));
         let text = ok(&out).to_string();
@@ -990,8 +996,137 @@ fn network_policy_holds_against_the_guest() {
         };
         assert!(netlog.contains(dns_denial), "{netlog}");
         assert!(netlog.contains("allow tcp allowed.test:443"), "{netlog}");
+        if let Some(since) = idle_since {
+            // Undo the guest's edit (it made the file invalid for the host's vibebox).
+            fs::write(b.project.join("vibebox.toml"), config).unwrap();
+            guest_cannot_starve_or_widen(&b, &lab, since);
+        }
         ok(&b.vibebox(&["stop"]));
+        assert_eq!(b.status().0, "stopped");
     }
+}
+
+/// Opens a connection to the lab's echo server and leaves it silent for 150 s in the
+/// background; `/tmp/idle.out` says whether it still echoed afterwards.
+const IDLE_PROBE: &str = r#"getent hosts allowed.test >/dev/null
+setsid bash -c 'exec 3<>/dev/tcp/198.51.100.10/7000 || { echo idle=noconnect > /tmp/idle.out; exit; }
+printf a >&3; r1=$(timeout 10 head -c1 <&3); sleep 150
+printf b >&3; r2=$(timeout 10 head -c1 <&3); echo "idle=$r1$r2" > /tmp/idle.out' </dev/null >/dev/null 2>&1 &
+echo started"#;
+
+/// The hardening probes, in blocklist mode (where the guest has the most room): IP
+/// literals asked as DNS names or sent as the TLS server name, the host's own
+/// (public-looking) veth address, a jumbo frame, a flood on the serial console,
+/// more connections than the gateway's cap; then the relayed connection silent for
+/// 150 s still works, a new host SSH session opens, and `stop` stops the VM.
+fn guest_cannot_starve_or_widen(b: &Box, lab: &NetLab, idle_since: Instant) {
+    let served_before = lab.served().len();
+    // A host service on every address, the veth's included.
+    let wildcard = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    wildcard.set_nonblocking(true).unwrap();
+    let wport = wildcard.local_addr().unwrap().port();
+    fs::write(
+        b.project.join(".hello-literal"),
+        vibebox::net::sni::build_client_hello(Some("198.51.100.20"), &[]),
+    )
+    .unwrap();
+    let script = r#"
+t() { printf '%s=' "$1"; shift; out=$("$@" 2>/dev/null); rc=$?; printf '%s|%s\n' "$rc" "$(printf %s "$out" | tr -d '\r\n')"; }
+t literal_dns bash -c 'exec 3<>/dev/udp/10.0.2.3/53; printf "\022\064\001\000\000\001\000\000\000\000\000\000\003198\00251\003100\00220\000\000\001\000\001" >&3; timeout 5 head -c4 <&3 | od -An -tx1'
+t literal_sni bash -c 'exec 3<>/dev/tcp/198.51.100.20/443; cat PROJECT/.hello-literal >&3; timeout 5 head -c7 <&3 | od -An -tx1'
+t hostveth_dns getent hosts hostveth.test
+t hostveth curl -s -m 10 http://hostveth.test:WPORT/
+t hostveth_ip curl -s -m 10 http://198.51.100.1:WPORT/
+"#
+    .replace("PROJECT", &b.project.display().to_string())
+    .replace("WPORT", &wport.to_string());
+    let text = ok(&b.exec(&script)).to_string();
+    let netlog =
+        || fs::read_to_string(b.session_dir().join("logs/network.log")).unwrap_or_default();
+    let ctx = || format!("guest:\n{text}\nnetwork.log:\n{}", netlog());
+    // NXDOMAIN (rcode 3), and the gateway's own access_denied alert; the server at
+    // that address never saw the connection.
+    assert!(probe(&text, "literal_dns").1.ends_with("83"), "{}", ctx());
+    assert_eq!(
+        probe(&text, "literal_sni").1.trim(),
+        "15 03 03 00 02 02 31",
+        "{}",
+        ctx()
+    );
+    let served = lab.served()[served_before..].to_string();
+    assert!(!served.contains("198.51.100.20:443"), "{served}");
+    for key in ["hostveth_dns", "hostveth", "hostveth_ip"] {
+        assert_ne!(probe(&text, key).0, "0", "{key} must fail\n{}", ctx());
+    }
+    assert!(
+        wildcard.accept().is_err(),
+        "the guest reached the host's veth"
+    );
+    let log = netlog();
+    assert!(
+        log.contains("deny dns 198.51.100.20: an IP address, not a name"),
+        "{log}"
+    );
+    assert!(log.contains("an address of this host"), "{log}");
+
+    // A 9000-byte MTU and frames to match: dropped, the link (and SSH) stays.
+    ok(&b.exec(
+        r#"sudo sh -c 'dev=$(ip route show default | awk "{print \$5; exit}"); ip link set dev $dev mtu 9000; bash -c "head -c 8000 /dev/zero > /dev/udp/10.0.2.3/53; head -c 8000 /dev/zero > /dev/udp/198.51.100.10/9999"; sleep 1; ip link set dev $dev mtu 1500'"#,
+    ));
+    assert_eq!(ok(&b.exec("echo alive")).trim(), "alive");
+    assert!(netlog().contains("drop frame: "), "{}", netlog());
+
+    // 30 MB on the serial console: console.log stays within its cap.
+    let t = Instant::now();
+    ok(&b.exec(r#"sudo sh -c 'head -c 30000000 /dev/zero | tr "\0" x > /dev/ttyS0'"#));
+    eprintln!("30 MB through the serial console took {:?}", t.elapsed());
+    let logs = b.session_dir().join("logs");
+    let size = |f: &str| fs::metadata(logs.join(f)).map(|m| m.len()).unwrap_or(0);
+    let cap = vibebox::vm::launch::CONSOLE_MAX;
+    assert!(size("console.log") <= cap, "{}", size("console.log"));
+    assert!(size("console.log.1") > 0 && size("console.log.1") <= cap);
+
+    // 1100 connections held open by the guest: the gateway's cap refuses the rest.
+    ok(&b.exec(
+        r#"sudo bash -c 'ulimit -n 4096; setsid bash -c "n=0; for i in \$(seq 1100); do exec {fd}<>/dev/tcp/198.51.100.10/7000 && n=\$((n+1)); done 2>/dev/null; echo \$n > /tmp/held; sleep 900" </dev/null >/dev/null 2>&1 &'"#,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let held: usize = loop {
+        let out = b.exec("cat /tmp/held 2>/dev/null || echo wait");
+        let o = ok(&out).trim().to_string();
+        if let Ok(n) = o.parse() {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not open its connections"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    };
+    eprintln!("the guest holds {held} connections");
+    assert!((1000..1100).contains(&held), "{held}");
+    assert!(netlog().contains("guest connections open already"));
+    // A new SSH session from the host (no shared master connection) still opens.
+    let sd = b.session_dir();
+    let alias = format!("vibebox-{}", &b.id()[..8]);
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(sd.join("ssh/config"))
+        .args(["-o", "ControlMaster=no", "-o", "ControlPath=none"])
+        .args([alias.as_str(), "echo", "new-session"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "new-session",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The silent connection outlived 150 s of silence.
+    let wait = Duration::from_secs(165).saturating_sub(idle_since.elapsed());
+    std::thread::sleep(wait);
+    let idle = ok(&b.exec("cat /tmp/idle.out")).trim().to_string();
+    assert_eq!(idle, "idle=ab", "{}", netlog());
 }
 
 /// The guest's side of the network test: one `t KEY COMMAND` line per probe, printing

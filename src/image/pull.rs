@@ -297,6 +297,7 @@ fn prepare_boot(run: &PrepareRun<'_>) -> Result<export::Info, PullError> {
         disk: run.disk,
         fw_cfg: &[],
         console_log: run.console,
+        console_socket: None,
         ready_socket: None,
         export_file: Some(&export_file),
         smbios_serial: Some(&serial),

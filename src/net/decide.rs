@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use super::policy::{DEFAULT_PORTS, Mode, Rule};
+use super::policy::{DEFAULT_PORTS, Mode, Rule, is_ip_literal};
 
 /// A denial, with what the log line needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,10 +48,11 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// From the mode and rules the supervisor read at boot (net knows nothing of
-    /// vibebox.toml: the config layer sits above it).
-    pub fn new(mode: Mode, rules: Vec<Rule>) -> Policy {
-        Policy { mode, rules }
+    pub fn new(mode: Mode, rules: &[Rule]) -> Policy {
+        Policy {
+            mode,
+            rules: rules.to_vec(),
+        }
     }
 
     pub fn mode(&self) -> Mode {
@@ -60,6 +61,7 @@ impl Policy {
 
     /// May the guest learn the addresses of `name` (normalised)?
     pub fn name(&self, name: &str) -> Result<(), Deny> {
+        not_an_ip_literal(name)?;
         match self.mode {
             Mode::Allowlist => {
                 if self.rules.iter().any(|r| r.matches_name(name)) {
@@ -81,6 +83,7 @@ impl Policy {
 
     /// May the guest connect to `name` (normalised) on `port`?
     pub fn connect(&self, name: &str, port: u16) -> Result<(), Deny> {
+        not_an_ip_literal(name)?;
         match self.mode {
             Mode::Allowlist => {
                 if self.rules.iter().any(|r| r.matches(name, port)) {
@@ -118,6 +121,18 @@ impl Policy {
     }
 }
 
+/// In either mode: a name that is an address would be resolved to itself and pinned,
+/// so the guest would pick its destination (blocklist mode would let it anywhere).
+fn not_an_ip_literal(name: &str) -> Result<(), Deny> {
+    if is_ip_literal(name) {
+        return Err(deny(
+            "an IP address, not a name (connections need a name the gateway resolved)",
+            None,
+        ));
+    }
+    Ok(())
+}
+
 /// Which addresses the host resolved for which names, this boot. A connection's
 /// destination must be pinned for the name it claims, so a guest cannot send an
 /// allowed SNI or Host to an address of its choosing. Bounded: the oldest pins go
@@ -132,6 +147,9 @@ impl Pins {
     pub const MAX: usize = 1 << 16;
 
     pub fn pin(&mut self, name: &str, ips: &[Ipv4Addr]) {
+        if is_ip_literal(name) {
+            return; // never a name: see `not_an_ip_literal`
+        }
         for ip in ips {
             let names = self.by_ip.entry(*ip).or_default();
             if names.iter().any(|n| n == name) {
@@ -268,10 +286,8 @@ mod tests {
     use super::*;
 
     fn policy(mode: Mode, entries: &[&str]) -> Policy {
-        Policy::new(
-            mode,
-            entries.iter().map(|e| Rule::parse(e).unwrap()).collect(),
-        )
+        let rules: Vec<Rule> = entries.iter().map(|e| Rule::parse(e).unwrap()).collect();
+        Policy::new(mode, &rules)
     }
 
     const IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -415,6 +431,20 @@ mod tests {
         let lit = Ipv4Addr::new(203, 0, 113, 50);
         assert!(matches!(by_destination(&p, &pins, lit, 5432), Some(Err(_))));
         assert_eq!(by_destination(&p, &pins, IP, 443), None);
+    }
+
+    #[test]
+    fn ip_literals_are_refused_in_both_modes() {
+        for mode in [Mode::Allowlist, Mode::Blocklist] {
+            let p = policy(mode, &["example.com"]);
+            let mut pins = Pins::default();
+            pins.pin("198.51.100.7", &[IP]);
+            assert!(pins.is_empty(), "an address is never pinned as a name");
+            assert!(p.name("198.51.100.7").is_err(), "{mode:?}");
+            assert!(p.name("3325256711").is_err(), "{mode:?}");
+            assert!(p.connect("198.51.100.7", 443).is_err(), "{mode:?}");
+            assert!(by_flight(&p, &pins, IP, 443, &tls("198.51.100.7")).is_err());
+        }
     }
 
     #[test]

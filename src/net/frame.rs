@@ -2,7 +2,9 @@
 //! length as a 32-bit big-endian integer. The byte stream comes from QEMU, which
 //! passes on what the guest sends, so a length is checked before anything is
 //! buffered for it: a hostile guest cannot make the gateway allocate or wait for a
-//! frame larger than Ethernet allows.
+//! frame larger than Ethernet allows. A frame over the link's MTU (a guest that
+//! raised its own) is skipped as it streams past, never buffered, and the stream
+//! goes on: only a length QEMU can never send means the stream itself is broken.
 
 /// The largest frame accepted: a 1500-byte MTU frame with its 14-byte header and a
 /// VLAN tag, rounded up. QEMU never sends more for a virtio-net device at MTU 1500.
@@ -11,9 +13,15 @@ pub const MAX_FRAME: usize = 1536;
 /// The smallest frame: an Ethernet header.
 pub const MIN_FRAME: usize = 14;
 
+/// The largest length QEMU's stream netdev writes (its packet buffer: 64 KiB plus
+/// headroom). Between [`MAX_FRAME`] and this, a frame is real but too big: dropped.
+pub const MAX_STREAM_FRAME: usize = 65536 + 4096;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    #[error("frame length {0} outside {MIN_FRAME}..={MAX_FRAME}; closing the guest's network link")]
+    #[error(
+        "frame length {0} outside {MIN_FRAME}..={MAX_STREAM_FRAME}; closing the guest's network link"
+    )]
     BadLength(usize),
 }
 
@@ -24,6 +32,11 @@ pub struct Decoder {
     /// Where the unread bytes start; consumed bytes are dropped in one move per push,
     /// not per frame (one read can carry dozens of frames).
     start: usize,
+    /// Bytes of an oversized frame still to skip.
+    skip: usize,
+    /// Oversized frames skipped since the last [`Decoder::take_dropped`], and the
+    /// length of the last one.
+    dropped: (usize, usize),
 }
 
 impl Decoder {
@@ -37,20 +50,41 @@ impl Decoder {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        self.buf.extend_from_slice(bytes);
+        let skipped = self.skip.min(bytes.len());
+        self.skip -= skipped;
+        self.buf.extend_from_slice(&bytes[skipped..]);
+    }
+
+    /// How many oversized frames were dropped since the last call, and the length of
+    /// the last one (for the log), if any were.
+    pub fn take_dropped(&mut self) -> Option<(usize, usize)> {
+        let d = std::mem::take(&mut self.dropped);
+        (d.0 > 0).then_some(d)
     }
 
     /// The next complete frame, `Ok(None)` while one is incomplete, or an error for a
     /// length no Ethernet frame has (the stream cannot be resynchronised after that).
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, Error> {
-        let rest = &self.buf[self.start..];
-        let Some(head) = rest.first_chunk::<4>() else {
-            return Ok(None);
-        };
-        let len = u32::from_be_bytes(*head) as usize;
-        if !(MIN_FRAME..=MAX_FRAME).contains(&len) {
-            return Err(Error::BadLength(len));
+        loop {
+            let rest = &self.buf[self.start..];
+            let Some(head) = rest.first_chunk::<4>() else {
+                return Ok(None);
+            };
+            let len = u32::from_be_bytes(*head) as usize;
+            if !(MIN_FRAME..=MAX_STREAM_FRAME).contains(&len) {
+                return Err(Error::BadLength(len));
+            }
+            if len <= MAX_FRAME {
+                break;
+            }
+            // Too big for the link: skip what is here of it, and the rest as it comes.
+            let here = (rest.len() - 4).min(len);
+            self.start += 4 + here;
+            self.skip = len - here;
+            self.dropped = (self.dropped.0 + 1, len);
         }
+        let rest = &self.buf[self.start..];
+        let len = u32::from_be_bytes(*rest.first_chunk::<4>().expect("checked")) as usize;
         let Some(frame) = rest.get(4..4 + len) else {
             return Ok(None);
         };
@@ -111,8 +145,28 @@ mod tests {
         d.push(&encode(&[0; 13]));
         assert_eq!(d.next_frame(), Err(Error::BadLength(13)));
         let mut d = Decoder::new();
-        d.push(&((MAX_FRAME + 1) as u32).to_be_bytes());
-        assert_eq!(d.next_frame(), Err(Error::BadLength(MAX_FRAME + 1)));
+        d.push(&((MAX_STREAM_FRAME + 1) as u32).to_be_bytes());
+        assert_eq!(d.next_frame(), Err(Error::BadLength(MAX_STREAM_FRAME + 1)));
+    }
+
+    #[test]
+    fn oversized_frames_are_skipped_anywhere_they_are_cut() {
+        let frames = [frame(60, 1), frame(9014, 2), frame(MAX_FRAME, 3)];
+        let stream: Vec<u8> = frames.iter().flat_map(|f| encode(f)).collect();
+        for split in (0..stream.len()).step_by(7) {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for part in [&stream[..split], &stream[split..]] {
+                d.push(part);
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+                assert!(d.pending() <= 4 + MAX_FRAME, "{split}: {}", d.pending());
+            }
+            assert_eq!(got, [frames[0].clone(), frames[2].clone()], "{split}");
+            assert_eq!(d.take_dropped(), Some((1, 9014)));
+            assert_eq!(d.take_dropped(), None);
+        }
     }
 
     proptest! {
@@ -130,7 +184,7 @@ mod tests {
                         Err(_) => break 'outer,
                     }
                 }
-                prop_assert!(d.pending() < 4 + MAX_FRAME + c.len());
+                prop_assert!(d.pending() <= 4 + MAX_FRAME + c.len());
             }
         }
 

@@ -35,7 +35,7 @@ use super::dns::{self, Reply};
 use super::frame;
 use super::http::{self, Head};
 use super::netlog::NetLog;
-use super::ranges;
+use super::ranges::{self, HostAddrs};
 use super::sni::{self, Hello};
 use super::upstream::{Dialer, Resolver};
 
@@ -43,8 +43,13 @@ use super::upstream::{Dialer, Resolver};
 pub const FLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most a first flight may be before the gateway gives up on reading a name.
 pub const MAX_FLIGHT: usize = sni::MAX_HELLO + 1024;
-/// Connections at once (each costs its socket buffers).
+/// Guest connections at once (each costs its socket buffers and a host socket).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Host SSH connections at once, on top of the guest's: the user's way in must not
+/// depend on how many connections the guest holds.
+pub const SSH_CONNECTIONS: usize = 32;
+/// How often an idle relayed connection is probed (TCP keep-alive, both ends).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// Host resolutions in flight at once; past this the guest gets SERVFAIL (a guest
 /// must not be able to make the host resolve without bound).
 const MAX_RESOLVING: usize = 256;
@@ -62,6 +67,33 @@ pub struct Settings {
     pub log: NetLog,
     /// Where host-side SSH connections go in the guest.
     pub ssh_port: u16,
+    /// The host's own addresses, refused like loopback.
+    pub host: HostAddrs,
+    pub limits: Limits,
+}
+
+/// Bounds on what the guest can hold open. The defaults are what the supervisor
+/// uses unless its file-descriptor limit is too low for them; tests shrink them to
+/// reach the bounds quickly.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Guest connections at once.
+    pub connections: usize,
+    /// Host SSH connections at once, never taken by guest connections.
+    pub ssh: usize,
+    /// Keep-alive interval toward the guest; a guest end that answers nothing (not
+    /// even the probes) for four intervals is dropped.
+    pub keep_alive: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            ssh: SSH_CONNECTIONS,
+            keep_alive: KEEP_ALIVE,
+        }
+    }
 }
 
 enum Event {
@@ -83,20 +115,57 @@ enum Event {
     },
 }
 
+/// Every phase but `Relay` has a deadline, so a connection the guest (or the far
+/// end) leaves half-done never holds a slot and a host socket for good; a relayed
+/// one is kept as long as both ends answer keep-alives, however silent.
 enum Phase {
-    /// Reading the guest's first bytes.
+    /// Reading the guest's first bytes (the handshake included).
     Flight {
         buf: Vec<u8>,
+        deadline: SInstant,
+    },
+    /// Decided by destination already; waiting for the guest to complete the
+    /// handshake before the host dials (a SYN alone costs the host nothing).
+    Handshake {
         deadline: SInstant,
     },
     /// Dialling; `pending` is what the guest already sent.
     Dialing {
         pending: Vec<u8>,
+        deadline: SInstant,
     },
     Relay(Relay),
     /// Waiting for the stack to finish with the socket.
-    Closing,
+    Closing {
+        deadline: SInstant,
+    },
 }
+
+impl Phase {
+    fn deadline(&self) -> Option<SInstant> {
+        match self {
+            Phase::Flight { deadline, .. }
+            | Phase::Handshake { deadline }
+            | Phase::Dialing { deadline, .. }
+            | Phase::Closing { deadline } => Some(*deadline),
+            Phase::Relay(_) => None,
+        }
+    }
+
+    fn closing() -> Phase {
+        Phase::Closing {
+            deadline: now() + CLOSE_TIMEOUT.into(),
+        }
+    }
+}
+
+/// How long a refused or finished connection may take to close before it is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a dial may take before the connection is dropped (the dialer's own
+/// timeout, with room to spare, for dialers that have none).
+const DIAL_DEADLINE: Duration = Duration::from_secs(20);
+/// Unanswered keep-alive intervals after which an end is taken for dead.
+const KEEP_ALIVE_MISSES: u32 = 4;
 
 struct Relay {
     to_host: Option<mpsc::Sender<Vec<u8>>>,
@@ -116,10 +185,19 @@ struct Conn {
     dst: Addr,
     name: Option<String>,
     phase: Phase,
+    /// A host SSH connection (counted against [`Limits::ssh`], not the guest's share).
+    ssh: bool,
 }
 
+/// The stack's clock: monotonic, counted from the first call. smoltcp's own
+/// `Instant::now()` reads the wall clock, which a clock step or an NTP correction
+/// moves by any amount: every retransmit, keep-alive and timeout would fire at once.
+/// (The monotonic clock also stands still while the host sleeps, so a laptop's
+/// resume does not time connections out either.)
 fn now() -> SInstant {
-    SInstant::now()
+    static START: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    SInstant::from_micros(START.elapsed().as_micros() as i64)
 }
 
 struct Engine {
@@ -136,6 +214,8 @@ struct Engine {
     events_tx: mpsc::UnboundedSender<Event>,
     resolver: Arc<dyn Resolver>,
     dialer: Arc<dyn Dialer>,
+    /// When an oversized frame was last logged, and how many were dropped since.
+    oversized: (Option<SInstant>, usize),
 }
 
 /// Serves the guest on `link` (QEMU's stream socket) until QEMU closes it. `ssh`, if
@@ -171,6 +251,9 @@ pub async fn serve(
                         Ok(None) => break,
                         Err(err) => return Err(io::Error::new(io::ErrorKind::InvalidData, err)),
                     }
+                }
+                if let Some((count, len)) = decoder.take_dropped() {
+                    e.oversized(count, len);
                 }
             }
             ev = events.recv() => {
@@ -235,7 +318,33 @@ impl Engine {
             events_tx,
             resolver,
             dialer,
+            oversized: (None, 0),
         }
+    }
+
+    /// Frames over the MTU are dropped (the guest's TCP still works: the gateway
+    /// offers a 1460-byte MSS). Logged at most once a second, with a count, since a
+    /// guest can send them as fast as it likes.
+    fn oversized(&mut self, count: usize, len: usize) {
+        let (last, pending) = &mut self.oversized;
+        *pending += count;
+        if last.is_some_and(|t| now() < t + Duration::from_secs(1).into()) {
+            return;
+        }
+        let n = std::mem::take(pending);
+        *last = Some(now());
+        let more = if n > 1 {
+            format!(" ({n} such frames dropped)")
+        } else {
+            String::new()
+        };
+        self.s.log.line(&format!(
+            "drop frame: {len} bytes, over the link's 1500-byte MTU{more}"
+        ));
+    }
+
+    fn guest_conns(&self) -> usize {
+        self.conns.values().filter(|c| !c.ssh).count()
     }
 
     /// A frame from the guest: DHCP is answered here, new TCP connections decided,
@@ -281,9 +390,16 @@ impl Engine {
                 .line(&format!("deny tcp {dst}:{port}: {why} address"));
             return;
         }
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.s.host.contains(IpAddr::V4(dst)) {
+            self.s
+                .log
+                .line(&format!("deny tcp {dst}:{port}: an address of this host"));
+            return;
+        }
+        if self.guest_conns() >= self.s.limits.connections {
             self.s.log.line(&format!(
-                "deny tcp {dst}:{port}: {MAX_CONNECTIONS} connections open already"
+                "deny tcp {dst}:{port}: {} guest connections open already",
+                self.s.limits.connections
             ));
             return;
         }
@@ -293,8 +409,8 @@ impl Engine {
                 return;
             }
             Some(Ok(name)) => (
-                Phase::Dialing {
-                    pending: Vec::new(),
+                Phase::Handshake {
+                    deadline: now() + FLIGHT_TIMEOUT.into(),
                 },
                 Some(name),
             ),
@@ -306,7 +422,7 @@ impl Engine {
                 None,
             ),
         };
-        let mut sock = tcp_socket();
+        let mut sock = tcp_socket(&self.s.limits);
         if sock
             .listen(IpListenEndpoint {
                 addr: Some(IpAddress::Ipv4(dst)),
@@ -318,21 +434,17 @@ impl Engine {
         }
         let handle = self.sockets.add(sock);
         let id = self.new_id();
-        let dialing = matches!(phase, Phase::Dialing { .. });
         self.conns.insert(
             id,
             Conn {
                 handle,
                 src,
                 dst: (dst, port),
-                name: name.clone(),
+                name,
                 phase,
+                ssh: false,
             },
         );
-        if dialing {
-            self.allow_log(dst, port, name.as_deref().unwrap_or(""));
-            self.dial(id, dst, port);
-        }
     }
 
     fn new_id(&mut self) -> u64 {
@@ -351,10 +463,14 @@ impl Engine {
 
     /// A host connection to the guest's SSH server.
     fn inbound(&mut self, stream: TcpStream) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        let open = self.conns.values().filter(|c| c.ssh).count();
+        if open >= self.s.limits.ssh {
+            self.s.log.line(&format!(
+                "refuse ssh from the host: {open} SSH connections open already"
+            ));
             return;
         }
-        let mut sock = tcp_socket();
+        let mut sock = tcp_socket(&self.s.limits);
         let local = self.next_local_port;
         self.next_local_port = if local == u16::MAX { 49152 } else { local + 1 };
         let guest = IpEndpoint::new(IpAddress::Ipv4(self.s.lan.guest), self.s.ssh_port);
@@ -376,6 +492,7 @@ impl Engine {
                 dst: (self.s.lan.guest, self.s.ssh_port),
                 name: None,
                 phase: Phase::Relay(relay),
+                ssh: true,
             },
         );
     }
@@ -383,6 +500,7 @@ impl Engine {
     /// Starts the two tasks that move bytes between a host socket and the stack.
     fn relay(&self, id: u64, stream: TcpStream) -> Relay {
         let _ = stream.set_nodelay(true);
+        keep_alive(&stream, self.s.limits.keep_alive);
         let (mut rd, mut wr) = stream.into_split();
         let (to_host, mut chunks) = mpsc::channel::<Vec<u8>>(HOST_CREDIT);
         let writer = tokio::spawn(async move {
@@ -444,7 +562,7 @@ impl Engine {
                 let Some(c) = self.conns.get_mut(&id) else {
                     return;
                 };
-                let Phase::Dialing { pending } = &mut c.phase else {
+                let Phase::Dialing { pending, .. } = &mut c.phase else {
                     return;
                 };
                 let pending = std::mem::take(pending);
@@ -470,7 +588,7 @@ impl Engine {
                         ));
                         self.sockets.get_mut::<tcp::Socket>(handle).abort();
                         if let Some(c) = self.conns.get_mut(&id) {
-                            c.phase = Phase::Closing;
+                            c.phase = Phase::closing();
                         }
                     }
                 }
@@ -513,7 +631,7 @@ impl Engine {
             .poll_delay(now(), &self.sockets)
             .map_or(Duration::from_secs(1), Duration::from);
         for c in self.conns.values() {
-            if let Phase::Flight { deadline, .. } = c.phase {
+            if let Some(deadline) = c.phase.deadline() {
                 let left = if deadline > now() {
                     Duration::from(deadline - now())
                 } else {
@@ -579,14 +697,18 @@ impl Engine {
         let reply = match result {
             Ok(ips) if ips.is_empty() => Reply::NoData,
             Ok(ips) => {
-                if let Some((ip, why)) = ips
-                    .iter()
-                    .find_map(|ip| ranges::forbidden(IpAddr::V4(*ip)).map(|w| (ip, w)))
-                {
-                    self.s.log.line(&format!(
-                        "deny dns {}: it resolves to {ip}, a {why} address",
-                        q.name
-                    ));
+                let host = &mut self.s.host;
+                if let Some((ip, why)) = ips.iter().find_map(|ip| {
+                    ranges::forbidden(IpAddr::V4(*ip))
+                        .map(|w| (ip, format!("a {w} address")))
+                        .or_else(|| {
+                            host.contains(IpAddr::V4(*ip))
+                                .then(|| (ip, "an address of this host".to_string()))
+                        })
+                }) {
+                    self.s
+                        .log
+                        .line(&format!("deny dns {}: it resolves to {ip}, {why}", q.name));
                     Reply::ServFail
                 } else {
                     self.pins.pin(&q.name, &ips);
@@ -609,22 +731,48 @@ impl Engine {
     fn pump(&mut self) -> bool {
         let mut moved = false;
         let mut gone = Vec::new();
+        let mut reaped = Vec::new();
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else {
                 continue;
             };
             let sock = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            let expired = c.phase.deadline().is_some_and(|d| now() > d);
+            let handshaking = matches!(sock.state(), tcp::State::Listen | tcp::State::SynReceived);
+            // An established connection past its flight deadline is refused below,
+            // in words the guest understands; anything else past its deadline goes.
+            let reap = expired && (handshaking || !matches!(c.phase, Phase::Flight { .. }));
             match &mut c.phase {
-                Phase::Flight { buf, deadline } => {
-                    if sock.state() == tcp::State::Listen || sock.state() == tcp::State::SynReceived
-                    {
-                        if now() > *deadline && sock.state() == tcp::State::Listen {
-                            // The SYN never completed a handshake.
-                            gone.push(id);
+                _ if reap => {
+                    // A handshake never completed, a dial or a close that hangs.
+                    sock.abort();
+                    gone.push(id);
+                    let what = match c.phase {
+                        Phase::Flight { .. } | Phase::Handshake { .. } => {
+                            "the guest's TCP handshake did not complete within 10 s"
                         }
+                        Phase::Dialing { .. } => "the host's connection did not open in time",
+                        _ => "the connection did not close in time",
+                    };
+                    reaped.push((c.dst, c.name.clone(), what));
+                }
+                Phase::Flight { .. } | Phase::Handshake { .. } if handshaking => {}
+                Phase::Handshake { .. } => {
+                    if matches!(sock.state(), tcp::State::Closed) {
+                        gone.push(id);
                         continue;
                     }
+                    let (dst, name) = (c.dst, c.name.clone().unwrap_or_default());
+                    c.phase = Phase::Dialing {
+                        pending: Vec::new(),
+                        deadline: now() + DIAL_DEADLINE.into(),
+                    };
+                    moved = true;
+                    self.allow_log(dst.0, dst.1, &name);
+                    self.dial(id, dst.0, dst.1);
+                }
+                Phase::Flight { buf, deadline } => {
                     let mut tmp = [0u8; 4096];
                     while buf.len() < MAX_FLIGHT
                         && let Ok(n) = sock.recv_slice(&mut tmp)
@@ -635,7 +783,7 @@ impl Engine {
                     }
                     let verdict = read_flight(buf);
                     let closed = guest_sent_fin(sock);
-                    let expired = now() > *deadline;
+                    let expired = now() > *deadline || matches!(sock.state(), tcp::State::Closed);
                     let dst = c.dst;
                     let flight = match verdict {
                         FlightRead::Wait if !(closed || expired || buf.len() >= MAX_FLIGHT) => {
@@ -669,18 +817,21 @@ impl Engine {
                         Ok(name) => {
                             let pending = std::mem::take(buf);
                             c.name = Some(name.clone());
-                            c.phase = Phase::Dialing { pending };
+                            c.phase = Phase::Dialing {
+                                pending,
+                                deadline: now() + DIAL_DEADLINE.into(),
+                            };
                             self.allow_log(dst.0, dst.1, &name);
                             self.dial(id, dst.0, dst.1);
                         }
                         Err(d) => {
                             refuse(sock, first_flight_kind(buf), &d);
-                            c.phase = Phase::Closing;
+                            c.phase = Phase::closing();
                             self.deny_log("tcp", dst.0, dst.1, claimed.as_deref(), &d);
                         }
                     }
                 }
-                Phase::Dialing { pending } => {
+                Phase::Dialing { pending, .. } => {
                     // Keep what the guest sends meanwhile, within the flight bound.
                     let mut tmp = [0u8; 4096];
                     while pending.len() < MAX_FLIGHT
@@ -699,12 +850,19 @@ impl Engine {
                         gone.push(id);
                     }
                 }
-                Phase::Closing => {
+                Phase::Closing { .. } => {
                     if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
                         gone.push(id);
                     }
                 }
             }
+        }
+        for ((ip, port), name, what) in reaped {
+            let who = match name {
+                Some(n) => format!("{ip}:{port} ({n})"),
+                None => format!("{ip}:{port}"),
+            };
+            self.s.log.line(&format!("drop tcp {who}: {what}"));
         }
         for id in gone {
             if let Some(c) = self.conns.remove(&id) {
@@ -742,15 +900,35 @@ fn guest_sent_fin(sock: &tcp::Socket) -> bool {
     )
 }
 
-fn tcp_socket() -> tcp::Socket<'static> {
+fn tcp_socket(limits: &Limits) -> tcp::Socket<'static> {
     let mut sock = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
         tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
     );
     sock.set_nagle_enabled(false);
-    // A guest that stops answering does not hold a connection for ever.
-    sock.set_timeout(Some(Duration::from_secs(120).into()));
+    // smoltcp's timeout counts the guest's silence, not only unanswered data: alone,
+    // it would cut an idle connection (a long poll, an idle database session).
+    // With keep-alive probes a live guest answers every interval, so only a guest
+    // end that is gone runs into it.
+    sock.set_keep_alive(Some(limits.keep_alive.into()));
+    sock.set_timeout(Some((limits.keep_alive * KEEP_ALIVE_MISSES).into()));
     sock
+}
+
+/// TCP keep-alive on the host socket of a relayed connection: a far end that went
+/// away without a word is noticed (and the guest's connection closed) after about
+/// the same time the guest side allows, without a timer of our own that would cut
+/// a silent but healthy connection.
+fn keep_alive(stream: &TcpStream, interval: Duration) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = u32::try_from(interval.as_secs().max(1)).unwrap_or(u32::MAX);
+    let _ = setsockopt(stream, sockopt::KeepAlive, &true);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = setsockopt(stream, sockopt::TcpKeepIdle, &secs);
+    #[cfg(target_vendor = "apple")]
+    let _ = setsockopt(stream, sockopt::TcpKeepAlive, &secs);
+    let _ = setsockopt(stream, sockopt::TcpKeepInterval, &secs);
+    let _ = setsockopt(stream, sockopt::TcpKeepCount, &KEEP_ALIVE_MISSES);
 }
 
 /// Moves bytes both ways for one relayed connection.
@@ -861,17 +1039,39 @@ fn refuse(sock: &mut tcp::Socket, kind: Kind, d: &Deny) {
     }
 }
 
-/// The source and destination of a TCP SYN (without ACK) in an IPv4 packet.
+/// The source and destination of a TCP SYN (without ACK) in an IPv4 packet, if its
+/// checksums hold: the stack drops a bad one, so a connection made for it would
+/// never see its handshake.
 fn syn_endpoints(ip_packet: &[u8]) -> Option<(Addr, Addr)> {
     let ip = Ipv4Packet::new_checked(ip_packet).ok()?;
-    if ip.next_header() != IpProtocol::Tcp {
+    if ip.next_header() != IpProtocol::Tcp || !ip.verify_checksum() {
         return None;
     }
     let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    if !tcp.verify_checksum(&src.into(), &dst.into()) {
+        return None;
+    }
     (tcp.syn() && !tcp.ack()).then(|| {
         (
             (ip.src_addr(), tcp.src_port()),
             (ip.dst_addr(), tcp.dst_port()),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stack's clock counts from the process's first use, not from the epoch:
+    /// the wall clock (smoltcp's default) steps with NTP and jumps on resume.
+    #[test]
+    fn the_stack_clock_is_monotonic_not_the_wall_clock() {
+        let a = now();
+        let wall = SInstant::now();
+        assert!(a.total_millis() < wall.total_millis() / 2, "{a} vs {wall}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(now() >= a + smoltcp::time::Duration::from_millis(20));
+    }
 }

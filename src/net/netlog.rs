@@ -10,43 +10,34 @@ use std::path::{Path, PathBuf};
 pub const MAX_BYTES: u64 = 8 << 20;
 
 pub struct NetLog {
-    path: PathBuf,
     session: String,
+    out: Option<Capped>,
+}
+
+/// A log file that the guest can make write without end (network decisions, its
+/// serial console): past `max` bytes it moves to `<name>.1` (replacing the one
+/// before) and starts again, so the two hold at most twice `max`.
+pub struct Capped {
+    path: PathBuf,
+    max: u64,
     file: Option<File>,
     written: u64,
 }
 
-impl NetLog {
-    pub fn new(path: &Path, session: &str) -> NetLog {
-        let written = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        NetLog {
+impl Capped {
+    pub fn new(path: &Path, max: u64) -> Capped {
+        Capped {
             path: path.to_path_buf(),
-            session: session.to_string(),
+            max,
             file: None,
-            written,
+            written: fs::metadata(path).map(|m| m.len()).unwrap_or(0),
         }
     }
 
-    /// A log that writes nowhere (tests that do not look at it).
-    pub fn none() -> NetLog {
-        NetLog {
-            path: PathBuf::new(),
-            session: String::new(),
-            file: None,
-            written: 0,
-        }
-    }
-
-    pub fn line(&mut self, what: &str) {
-        if self.path.as_os_str().is_empty() {
-            return;
-        }
-        let line = format!(
-            "{} session {} {what}\n",
-            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"),
-            self.session
-        );
-        if self.written + line.len() as u64 > MAX_BYTES {
+    /// Appends `bytes` (a write larger than `max` is cut to it).
+    pub fn write(&mut self, bytes: &[u8]) {
+        let bytes = &bytes[..bytes.len().min(self.max as usize)];
+        if self.written + bytes.len() as u64 > self.max {
             self.file = None;
             let _ = fs::rename(&self.path, self.path.with_extension("log.1"));
             self.written = 0;
@@ -59,10 +50,39 @@ impl NetLog {
                 .ok();
         }
         if let Some(f) = &mut self.file
-            && f.write_all(line.as_bytes()).is_ok()
+            && f.write_all(bytes).is_ok()
         {
-            self.written += line.len() as u64;
+            self.written += bytes.len() as u64;
         }
+    }
+}
+
+impl NetLog {
+    pub fn new(path: &Path, session: &str) -> NetLog {
+        NetLog {
+            session: session.to_string(),
+            out: Some(Capped::new(path, MAX_BYTES)),
+        }
+    }
+
+    /// A log that writes nowhere (tests that do not look at it).
+    pub fn none() -> NetLog {
+        NetLog {
+            session: String::new(),
+            out: None,
+        }
+    }
+
+    pub fn line(&mut self, what: &str) {
+        let Some(out) = &mut self.out else {
+            return;
+        };
+        let line = format!(
+            "{} session {} {what}\n",
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            self.session
+        );
+        out.write(line.as_bytes());
     }
 }
 

@@ -214,6 +214,23 @@ pub fn normalize_name(name: &str) -> Option<String> {
     Some(ascii)
 }
 
+/// Whether the host's resolver would read `name` as an address rather than look it
+/// up: the dotted form, and the forms `inet_aton` also reads (`3325256724`,
+/// `0xc6336414`, `198.51.25620`). Such a "name" resolves to itself, so allowing or
+/// pinning it would let the guest choose its destination; no top-level domain is
+/// numeric, so the last label alone decides.
+pub fn is_ip_literal(name: &str) -> bool {
+    let n = name.strip_suffix('.').unwrap_or(name);
+    if n.parse::<IpAddr>().is_ok() || n.starts_with('[') {
+        return true;
+    }
+    let last = n.rsplit('.').next().unwrap_or("").as_bytes();
+    let hex = last.len() >= 2
+        && last[..2].eq_ignore_ascii_case(b"0x")
+        && last[2..].iter().all(u8::is_ascii_hexdigit);
+    !last.is_empty() && (hex || last.iter().all(u8::is_ascii_digit))
+}
+
 /// Only the ICANN section counts: the private section lists hosting domains such as
 /// `githubusercontent.com`, whose subdomains agents legitimately need.
 fn is_public_suffix(name: &str) -> bool {
@@ -265,6 +282,51 @@ mod tests {
         assert!(matches!(err("exa mple.com"), BadName(_)));
         assert!(matches!(err("-bad.com"), BadName(_)));
         assert!(matches!(err("a..com"), BadName(_)));
+    }
+
+    #[test]
+    fn ip_literals_in_every_form_the_resolver_reads() {
+        for lit in [
+            "198.51.100.20",
+            "198.51.100.20.",
+            "3325256724",
+            "0xc6336414",
+            "0XC6336414",
+            "198.51.25620",
+            "0306.063.0144.024",
+            "127.1",
+            "::1",
+            "[::1]",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_ip_literal(lit), "{lit}");
+        }
+        for name in [
+            "example.com",
+            "1.2.3.4.nip.io",
+            "0x.example",
+            "a1",
+            "123.example",
+        ] {
+            assert!(!is_ip_literal(name), "{name}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Every address, written as the resolver would read it, is a literal; every
+        /// name the rule language accepts is not.
+        #[test]
+        fn literals_and_names_never_mix(ip in proptest::prelude::any::<u32>(), label in "[a-z][a-z0-9-]{0,10}[a-z0-9]", tld in "[a-z]{2,6}") {
+            let a = std::net::Ipv4Addr::from(ip);
+            for form in [a.to_string(), ip.to_string(), format!("{ip:#x}")] {
+                proptest::prop_assert!(is_ip_literal(&form), "{}", form);
+            }
+            let name = format!("{label}.{tld}");
+            proptest::prop_assert!(normalize_name(&name).is_some());
+            proptest::prop_assert!(!is_ip_literal(&name), "{}", name);
+            let under = format!("{a}.{name}");
+            proptest::prop_assert!(!is_ip_literal(&under), "{}", under);
+        }
     }
 
     #[test]

@@ -4,6 +4,73 @@
 //! allowed name into a door to the host's loopback services or the LAN).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+/// The addresses of the host's own interfaces. A service bound to `0.0.0.0` listens
+/// on all of them, public ones included, so a DNS answer or a connection naming one
+/// would reach the host itself. Read again at most every [`HostAddrs::REFRESH`] (a
+/// laptop changes networks; a VPN comes up) rather than once at start.
+pub struct HostAddrs {
+    source: Source,
+    addrs: Vec<IpAddr>,
+    read_at: Option<Instant>,
+}
+
+enum Source {
+    Interfaces,
+    Fixed,
+}
+
+impl HostAddrs {
+    pub const REFRESH: Duration = Duration::from_secs(2);
+
+    /// The host's interfaces, as `getifaddrs` lists them.
+    pub fn system() -> HostAddrs {
+        HostAddrs {
+            source: Source::Interfaces,
+            addrs: Vec::new(),
+            read_at: None,
+        }
+    }
+
+    /// A fixed set, for tests that cannot give the host a public address.
+    pub fn fixed(addrs: Vec<IpAddr>) -> HostAddrs {
+        HostAddrs {
+            source: Source::Fixed,
+            addrs,
+            read_at: None,
+        }
+    }
+
+    pub fn contains(&mut self, ip: IpAddr) -> bool {
+        if let Source::Interfaces = self.source
+            && self.read_at.is_none_or(|t| t.elapsed() >= Self::REFRESH)
+        {
+            self.addrs = interface_addrs();
+            self.read_at = Some(Instant::now());
+        }
+        self.addrs.contains(&ip)
+    }
+}
+
+fn interface_addrs() -> Vec<IpAddr> {
+    let Ok(ifs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<IpAddr> = ifs
+        .filter_map(|i| {
+            let a = i.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// Why an address is refused, for the log line.
 pub fn forbidden(ip: IpAddr) -> Option<&'static str> {
@@ -109,6 +176,19 @@ mod tests {
             assert!(f(a).is_some(), "{a} must be refused");
         }
         assert_eq!(f("169.254.169.254"), Some("link-local (cloud metadata)"));
+    }
+
+    #[test]
+    fn the_host_interfaces_are_listed() {
+        let mut h = HostAddrs::system();
+        assert!(
+            h.contains(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            "lo has 127.0.0.1"
+        );
+        assert!(!h.contains("192.0.2.250".parse().unwrap()));
+        let mut f = HostAddrs::fixed(vec!["198.51.100.1".parse().unwrap()]);
+        assert!(f.contains("198.51.100.1".parse().unwrap()));
+        assert!(!f.contains(IpAddr::V4(Ipv4Addr::LOCALHOST)));
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub const QMP_SOCKET: &str = "qmp.sock";
 pub const READY_SOCKET: &str = "ready.sock";
 /// QEMU's NIC, connected to the supervisor's network gateway.
 pub const NET_SOCKET: &str = "net.sock";
+/// The guest's serial console, which QEMU connects to (see `vm::launch::console`).
+pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const SUPERVISOR_LOCK: &str = "supervisor.lock";
 
 /// Paths inside one project directory.

@@ -106,9 +106,8 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
         let acceptor = {
             let shared = shared.clone();
             tokio::spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(handle(stream, shared.clone()));
-                }
+                let on = |(stream, _)| drop(tokio::spawn(handle(stream, shared.clone())));
+                super::limits::accept_loop(|| listener.accept(), on).await;
             })
         };
         lifecycle(&shared, home, project, &sd).await;

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod limits;
 pub mod network;
 pub mod protocol;
 

@@ -13,6 +13,7 @@ use crate::net::decide::Policy;
 use crate::net::dhcp::Lan;
 use crate::net::gateway::{self, Settings};
 use crate::net::netlog::NetLog;
+use crate::net::ranges::HostAddrs;
 use crate::net::upstream;
 use crate::paths::SessionDir;
 use crate::vm::launch::NetEnds;
@@ -36,13 +37,16 @@ pub fn start(
     id: &str,
     resolver: Box<dyn upstream::Resolver>,
 ) -> Result<Gateway, String> {
+    let limits = super::limits::for_gateway();
     let resolver: Arc<dyn upstream::Resolver> = resolver.into();
     let dialer: Arc<dyn upstream::Dialer> = Arc::new(upstream::Direct);
     let settings = Settings {
         lan: Lan::default(),
-        policy: Policy::new(config.network.mode, config.network.entries.clone()),
+        policy: Policy::new(config.network.mode, &config.network.entries),
         log: NetLog::new(&sd.logs().join("network.log"), id),
         ssh_port: 22,
+        host: HostAddrs::system(),
+        limits,
     };
     let err = |e: std::io::Error| format!("cannot serve the VM's network: {e}");
     net.link.set_nonblocking(true).map_err(err)?;

@@ -219,6 +219,36 @@ fn net_ends() -> Result<NetEnds, Error> {
     Ok(NetEnds { link, ssh })
 }
 
+/// The most `console.log` holds before it moves to `console.log.1`.
+pub const CONSOLE_MAX: u64 = 8 << 20;
+
+/// Copies the guest's serial console (QEMU connects to `listener` as it starts)
+/// into `log`, capped and rotated: the guest decides how much it prints, and
+/// QEMU's own file backend would let it fill the host's disk. Ends when QEMU closes
+/// the console; a QEMU that never connects leaves only this thread waiting.
+pub fn console(
+    listener: std::os::unix::net::UnixListener,
+    log: PathBuf,
+) -> std::thread::JoinHandle<()> {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        drop(listener);
+        let mut out = crate::net::netlog::Capped::new(&log, CONSOLE_MAX);
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => out.write(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
 /// The shares for the config's mounts: present ones get a tag; a missing optional
 /// one is skipped; a missing required one is an error naming it. With `virtiofs`
 /// they are virtiofs shares on sockets `vfs<N>.sock` (relative to the session
@@ -286,6 +316,9 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     let client = ssh::ensure_keypair(&client_key(s).private, "vibebox client")?;
     let host = ssh::ensure_keypair(&host_key(s).private, "vibebox guest host key")?;
     let net = net_ends()?;
+    let _ = fs::remove_file(paths::CONSOLE_SOCKET);
+    let console_socket =
+        std::os::unix::net::UnixListener::bind(paths::CONSOLE_SOCKET).map_err(Error::Port)?;
     let port = net.ssh.local_addr().map_err(Error::Port)?.port();
     statefile::write_atomic(
         &known_hosts(s),
@@ -328,6 +361,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         disk: &s.disk(),
         fw_cfg: &fw,
         console_log: &s.console_log(),
+        console_socket: Some(Path::new(paths::CONSOLE_SOCKET)),
         ready_socket: Some(Path::new(paths::READY_SOCKET)),
         export_file: None,
         smbios_serial: None,
@@ -366,6 +400,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         })
     })?;
     let child = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log()).map_err(Error::Spawn)?;
+    console(console_socket, s.console_log());
     Ok(Started {
         child,
         ssh_port: port,
@@ -398,6 +433,7 @@ pub fn spawn_qemu(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn qemu_img(args: &[&str], dir: &Path) -> bool {
         Command::new("qemu-img")
@@ -444,5 +480,28 @@ mod tests {
         let err = ensure_disk(&disk, &dir.path().join("base.qcow2"), 2).unwrap_err();
         assert!(err.to_string().contains("cut short"), "{err}");
         assert_eq!(fs::metadata(&disk).unwrap().len(), len / 2);
+    }
+
+    #[test]
+    fn the_console_log_is_capped_and_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("console.sock");
+        let log = dir.path().join("console.log");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let reader = console(listener, log.clone());
+        // QEMU's side: a guest printing three times the cap, and a last line.
+        let mut qemu = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..3 * (CONSOLE_MAX >> 20) {
+            qemu.write_all(&chunk).unwrap();
+        }
+        qemu.write_all(b"\nlast words\n").unwrap();
+        drop(qemu);
+        reader.join().unwrap();
+        let len = |p: &Path| fs::metadata(p).unwrap().len();
+        assert!(len(&log) <= CONSOLE_MAX, "{}", len(&log));
+        let old = log.with_extension("log.1");
+        assert!(len(&old) <= CONSOLE_MAX, "{}", len(&old));
+        assert!(fs::read_to_string(&log).unwrap().ends_with("last words\n"));
     }
 }

@@ -141,6 +141,10 @@ pub struct Spec<'a> {
     /// `opt/org.vibebox/<key>` → file holding the value.
     pub fw_cfg: &'a [(String, PathBuf)],
     pub console_log: &'a Path,
+    /// When set, the serial console goes to this unix socket (QEMU connects to it)
+    /// instead of straight into `console_log`: the supervisor reads it and writes
+    /// the log with a cap, since QEMU's file backend grows without bound.
+    pub console_socket: Option<&'a Path>,
     /// Socket QEMU serves for the guest's ready port; relative to QEMU's working
     /// directory so it works whatever the length of the absolute path.
     pub ready_socket: Option<&'a Path>,
@@ -243,7 +247,10 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
     push(&["-device", "virtio-rng-pci"]);
     push(&[
         "-chardev",
-        &format!("file,id=console,path={}", esc_path(spec.console_log)),
+        &match spec.console_socket {
+            Some(sock) => format!("socket,id=console,path={}", esc_path(sock)),
+            None => format!("file,id=console,path={}", esc_path(spec.console_log)),
+        },
         "-serial",
         "chardev:console",
     ]);
@@ -351,6 +358,7 @@ mod tests {
             disk: Path::new("/s/disk.qcow2"),
             fw_cfg: fw,
             console_log: Path::new("logs/console.log"),
+            console_socket: None,
             ready_socket: Some(Path::new("ready.sock")),
             export_file: None,
             smbios_serial: None,
@@ -380,6 +388,18 @@ mod tests {
         let a = Preset::for_arch("aarch64").unwrap();
         assert_eq!(a.machine, "virt");
         assert!(Preset::for_arch("riscv64").is_none());
+    }
+
+    #[test]
+    fn the_console_goes_to_the_supervisors_socket_when_given() {
+        let p = Preset::for_arch("x86_64").unwrap();
+        let mut spec = base(&p, &[], &[]);
+        let file = strings(argv(&spec));
+        assert!(after(&file, "-chardev").contains(&"file,id=console,path=logs/console.log"));
+        spec.console_socket = Some(Path::new("console.sock"));
+        let sock = strings(argv(&spec));
+        assert!(after(&sock, "-chardev").contains(&"socket,id=console,path=console.sock"));
+        assert!(!sock.iter().any(|a| a.contains("console.log")));
     }
 
     #[test]

@@ -7,6 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// The longest line kept (longer ones are cut, the rest of the line skipped).
+pub const MAX_LINE: usize = 1024;
+/// The most error lines kept; past it the last one says how many more there were.
+pub const MAX_ERRORS: usize = 32;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Hello(String),
@@ -75,21 +80,29 @@ pub fn wait(
     stream.set_read_timeout(Some(Duration::from_millis(500)))?;
     let mut reader = BufReader::new(stream);
     let mut ready = Ready::default();
-    let mut line = String::new();
+    let mut more_errors = 0usize;
+    let mut line = Line::default();
     loop {
         if Instant::now() >= deadline {
             return Err(WaitError::Timeout(timeout));
         }
-        match reader.read_line(&mut line) {
-            Ok(0) => return Err(WaitError::Closed),
-            Ok(_) if !line.ends_with('\n') => continue,
-            Ok(_) => {
-                let ev = parse_line(&line);
-                line.clear();
+        match line.read(&mut reader) {
+            Ok(None) => return Err(WaitError::Closed),
+            Ok(Some(false)) => continue,
+            Ok(Some(true)) => {
+                let ev = parse_line(&String::from_utf8_lossy(&line.take()));
                 on_event(&ev);
                 match ev {
-                    Event::Ready => return Ok(ready),
+                    Event::Ready => {
+                        if more_errors > 0 {
+                            ready
+                                .errors
+                                .push(format!("... and {more_errors} more errors"));
+                        }
+                        return Ok(ready);
+                    }
                     Event::Fatal(m) => return Err(WaitError::Fatal(m)),
+                    Event::Error(_) if ready.errors.len() >= MAX_ERRORS - 1 => more_errors += 1,
                     Event::Error(m) => ready.errors.push(m),
                     Event::Ipv4(a) => ready.ipv4 = Some(a),
                     Event::Hello(_) | Event::Other(_) => {}
@@ -107,6 +120,37 @@ pub fn wait(
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// One line of the port, kept to [`MAX_LINE`] bytes however long the guest makes
+/// it (the rest, up to the newline, is read and dropped).
+#[derive(Default)]
+struct Line {
+    buf: Vec<u8>,
+}
+
+impl Line {
+    /// Reads on: `Some(true)` when a line is complete, `Some(false)` when more is
+    /// needed, `None` at the end of the stream.
+    fn read(&mut self, r: &mut impl BufRead) -> std::io::Result<Option<bool>> {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            return Ok(None);
+        }
+        let (part, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (&avail[..=i], true),
+            None => (avail, false),
+        };
+        let room = MAX_LINE.saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&part[..part.len().min(room)]);
+        let n = part.len();
+        r.consume(n);
+        Ok(Some(done))
+    }
+
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 }
 
@@ -150,6 +194,49 @@ mod tests {
         t.join().unwrap();
         assert_eq!(r.ipv4.as_deref(), Some("10.0.2.15"));
         assert_eq!(r.errors, ["mount failed"]);
+    }
+
+    /// A guest (a boot script it persisted) can write anything to the port: one
+    /// endless line, endless error lines. What the host keeps of it is bounded.
+    #[test]
+    fn what_the_guest_says_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("r.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut long = b"error ".to_vec();
+            long.extend(std::iter::repeat_n(b'x', 8 << 20));
+            long.push(b'\n');
+            s.write_all(&long).unwrap();
+            for i in 0..10_000 {
+                s.write_all(format!("error mount {i} failed\n").as_bytes())
+                    .unwrap();
+            }
+            s.write_all(b"ipv4 10.0.2.15\nready\n").unwrap();
+        });
+        let mut longest = 0;
+        let r = wait(
+            &sock,
+            Duration::from_secs(60),
+            || true,
+            |e| {
+                if let Event::Error(m) = e {
+                    longest = longest.max(m.len());
+                }
+            },
+        )
+        .unwrap();
+        t.join().unwrap();
+        assert!(longest <= MAX_LINE, "{longest}");
+        assert!(r.errors.len() <= MAX_ERRORS, "{}", r.errors.len());
+        assert!(r.errors[0].len() <= MAX_LINE);
+        assert!(
+            r.errors.last().unwrap().contains("more"),
+            "{:?}",
+            r.errors.last()
+        );
+        assert_eq!(r.ipv4.as_deref(), Some("10.0.2.15"));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! to the host by a veth pair, with servers on documentation addresses (standing for
 //! public hosts; `tests/fixtures/net/servers.py`), and a DNS upstream on loopback that
 //! answers the test's names and records every question it gets; and a real sshd on
-//! 198.51.100.30:22 serving a git repository (for `git` over SSH). Needs root and
-//! openssh-server.
+//! 198.51.100.30:22 serving a git repository (for `git` over SSH); an echo server on
+//! 198.51.100.10:7000 that holds connections open. The host's end of the veth is
+//! 198.51.100.1. Needs root and openssh-server.
 
 use std::fs;
 use std::path::Path;
@@ -221,6 +222,10 @@ fn test_dns(sock: std::net::UdpSocket, asked: &Mutex<Vec<String>>) {
         ("git.test", [198, 51, 100, 30]),
         ("rebind.allowed.test", [127, 0, 0, 1]),
         ("lan.allowed.test", [10, 1, 2, 3]),
+        // The host's end of the veth: a public-looking address of the host itself.
+        ("hostveth.test", [198, 51, 100, 1]),
+        // An IP literal asked as a name: the host's resolver answers it with itself.
+        ("198.51.100.20", [198, 51, 100, 20]),
     ];
     let mut buf = [0u8; 2048];
     loop {
