@@ -1076,10 +1076,12 @@ t hostveth_ip curl -s -m 10 http://198.51.100.1:WPORT/
     assert_eq!(ok(&b.exec("echo alive")).trim(), "alive");
     assert!(netlog().contains("drop frame: "), "{}", netlog());
 
-    // 30 MB on the serial console: console.log stays within its cap.
+    // Twice the cap and more on the serial console (17 MB: the emulated UART moves
+    // about 75 KB/s under TCG, so the issue's 30 MB would add minutes and prove
+    // nothing more): console.log stays within its cap and rotates.
     let t = Instant::now();
-    ok(&b.exec(r#"sudo sh -c 'head -c 30000000 /dev/zero | tr "\0" x > /dev/ttyS0'"#));
-    eprintln!("30 MB through the serial console took {:?}", t.elapsed());
+    ok(&b.exec(r#"sudo sh -c 'head -c 17000000 /dev/zero | tr "\0" x > /dev/ttyS0'"#));
+    eprintln!("17 MB through the serial console took {:?}", t.elapsed());
     let logs = b.session_dir().join("logs");
     let size = |f: &str| fs::metadata(logs.join(f)).map(|m| m.len()).unwrap_or(0);
     let cap = vibebox::vm::launch::CONSOLE_MAX;
