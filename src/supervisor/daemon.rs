@@ -13,16 +13,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, watch};
 
 use super::protocol::{self, Endpoint, Message, Op, Request};
-use crate::config::{self, Host};
-use crate::explain::{self, Facts};
-use crate::image::store::Store;
 use crate::paths::{self, Home, SessionDir};
 use crate::session::SessionId;
 use crate::ssh;
 use crate::statefile::{self, Lock};
 use crate::store::instance::Instance;
-use crate::vm::guest::GuestUser;
-use crate::vm::host::{self, Probe};
 use crate::vm::launch::{self, Plan};
 use crate::vm::qmp::Qmp;
 use crate::vm::ready;
@@ -243,51 +238,14 @@ async fn boot_and_run(
     if shared.stop_requested() {
         return Ok(Outcome::Stopped);
     }
-    let user = GuestUser::current();
-    let host_facts = Host::detect(user.home()).map_err(|e| e.to_string())?;
-    let project_paths = paths::Project::new(project.to_path_buf());
-    let config =
-        config::load(&project_paths.config(), project, &host_facts).map_err(|e| e.to_string())?;
-    // Re-checked here, right before the boot: the guest may have edited vibebox.toml
-    // after the client asked.
-    config::approval::check(
-        home,
-        project,
-        Some(sd),
-        &config,
-        &config::defaults(project, &host_facts),
-    )
-    .map_err(|e| e.to_string())?;
-    let arch = crate::image::host_arch();
-    let image = Store::new(home)
-        .find(&config.image, arch)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| {
-            format!(
-                "no base image {:?} for {arch}: run `vibebox image build`",
-                config.image
-            )
-        })?;
-    let wanted = host::env_accel().unwrap_or(config.accel);
-    let accel = host::choose(wanted, Probe::detect()).map_err(|e| e.to_string())?;
-    let qemu = host::qemu_binary(arch).ok_or_else(|| {
-        format!(
-            "qemu-system-{arch} is not installed: install QEMU (Debian: `sudo apt install qemu-system-x86`, macOS: `brew install qemu`), or set VIBEBOX_QEMU"
-        )
-    })?;
-    host::check_qemu(&qemu)?;
-    let resolver = crate::net::upstream::resolver_from_env()?;
-    let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
-    let explain_text = explain::text(&Facts {
-        project,
-        session: sd
-            .dir()
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse().ok()),
-        config: &config,
-        present: &present,
-    });
+    let super::boot::BootPlan {
+        config,
+        image,
+        accel,
+        qemu,
+        resolver,
+        explain: explain_text,
+    } = super::boot::prepare(home, project, sd).map_err(|e| e.to_string())?;
     shared.set(Message::Booting {
         accel: accel.as_str().to_string(),
         image: image.id(),

@@ -1,5 +1,6 @@
 //! The per-session supervisor that owns QEMU, and the client side that talks to it.
 
+pub mod boot;
 pub mod client;
 pub mod daemon;
 pub mod limits;
