@@ -422,6 +422,7 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
             access: Access::ReadWrite,
             guest_path: project.to_path_buf(),
         }],
+        git_overlays: Vec::new(),
     }
     .write(&d.join("fwcfg"))
     .unwrap();

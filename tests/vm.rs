@@ -905,7 +905,10 @@ fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u32, Vec<u8>)> {
         let rel = d.strip_prefix(dir).unwrap().to_path_buf();
         if meta.is_symlink() {
             let target = fs::read_link(&d).unwrap();
-            out.insert(rel, (meta.mode(), target.into_os_string().into_encoded_bytes()));
+            out.insert(
+                rel,
+                (meta.mode(), target.into_os_string().into_encoded_bytes()),
+            );
         } else if meta.is_dir() {
             out.insert(rel, (meta.mode(), Vec::new()));
             for e in fs::read_dir(&d).unwrap() {
@@ -986,7 +989,7 @@ fn git_is_read_only_to_the_guest_and_comes_back_by_fetch() {
 
     // Guest: git works, then guest root plants a hook and core.fsmonitor.
     let script = format!(
-        r#"set -u
+        r##"set -u
 S=; [ "$(id -u)" = 0 ] || S="sudo -n"
 git config user.email agent@example.invalid && git config user.name agent || exit 10
 git status --short >/dev/null || exit 11
@@ -1001,7 +1004,7 @@ $S sh -c 'printf "#!/bin/sh\ntouch {hook}\n" > .git/hooks/post-checkout && chmod
 $S sh -c 'echo "ref: refs/heads/scratch" > .git/HEAD'
 $S sh -c 'echo "ref: refs/heads/agent" > .git/HEAD'
 exit 0
-"#,
+"##,
         fsm = proof_fsmonitor.display(),
         hook = proof_hook.display()
     );
@@ -1048,13 +1051,16 @@ exit 0
     host_git(&p, &["checkout", "-q", "main"]);
     host_git(&p, &["status"]);
     assert!(!proof_hook.exists(), "a guest hook ran on the host");
-    assert!(!proof_fsmonitor.exists(), "a guest fsmonitor ran on the host");
+    assert!(
+        !proof_fsmonitor.exists(),
+        "a guest fsmonitor ran on the host"
+    );
 
     // Guest root goes around its git layer: unmounts it, remounts the share
     // read-write, mounts the share again elsewhere, and writes through each.
     let before = snapshot(&p.join(".git"));
     let attack = format!(
-        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
+        r##"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
 hit() {{
   $S sh -c "printf '[core]\n\tfsmonitor = \"touch {fsm}\"\n' >> '$1/config'" 2>/dev/null && echo "wrote $1/config"
   $S sh -c "printf '#!/bin/sh\ntouch {hook}\n' > '$1/hooks/post-checkout' && chmod +x '$1/hooks/post-checkout'" 2>/dev/null && echo "wrote $1/hooks"
@@ -1072,7 +1078,7 @@ hit "$PWD/.git"
 $S mkdir -p /mnt/again && $S mount -t virtiofs vbx0 /mnt/again && echo mounted again
 hit /mnt/again/.git
 exit 0
-"#,
+"##,
         fsm = proof_fsmonitor.display(),
         hook = proof_hook.display()
     );

@@ -2,6 +2,7 @@
 //! project's own `.vibebox/session.toml`.
 
 pub mod approval;
+pub mod fetch;
 pub mod index;
 pub mod project;
 

@@ -231,6 +231,7 @@ async fn boot_and_run(
     host::check_qemu(&qemu)?;
     let resolver = crate::net::upstream::resolver_from_env()?;
     let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
+    let protection = crate::vm::protect::Protection::detect(project);
     let explain_text = explain::text(&Facts {
         project,
         session: sd
@@ -240,6 +241,7 @@ async fn boot_and_run(
             .and_then(|n| n.parse().ok()),
         config: &config,
         present: &present,
+        protection: &protection,
     });
     shared.set(Message::Booting {
         accel: accel.as_str().to_string(),
@@ -253,6 +255,7 @@ async fn boot_and_run(
         accel,
         qemu,
         explain: explain_text,
+        protection: &protection,
     })
     .map_err(|e| e.to_string())?;
     let qemu_pid = started.child.id();

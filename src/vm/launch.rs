@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use super::fwcfg::{FsType, GuestConfig, GuestMount};
 use super::guest::GuestUser;
 use super::host::{self, Accelerator};
+use super::protect::Protection;
 use super::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
 use super::virtiofsd;
 use crate::config::Config;
@@ -198,6 +199,8 @@ pub struct Plan<'a> {
     pub accel: Accelerator,
     pub qemu: PathBuf,
     pub explain: String,
+    /// What keeps `.git` from the guest; the explain text says the same.
+    pub protection: &'a Protection,
 }
 
 /// Prepares everything and starts QEMU (with the session directory as its working
@@ -234,6 +237,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         workdir: Some(plan.project.to_path_buf()),
         explain: plan.explain.clone(),
         mounts,
+        git_overlays: plan.protection.overlay.iter().cloned().collect(),
     };
     let fw = guest.write(&s.fw_cfg())?;
     let arch = plan.image.manifest.arch.clone();
@@ -274,6 +278,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
                     socket,
                     share.access,
                     &s.logs().join("virtiofsd.log"),
+                    plan.protection,
                 )?);
             }
         }
@@ -291,6 +296,10 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         .stderr(log);
     // QEMU never outlives its supervisor: SIGTERM makes it quit cleanly.
     host::end_with_parent(&mut cmd);
+    if virtiofsd.is_none() {
+        // 9p: QEMU itself serves the files, so it gets the read-only `.git`.
+        plan.protection.confine(&mut cmd);
+    }
     let child = cmd.spawn().map_err(Error::Spawn)?;
     Ok(Started {
         child,
