@@ -80,7 +80,7 @@ impl Protection {
     /// enforced. Call it last: the closure runs after every earlier one.
     pub fn confine(&self, cmd: &mut Command) {
         if self.guard == Guard::Enforced && !self.paths.is_empty() {
-            confine(cmd, &self.paths, nix::unistd::geteuid().is_root());
+            confine(cmd, &self.paths, user_ids());
         }
     }
 }
@@ -150,8 +150,14 @@ fn user_namespaces_work() -> bool {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let probe = Path::new("/");
-    confine(&mut cmd, &[probe.to_path_buf()], false);
+    confine(&mut cmd, &[probe.to_path_buf()], user_ids());
     cmd.status().is_ok_and(|s| s.success())
+}
+
+/// Who the share server runs as, when that needs a user namespace: None as root.
+fn user_ids() -> Option<(u32, u32)> {
+    let uid = nix::unistd::geteuid();
+    (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getegid().as_raw()))
 }
 
 /// Runs `cmd` in a new mount namespace in which each of `paths` is bind-mounted
@@ -160,7 +166,7 @@ fn user_namespaces_work() -> bool {
 /// process loses every capability in that namespace at exec, so neither it nor
 /// anything that drives it can undo the read-only mounts. A failure makes the spawn
 /// fail: the share never starts unprotected.
-fn confine(cmd: &mut Command, paths: &[PathBuf], as_root: bool) {
+fn confine(cmd: &mut Command, paths: &[PathBuf], user: Option<(u32, u32)>) {
     use nix::mount::{MsFlags, mount};
     use nix::sched::{CloneFlags, unshare};
     use std::os::unix::process::CommandExt;
@@ -173,8 +179,8 @@ fn confine(cmd: &mut Command, paths: &[PathBuf], as_root: bool) {
             Some((c, locked_flags(p)))
         })
         .collect();
-    let uid_map = format!("{0} {0} 1\n", nix::unistd::geteuid());
-    let gid_map = format!("{0} {0} 1\n", nix::unistd::getegid());
+    let (uid, gid) = user.unwrap_or((0, 0));
+    let (uid_map, gid_map) = (format!("{uid} {uid} 1\n"), format!("{gid} {gid} 1\n"));
     let no_path: Option<&std::ffi::CStr> = None;
     let write = |path: &std::ffi::CStr, data: &[u8]| -> std::io::Result<()> {
         use nix::fcntl::{OFlag, open};
@@ -186,7 +192,7 @@ fn confine(cmd: &mut Command, paths: &[PathBuf], as_root: bool) {
     // SAFETY: the closure only makes system calls on data prepared above.
     unsafe {
         cmd.pre_exec(move || {
-            if as_root {
+            if user.is_none() {
                 unshare(CloneFlags::CLONE_NEWNS)?;
             } else {
                 unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
@@ -329,8 +335,13 @@ mod tests {
             if let Some(u) = uid {
                 use std::os::unix::process::CommandExt;
                 cmd.uid(u).gid(u);
+                // Dropping root made the child non-dumpable, which leaves its
+                // /proc/self/uid_map root's; a user's supervisor never changed uid.
+                unsafe {
+                    cmd.pre_exec(|| Ok(nix::sys::prctl::set_dumpable(true)?));
+                }
             }
-            confine(&mut cmd, &[p.join(".git")], uid.is_none());
+            confine(&mut cmd, &[p.join(".git")], uid.map(|u| (u, u)));
             cmd.output()
         };
         let out = run(None).unwrap();
