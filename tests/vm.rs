@@ -1047,8 +1047,9 @@ exit 0
     assert!(ok(&out).contains("nothing new"), "{}", out.stdout);
     // The host uses what came back: nothing the guest planted runs.
     host_git(&p, &["status"]);
-    host_git(&p, &["checkout", "-q", "-b", "review", "vibebox/agent"]);
-    host_git(&p, &["checkout", "-q", "main"]);
+    // (-f: the guest's checkout left its files in the shared working tree.)
+    host_git(&p, &["checkout", "-q", "-f", "-b", "review", "vibebox/agent"]);
+    host_git(&p, &["checkout", "-q", "-f", "main"]);
     host_git(&p, &["status"]);
     assert!(!proof_hook.exists(), "a guest hook ran on the host");
     assert!(
@@ -1091,7 +1092,7 @@ exit 0
     );
     assert!(!log.contains("wrote") && !log.contains("moved"), "{log}");
     host_git(&p, &["status"]);
-    host_git(&p, &["checkout", "-q", "review"]);
+    host_git(&p, &["checkout", "-q", "-f", "review"]);
     assert!(!proof_hook.exists() && !proof_fsmonitor.exists());
 
     // The explain text says what protects .git.
