@@ -1048,7 +1048,10 @@ exit 0
     // The host uses what came back: nothing the guest planted runs.
     host_git(&p, &["status"]);
     // (-f: the guest's checkout left its files in the shared working tree.)
-    host_git(&p, &["checkout", "-q", "-f", "-b", "review", "vibebox/agent"]);
+    host_git(
+        &p,
+        &["checkout", "-q", "-f", "-b", "review", "vibebox/agent"],
+    );
     host_git(&p, &["checkout", "-q", "-f", "main"]);
     host_git(&p, &["status"]);
     assert!(!proof_hook.exists(), "a guest hook ran on the host");
@@ -1063,12 +1066,12 @@ exit 0
     let attack = format!(
         r##"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
 hit() {{
-  $S sh -c "printf '[core]\n\tfsmonitor = \"touch {fsm}\"\n' >> '$1/config'" 2>/dev/null && echo "wrote $1/config"
-  $S sh -c "printf '#!/bin/sh\ntouch {hook}\n' > '$1/hooks/post-checkout' && chmod +x '$1/hooks/post-checkout'" 2>/dev/null && echo "wrote $1/hooks"
-  $S sh -c "echo 'ref: refs/heads/evil' > '$1/HEAD'" 2>/dev/null && echo "wrote $1/HEAD"
-  $S sh -c "echo x > '$1/objects/planted'" 2>/dev/null && echo "wrote $1/objects"
-  $S rm -f "$1/index" 2>/dev/null && echo "removed $1/index"
-  $S mv "$1" "$1.moved" 2>/dev/null && echo "moved $1"
+  $S sh -c "printf '[core]\n\tfsmonitor = \"touch {fsm}\"\n' >> '$1/config'" 2>/dev/null && echo "BREACH wrote $1/config"
+  $S sh -c "printf '#!/bin/sh\ntouch {hook}\n' > '$1/hooks/post-checkout' && chmod +x '$1/hooks/post-checkout'" 2>/dev/null && echo "BREACH wrote $1/hooks"
+  $S sh -c "echo 'ref: refs/heads/evil' > '$1/HEAD'" 2>/dev/null && echo "BREACH wrote $1/HEAD"
+  $S sh -c "echo x > '$1/objects/planted'" 2>/dev/null && echo "BREACH wrote $1/objects"
+  [ -e "$1/index" ] && $S rm "$1/index" 2>/dev/null && echo "BREACH removed $1/index"
+  $S mv "$1" "$1.moved" 2>/dev/null && echo "BREACH moved $1"
 }}
 $S umount .git || $S umount -l .git
 $S umount .git 2>/dev/null
@@ -1090,7 +1093,7 @@ exit 0
         diff.is_empty(),
         "the guest changed the host's .git: {diff:?}\nguest: {log}"
     );
-    assert!(!log.contains("wrote") && !log.contains("moved"), "{log}");
+    assert!(!log.contains("BREACH"), "{log}");
     host_git(&p, &["status"]);
     host_git(&p, &["checkout", "-q", "-f", "review"]);
     assert!(!proof_hook.exists() && !proof_fsmonitor.exists());
