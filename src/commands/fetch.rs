@@ -11,8 +11,9 @@ use crate::session::fetch;
 use crate::ssh;
 
 pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
+    // Before anything is written or booted for nothing.
+    fetch::ensure_repo(start)?;
     let (root, outcome, config) = up::open_project(home, start)?;
-    fetch::ensure_repo(&root)?;
     up::ensure_image(home, &config)?;
     up::approve(home, &root, outcome.id, &config, false)?;
     // Held for the fetch: the VM stays up while it runs.
