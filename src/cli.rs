@@ -78,6 +78,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring the VM's git branches into this project's repository as
+    /// `vibebox/<branch>` (starting the VM if needed), and list their new commits.
+    Fetch,
     /// The supervisor of one session (started by vibebox itself, detached).
     #[command(name = "__supervise", hide = true)]
     Supervise {

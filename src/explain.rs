@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::paths::{CACHE_DIR, CONFIG_FILE};
 use crate::store::SessionId;
 use crate::vm::mounts::{Mount, Origin};
+use crate::vm::protect::Protection;
 
 /// Everything the explain text depends on.
 pub struct Facts<'a> {
@@ -18,6 +19,7 @@ pub struct Facts<'a> {
     pub config: &'a Config,
     /// One per `config.mounts`: whether the host path exists.
     pub present: &'a [bool],
+    pub protection: &'a Protection,
 }
 
 const ENFORCED_ALLOW: &str = "enforced on the host: DNS answers only these names, and a connection must name one of them (TLS SNI or HTTP Host) at an address the host resolved for it; ports other than 80 and 443 only where an entry names them; denials are logged in the session's network.log";
@@ -51,6 +53,7 @@ pub fn text(f: &Facts<'_>) -> String {
         }
         out.push('\n');
     }
+    out.push_str(&protected_text(f.protection));
     let net = &f.config.network;
     out.push_str(&format!("\nNetwork: {}", net.mode.as_str()));
     // Every VM vibebox starts has its network behind the gateway.
@@ -74,6 +77,22 @@ pub fn text(f: &Facts<'_>) -> String {
         CONFIG_FILE,
         format!("{CACHE_DIR}/")
     ));
+    out
+}
+
+/// Host git runs what `.git` holds (hooks, `core.fsmonitor`) with the user's rights,
+/// so the user must know whether the VM can write it, and how commits come back.
+fn protected_text(p: &Protection) -> String {
+    if p.paths.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nGit metadata (host git runs what it holds):\n");
+    for path in &p.paths {
+        out.push_str(&format!("  {}  {}\n", path.display(), p.guard.as_str()));
+    }
+    if p.overlay.is_some() {
+        out.push_str("  In the VM, git writes (commit, branch, stash) go to a layer on the VM's disk;\n  on the host, `vibebox fetch` brings the VM's branches as vibebox/<branch> for review.\n");
+    }
     out
 }
 
@@ -103,6 +122,10 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
             "entries": f.config.network.entries.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
             "enforced": true,
         },
+        "protected": f.protection.paths.iter().map(|p| json!({
+            "path": p,
+            "guard": f.protection.guard,
+        })).collect::<Vec<_>>(),
         "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
     })
 }
@@ -111,6 +134,7 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::config::{Host, parse};
+    use crate::vm::protect::Guard;
 
     fn config(text: &str) -> Config {
         let host = Host {
@@ -133,6 +157,7 @@ mod tests {
             session: None,
             config: &c,
             present: &[true, true, false],
+            protection: &Protection::new(Path::new("/p"), Guard::Enforced),
         });
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0], "Project /p");
@@ -161,6 +186,11 @@ mod tests {
             session: Some(id),
             config: &c,
             present: &[true],
+            protection: &Protection {
+                paths: vec!["/p/.git".into()],
+                guard: Guard::NotEnforced,
+                overlay: Some("/p/.git".into()),
+            },
         });
         assert_eq!(j["session"], id.to_string());
         assert_eq!(j["mounts"][0]["guest"], "/p");
@@ -170,5 +200,23 @@ mod tests {
         assert_eq!(j["network"]["enforced"], true);
         assert_eq!(j["network"]["entries"][0], "deb.debian.org");
         assert_eq!(j["storage"]["state"], ".vibebox/");
+        assert_eq!(j["protected"][0]["path"], "/p/.git");
+        assert_eq!(j["protected"][0]["guard"], "not-enforced");
+        let t = text(&Facts {
+            project: Path::new("/p"),
+            session: Some(id),
+            config: &c,
+            present: &[true],
+            protection: &Protection {
+                paths: vec!["/p/.git".into()],
+                guard: Guard::Enforced,
+                overlay: Some("/p/.git".into()),
+            },
+        });
+        assert!(
+            t.contains("\n  /p/.git  read-only (enforced on the host)\n"),
+            "{t}"
+        );
+        assert!(t.contains("`vibebox fetch`"), "{t}");
     }
 }

@@ -667,3 +667,24 @@ fn a_symlinked_state_directory_is_refused() {
     assert!(out.stderr.contains("symbolic link"), "{}", out.stderr);
     assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
 }
+
+/// `vibebox fetch` outside a git repository: one line saying so, exit 2, and
+/// nothing written or booted (no vibebox.toml, no session).
+#[test]
+fn fetch_outside_a_repository_says_so_and_writes_nothing() {
+    let env = Env::new();
+    let p = env.project("not a repo");
+    let mut c = env.cmd(&p);
+    c.arg("fetch")
+        .env("GIT_CEILING_DIRECTORIES", env.tmp.path());
+    let out = run(c);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is not a git repository on the host"),
+        "{}",
+        out.stderr
+    );
+    assert!(!p.join("vibebox.toml").exists());
+    assert!(!p.join(".vibebox").exists());
+}

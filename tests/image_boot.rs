@@ -138,6 +138,7 @@ fn built_image_boots_and_applies_fw_cfg() {
                 guest_path: "/mnt/ro share".into(),
             },
         ],
+        git_overlays: Vec::new(),
     };
     let fw = cfg.write(&dir.join("fwcfg")).unwrap();
     let shares = [

@@ -1161,3 +1161,220 @@ t after_edit getent hosts other.test
 "#
     )
 }
+
+/// Every file, directory and link under `dir` (links not followed): relative path ->
+/// (kind and mode bits, content or link target). Two equal snapshots mean the tree is
+/// byte-for-byte the same, modes included.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, (u32, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let meta = fs::symlink_metadata(&d).unwrap();
+        let rel = d.strip_prefix(dir).unwrap().to_path_buf();
+        if meta.is_symlink() {
+            let target = fs::read_link(&d).unwrap();
+            out.insert(
+                rel,
+                (meta.mode(), target.into_os_string().into_encoded_bytes()),
+            );
+        } else if meta.is_dir() {
+            out.insert(rel, (meta.mode(), Vec::new()));
+            for e in fs::read_dir(&d).unwrap() {
+                todo.push(e.unwrap().path());
+            }
+        } else {
+            out.insert(rel, (meta.mode(), fs::read(&d).unwrap()));
+        }
+    }
+    out
+}
+
+/// What differs between two snapshots, for a failure message.
+fn snapshot_diff(
+    before: &std::collections::BTreeMap<PathBuf, (u32, Vec<u8>)>,
+    after: &std::collections::BTreeMap<PathBuf, (u32, Vec<u8>)>,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (p, v) in before {
+        match after.get(p) {
+            None => d.push(format!("removed {}", p.display())),
+            Some(w) if w != v => d.push(format!("changed {}", p.display())),
+            _ => {}
+        }
+    }
+    for p in after.keys().filter(|p| !before.contains_key(*p)) {
+        d.push(format!("added {}", p.display()));
+    }
+    d
+}
+
+fn host_git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `.git` is read-only to the guest, enforced on the host (virtiofs): guest root
+/// writes config, hooks and HEAD through the guest's git layer, then unmounts that
+/// layer, remounts the share read-write and mounts the share a second time, and the
+/// host's `.git` stays byte-for-byte the same. Git still works in the guest (commit,
+/// branch, stash), and `vibebox fetch` brings exactly the guest's commits to the host
+/// as refs/remotes/vibebox/<branch>, while the hook and core.fsmonitor the guest
+/// planted never run on the host.
+#[test]
+fn git_is_read_only_to_the_guest_and_comes_back_by_fetch() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let Some(virtiofsd) = common::test_virtiofsd() else {
+        return;
+    };
+    let _vm = vm_lock();
+    let mut b = Box::new(&images, "repo", "");
+    b.virtiofsd = Some(virtiofsd);
+    let p = b.project.clone();
+    host_git(&p, &["init", "-q", "-b", "main"]);
+    host_git(&p, &["config", "user.email", "host@example.invalid"]);
+    host_git(&p, &["config", "user.name", "host"]);
+    fs::write(p.join("README"), "hello\n").unwrap();
+    fs::write(p.join(".gitignore"), ".vibebox/\n").unwrap();
+    host_git(&p, &["add", "README", ".gitignore", "vibebox.toml"]);
+    host_git(&p, &["commit", "-q", "-m", "host commit"]);
+    let proof_hook = b.env.tmp.path().join("proof-hook");
+    let proof_fsmonitor = b.env.tmp.path().join("proof-fsmonitor");
+    let before = snapshot(&p.join(".git"));
+
+    // Guest: git works, then guest root plants a hook and core.fsmonitor.
+    let script = format!(
+        r##"set -u
+S=; [ "$(id -u)" = 0 ] || S="sudo -n"
+git config user.email agent@example.invalid && git config user.name agent || exit 10
+git status --short >/dev/null || exit 11
+git checkout -q -b agent || exit 12
+echo one > one.txt && git add one.txt && git commit -q -m 'agent one' || exit 13
+echo wip >> README && git stash -q && git stash pop -q && git checkout -q README || exit 14
+echo two > two.txt && git add two.txt && git commit -q -m "$(printf 'agent \033[31mtwo\a')" || exit 15
+git branch -q scratch || exit 16
+git rev-parse agent
+$S sh -c 'printf "[core]\n\tfsmonitor = \"touch {fsm}\"\n" >> .git/config'
+$S sh -c 'printf "#!/bin/sh\ntouch {hook}\n" > .git/hooks/post-checkout && chmod +x .git/hooks/post-checkout'
+$S sh -c 'echo "ref: refs/heads/scratch" > .git/HEAD'
+$S sh -c 'echo "ref: refs/heads/agent" > .git/HEAD'
+exit 0
+"##,
+        fsm = proof_fsmonitor.display(),
+        hook = proof_hook.display()
+    );
+    let out = b.exec(&script);
+    let agent_rev = ok(&out).trim().to_string();
+    assert_eq!(agent_rev.len(), 40, "{}\n{}", out.stdout, out.stderr);
+    let diff = snapshot_diff(&before, &snapshot(&p.join(".git")));
+    assert!(
+        diff.is_empty(),
+        "the guest changed the host's .git: {diff:?}"
+    );
+
+    // Host: fetch brings exactly the guest's commits, names them, escapes them.
+    let out = b.vibebox(&["fetch"]);
+    let text = ok(&out);
+    assert!(text.contains("vibebox/agent"), "{text}");
+    assert!(text.contains("vibebox/scratch"), "{text}");
+    assert!(text.contains("agent one"), "{text}");
+    assert!(text.contains("agent \\x1b[31mtwo\\x07"), "{text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text}"
+    );
+    assert_eq!(
+        host_git(&p, &["rev-parse", "refs/remotes/vibebox/agent"]).trim(),
+        agent_rev
+    );
+    assert_eq!(
+        host_git(&p, &["rev-list", "main..refs/remotes/vibebox/agent"])
+            .lines()
+            .count(),
+        2
+    );
+    assert_eq!(
+        host_git(&p, &["symbolic-ref", "HEAD"]).trim(),
+        "refs/heads/main"
+    );
+    // A second fetch has nothing new.
+    let out = b.vibebox(&["fetch"]);
+    assert!(ok(&out).contains("nothing new"), "{}", out.stdout);
+    // The host uses what came back: nothing the guest planted runs.
+    host_git(&p, &["status"]);
+    // (-f: the guest's checkout left its files in the shared working tree.)
+    host_git(
+        &p,
+        &["checkout", "-q", "-f", "-b", "review", "vibebox/agent"],
+    );
+    host_git(&p, &["checkout", "-q", "-f", "main"]);
+    host_git(&p, &["status"]);
+    assert!(!proof_hook.exists(), "a guest hook ran on the host");
+    assert!(
+        !proof_fsmonitor.exists(),
+        "a guest fsmonitor ran on the host"
+    );
+
+    // Guest root goes around its git layer: unmounts it, remounts the share
+    // read-write, mounts the share again elsewhere, and writes through each.
+    let before = snapshot(&p.join(".git"));
+    let attack = format!(
+        r##"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
+hit() {{
+  $S sh -c "printf '[core]\n\tfsmonitor = \"touch {fsm}\"\n' >> '$1/config'" 2>/dev/null && echo "BREACH wrote $1/config"
+  $S sh -c "printf '#!/bin/sh\ntouch {hook}\n' > '$1/hooks/post-checkout' && chmod +x '$1/hooks/post-checkout'" 2>/dev/null && echo "BREACH wrote $1/hooks"
+  $S sh -c "echo 'ref: refs/heads/evil' > '$1/HEAD'" 2>/dev/null && echo "BREACH wrote $1/HEAD"
+  $S sh -c "echo x > '$1/objects/planted'" 2>/dev/null && echo "BREACH wrote $1/objects"
+  [ -e "$1/index" ] && $S rm "$1/index" 2>/dev/null && echo "BREACH removed $1/index"
+  $S mv "$1" "$1.moved" 2>/dev/null && echo "BREACH moved $1"
+}}
+$S umount .git || $S umount -l .git
+$S umount .git 2>/dev/null
+findmnt -no FSTYPE -T .git
+hit "$PWD/.git"
+$S mount -o remount,rw "$PWD" && echo remounted
+hit "$PWD/.git"
+$S mkdir -p /mnt/again && $S mount -t virtiofs vbx0 /mnt/again && echo mounted again
+hit /mnt/again/.git
+exit 0
+"##,
+        fsm = proof_fsmonitor.display(),
+        hook = proof_hook.display()
+    );
+    let out = b.exec(&attack);
+    let log = ok(&out).to_string();
+    let diff = snapshot_diff(&before, &snapshot(&p.join(".git")));
+    assert!(
+        diff.is_empty(),
+        "the guest changed the host's .git: {diff:?}\nguest: {log}"
+    );
+    assert!(!log.contains("BREACH"), "{log}");
+    host_git(&p, &["status"]);
+    host_git(&p, &["checkout", "-q", "-f", "review"]);
+    assert!(!proof_hook.exists() && !proof_fsmonitor.exists());
+
+    // The explain text says what protects .git.
+    let out = b.vibebox(&["explain"]);
+    assert!(
+        ok(&out).contains(&format!(
+            "{}  read-only (enforced on the host)",
+            p.join(".git").display()
+        )),
+        "{}",
+        out.stdout
+    );
+}

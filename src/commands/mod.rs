@@ -4,6 +4,7 @@ pub mod approve;
 pub mod delete;
 pub mod exec;
 pub mod explain;
+pub mod fetch;
 pub mod image;
 pub mod init;
 pub mod list;
@@ -44,6 +45,8 @@ pub enum Error {
     Pull(#[from] crate::image::pull::PullError),
     #[error(transparent)]
     Client(#[from] crate::supervisor::client::Error),
+    #[error(transparent)]
+    Fetch(#[from] crate::session::fetch::FetchError),
     /// A guest command's exit status, passed through.
     #[error("exit status {0}")]
     Exit(i32),
@@ -75,6 +78,7 @@ impl Error {
             | Error::Usage(_)
             | Error::Dir { .. }
             | Error::Paths(_)
+            | Error::Fetch(crate::session::fetch::FetchError::NotARepo(_))
             | Error::Approval(crate::config::approval::ApprovalError::NotApproved { .. }) => 2,
             Error::Exit(c) => u8::try_from(*c).unwrap_or(1),
             Error::Open(e) => e.exit_code(),
@@ -166,5 +170,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             crate::supervisor::daemon::run(&home, project, id).map_err(Error::Supervisor)
         }
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
+        Some(Command::Fetch) => fetch::run(&home, &start_dir(&cli)?),
     }
 }

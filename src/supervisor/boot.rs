@@ -12,6 +12,7 @@ use crate::net::upstream::{self, Resolver};
 use crate::paths::{self, Home, SessionDir};
 use crate::vm::guest::GuestUser;
 use crate::vm::host::{self, AccelError, Accelerator, Probe};
+use crate::vm::protect::Protection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -56,6 +57,8 @@ pub struct BootPlan {
     pub qemu: PathBuf,
     pub resolver: Box<dyn Resolver>,
     pub explain: String,
+    /// What of the project the guest must not change (`.git`), and how.
+    pub protection: Protection,
 }
 
 /// Reads and checks what a boot of the session `sd` for `project` needs.
@@ -86,6 +89,7 @@ pub fn prepare(home: &Home, project: &Path, sd: &SessionDir) -> Result<BootPlan,
     host::check_qemu(&qemu).map_err(BootError::Qemu)?;
     let resolver = upstream::resolver_from_env().map_err(BootError::Upstream)?;
     let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
+    let protection = Protection::detect(project);
     let explain = explain::text(&Facts {
         project,
         session: sd
@@ -95,6 +99,7 @@ pub fn prepare(home: &Home, project: &Path, sd: &SessionDir) -> Result<BootPlan,
             .and_then(|n| n.parse().ok()),
         config: &config,
         present: &present,
+        protection: &protection,
     });
     Ok(BootPlan {
         config,
@@ -103,5 +108,6 @@ pub fn prepare(home: &Home, project: &Path, sd: &SessionDir) -> Result<BootPlan,
         qemu,
         resolver,
         explain,
+        protection,
     })
 }

@@ -245,6 +245,7 @@ async fn boot_and_run(
         qemu,
         resolver,
         explain: explain_text,
+        protection,
     } = super::boot::prepare(home, project, sd).map_err(|e| e.to_string())?;
     shared.set(Message::Booting {
         accel: accel.as_str().to_string(),
@@ -258,6 +259,7 @@ async fn boot_and_run(
         accel,
         qemu,
         explain: explain_text,
+        protection: &protection,
     })
     .map_err(|e| e.to_string())?;
     let qemu_pid = started.child.id();

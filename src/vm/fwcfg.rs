@@ -32,6 +32,9 @@ pub struct GuestConfig {
     pub workdir: Option<PathBuf>,
     pub explain: String,
     pub mounts: Vec<GuestMount>,
+    /// Guest paths of git directories the guest sees through an overlay on its own
+    /// disk: the share beneath is read-only there, and guest git must still write.
+    pub git_overlays: Vec<PathBuf>,
 }
 
 /// The mount table: `fstype<TAB>tag<TAB>mode<TAB>guest_path` per line. Paths with a
@@ -52,6 +55,11 @@ pub fn mounts_table(mounts: &[GuestMount]) -> String {
             )
         })
         .collect()
+}
+
+/// One path per line (config validation refuses control characters in paths).
+fn lines(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| format!("{}\n", p.display())).collect()
 }
 
 /// Guest hostnames are DNS labels: `vibebox-<project dir name>`, lowercased, other
@@ -96,6 +104,7 @@ impl GuestConfig {
             ("hostname", self.hostname.clone().into_bytes()),
             ("explain", self.explain.clone().into_bytes()),
             ("mounts", mounts_table(&self.mounts).into_bytes()),
+            ("git_overlay", lines(&self.git_overlays).into_bytes()),
         ];
         if let Some(w) = &self.workdir {
             e.push(("workdir", w.display().to_string().into_bytes()));

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use super::fwcfg::{FsType, GuestConfig, GuestMount};
 use super::guest::GuestUser;
 use super::host::{self, Accelerator};
+use super::protect::Protection;
 use super::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
 use super::virtiofsd;
 use crate::config::Config;
@@ -302,6 +303,8 @@ pub struct Plan<'a> {
     pub accel: Accelerator,
     pub qemu: PathBuf,
     pub explain: String,
+    /// What keeps `.git` from the guest; the explain text says the same.
+    pub protection: &'a Protection,
 }
 
 /// Prepares everything and starts QEMU (with the session directory as its working
@@ -341,6 +344,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         workdir: Some(plan.project.to_path_buf()),
         explain: plan.explain.clone(),
         mounts,
+        git_overlays: plan.protection.overlay.iter().cloned().collect(),
     };
     let fw = guest.write(&s.fw_cfg())?;
     let arch = plan.image.manifest.arch.clone();
@@ -383,6 +387,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
                     socket,
                     share.access,
                     &s.logs().join("virtiofsd.log"),
+                    plan.protection,
                 )?);
             }
         }
@@ -399,7 +404,13 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
             source,
         })
     })?;
-    let child = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log()).map_err(Error::Spawn)?;
+    let child = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log(), |cmd| {
+        if virtiofsd.is_none() {
+            // 9p: QEMU itself serves the files, so it gets the read-only `.git`.
+            plan.protection.confine(cmd);
+        }
+    })
+    .map_err(Error::Spawn)?;
     console(console_socket, s.console_log());
     Ok(Started {
         child,
@@ -412,12 +423,14 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
 
 /// The one place QEMU is started, for sessions and for image preparation alike: in
 /// `dir` (the sockets in `spec` are relative to it), stdio to `log`, and never
-/// outliving the process that started it (SIGTERM makes it quit cleanly).
+/// outliving the process that started it (SIGTERM makes it quit cleanly); `confine`
+/// may restrict it further (a mount namespace with a read-only `.git`).
 pub fn spawn_qemu(
     binary: &Path,
     spec: &Spec<'_>,
     dir: &Path,
     log: &Path,
+    confine: impl FnOnce(&mut Command),
 ) -> std::io::Result<std::process::Child> {
     let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = Command::new(binary);
@@ -427,6 +440,7 @@ pub fn spawn_qemu(
         .stdout(log.try_clone()?)
         .stderr(log);
     host::end_with_parent(&mut cmd);
+    confine(&mut cmd);
     cmd.spawn()
 }
 

@@ -6,6 +6,7 @@ pub mod guest;
 pub mod host;
 pub mod launch;
 pub mod mounts;
+pub mod protect;
 pub mod qemu;
 pub mod qmp;
 pub mod ready;

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::mounts::Access;
+use super::protect::Protection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -124,6 +125,7 @@ pub fn start(
     socket: &Path,
     access: Access,
     log: &Path,
+    protection: &Protection,
 ) -> Result<Daemon, Error> {
     let spawn_err = |source| Error::Spawn {
         host: host.to_path_buf(),
@@ -144,6 +146,9 @@ pub fn start(
         .stderr(out);
     // Never outlives the supervisor that owns it.
     super::host::end_with_parent(&mut cmd);
+    // Its own mount namespace with `.git` read-only; its namespace sandbox (as root)
+    // starts from that view, so the guest cannot reach a writable `.git`.
+    protection.confine(&mut cmd);
     let mut daemon = Daemon {
         child: cmd.spawn().map_err(spawn_err)?,
     };

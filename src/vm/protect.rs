@@ -1,0 +1,387 @@
+//! Keeping the host's `.git` out of the guest's reach. Host tools execute what
+//! `.git` holds (`core.fsmonitor`, hooks, filters) with the user's rights, so a
+//! guest that could write it could run code on the host. The guest is root, so a
+//! guest-side read-only mount is no protection: the process that serves the share
+//! (each virtiofsd, or QEMU itself for 9p) runs in its own mount namespace in which
+//! `.git` is bind-mounted read-only over itself. The guest then writes its own
+//! commits into an overlay on its disk (see `vibebox-init`), and `vibebox fetch`
+//! brings them back for review.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+/// How the protected paths are kept from the guest on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Guard {
+    /// The share's server sees the paths through read-only bind mounts in its own
+    /// mount namespace: no guest action can write them.
+    Enforced,
+    /// Nothing on the host stops a write (macOS, or no namespaces here).
+    NotEnforced,
+}
+
+impl Guard {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Guard::Enforced => "read-only (enforced on the host)",
+            Guard::NotEnforced => {
+                "NOT enforced: the guest can write it (no mount namespace for the share server on this host)"
+            }
+        }
+    }
+}
+
+/// What protects the project's git metadata, decided once per boot; the explain
+/// text and the launch use the same value, so what vibebox says is what it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Protection {
+    /// `.git` (directory, or a worktree's `.git` file) and the git directories it
+    /// points to, each existing on the host.
+    pub paths: Vec<PathBuf>,
+    pub guard: Guard,
+    /// The project's `.git` when it is a directory the guest should see through an
+    /// overlay on its own disk (so guest git can write).
+    pub overlay: Option<PathBuf>,
+}
+
+impl Protection {
+    /// The project's protection on this host. `as_root`: namespaces need no user
+    /// namespace; otherwise they need unprivileged user namespaces.
+    pub fn detect(project: &Path) -> Protection {
+        let as_root = nix::unistd::geteuid().is_root();
+        let guard = if cfg!(target_os = "linux") && (as_root || user_namespaces_work()) {
+            Guard::Enforced
+        } else {
+            Guard::NotEnforced
+        };
+        Protection::new(project, guard)
+    }
+
+    pub fn new(project: &Path, guard: Guard) -> Protection {
+        let paths = git_paths(project);
+        let dot = project.join(".git");
+        let overlay = fs::symlink_metadata(&dot)
+            .is_ok_and(|m| m.is_dir())
+            .then_some(dot);
+        Protection {
+            paths,
+            guard,
+            overlay,
+        }
+    }
+
+    /// Makes `cmd` (a share server) run with the protected paths read-only, when
+    /// enforced. Call it last: the closure runs after every earlier one.
+    pub fn confine(&self, cmd: &mut Command) {
+        if self.guard == Guard::Enforced && !self.paths.is_empty() {
+            confine(cmd, &self.paths, user_ids());
+        }
+    }
+}
+
+/// `<project>/.git`, and for a worktree or submodule (`.git` is a file `gitdir: X`)
+/// the git directory X and its common directory: host git reads config and hooks
+/// from all of them. Only paths that exist; one inside another is left out (its
+/// parent's read-only mount covers it).
+pub fn git_paths(project: &Path) -> Vec<PathBuf> {
+    let dot = project.join(".git");
+    let Ok(meta) = fs::symlink_metadata(&dot) else {
+        return Vec::new();
+    };
+    let mut out = vec![dot.clone()];
+    if meta.is_file() {
+        if let Some(gitdir) = fs::read_to_string(&dot)
+            .ok()
+            .and_then(|t| parse_gitdir(&t))
+            .and_then(|g| project.join(g).canonicalize().ok())
+        {
+            if let Some(common) = fs::read_to_string(gitdir.join("commondir"))
+                .ok()
+                .and_then(|c| {
+                    gitdir
+                        .join(c.trim_end_matches(['\n', '\r']))
+                        .canonicalize()
+                        .ok()
+                })
+            {
+                out.push(common);
+            }
+            out.push(gitdir);
+        }
+    } else if meta.is_symlink() {
+        // A linked .git: protect what it points to (the link itself lives in the
+        // share; README says so).
+        if let Ok(target) = dot.canonicalize() {
+            out.push(target);
+        }
+    }
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for p in out {
+        if !kept.iter().any(|k| p.starts_with(k)) {
+            kept.retain(|k| !k.starts_with(&p));
+            kept.push(p);
+        }
+    }
+    kept
+}
+
+/// The path of a `.git` file's `gitdir: <path>` line.
+pub fn parse_gitdir(text: &str) -> Option<PathBuf> {
+    let line = text.lines().next()?;
+    let path = line.strip_prefix("gitdir:")?.trim();
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+/// Whether this host lets an unprivileged process make a user and mount namespace
+/// (Debian allows it by default; some hardened kernels do not). Tried in a child,
+/// since a threaded process cannot unshare a user namespace.
+fn user_namespaces_work() -> bool {
+    let Ok(sh) = which::which("true") else {
+        return false;
+    };
+    let mut cmd = Command::new(sh);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let probe = Path::new("/");
+    confine(&mut cmd, &[probe.to_path_buf()], user_ids());
+    cmd.status().is_ok_and(|s| s.success())
+}
+
+/// Who the share server runs as, when that needs a user namespace: None as root.
+fn user_ids() -> Option<(u32, u32)> {
+    let uid = nix::unistd::geteuid();
+    (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getegid().as_raw()))
+}
+
+/// Runs `cmd` in a new mount namespace in which each of `paths` is bind-mounted
+/// read-only over itself. As a user, in a new user namespace too (the user's own
+/// uid and gid mapped to themselves, so files keep belonging to the user); the
+/// process loses every capability in that namespace at exec, so neither it nor
+/// anything that drives it can undo the read-only mounts. A failure makes the spawn
+/// fail: the share never starts unprotected.
+fn confine(cmd: &mut Command, paths: &[PathBuf], user: Option<(u32, u32)>) {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    use std::os::unix::process::CommandExt;
+
+    // Everything is prepared before the fork: the closure must not allocate.
+    let targets: Vec<(CString, MsFlags)> = paths
+        .iter()
+        .filter_map(|p| {
+            let c = CString::new(p.as_os_str().as_bytes()).ok()?;
+            Some((c, locked_flags(p)))
+        })
+        .collect();
+    let (uid, gid) = user.unwrap_or((0, 0));
+    let (uid_map, gid_map) = (format!("{uid} {uid} 1\n"), format!("{gid} {gid} 1\n"));
+    let no_path: Option<&std::ffi::CStr> = None;
+    let write = |path: &std::ffi::CStr, data: &[u8]| -> std::io::Result<()> {
+        use nix::fcntl::{OFlag, open};
+        use nix::sys::stat::Mode;
+        let fd = open(path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+        nix::unistd::write(&fd, data)?;
+        Ok(())
+    };
+    // SAFETY: the closure only makes system calls on data prepared above.
+    unsafe {
+        cmd.pre_exec(move || {
+            if user.is_none() {
+                unshare(CloneFlags::CLONE_NEWNS)?;
+            } else {
+                unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
+                write(c"/proc/self/setgroups", b"deny")?;
+                write(c"/proc/self/uid_map", uid_map.as_bytes())?;
+                write(c"/proc/self/gid_map", gid_map.as_bytes())?;
+            }
+            // Nothing done here may reach the host's own mount table.
+            mount(
+                no_path,
+                c"/",
+                no_path,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                no_path,
+            )?;
+            for (target, locked) in &targets {
+                let t = target.as_c_str();
+                mount(
+                    Some(t),
+                    t,
+                    no_path,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    no_path,
+                )?;
+                mount(
+                    no_path,
+                    t,
+                    no_path,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | *locked,
+                    no_path,
+                )?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The flags of the mount holding `path` that a remount must keep: in a user
+/// namespace the kernel refuses to clear them (they are locked), so the read-only
+/// remount restates them.
+fn locked_flags(path: &Path) -> nix::mount::MsFlags {
+    use nix::mount::MsFlags;
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let Ok(s) = statvfs(path) else {
+        return MsFlags::empty();
+    };
+    let f = s.flags();
+    let mut m = MsFlags::empty();
+    for (st, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(st) {
+            m |= ms;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitdir_lines() {
+        assert_eq!(
+            parse_gitdir("gitdir: /w/main/.git/worktrees/x\n"),
+            Some(PathBuf::from("/w/main/.git/worktrees/x"))
+        );
+        assert_eq!(
+            parse_gitdir("gitdir: ../.git/modules/sub"),
+            Some(PathBuf::from("../.git/modules/sub"))
+        );
+        assert_eq!(parse_gitdir("gitdir:   \n"), None);
+        assert_eq!(parse_gitdir("ref: refs/heads/main\n"), None);
+        assert_eq!(parse_gitdir(""), None);
+    }
+
+    #[test]
+    fn paths_of_a_repo_a_worktree_and_no_repo() {
+        let t = tempfile::tempdir().unwrap();
+        let t = t.path().canonicalize().unwrap();
+        let main = t.join("main");
+        fs::create_dir_all(main.join(".git/worktrees/wt")).unwrap();
+        fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
+        assert_eq!(git_paths(&main), vec![main.join(".git")]);
+        let p = Protection::new(&main, Guard::Enforced);
+        assert_eq!(p.overlay, Some(main.join(".git")));
+
+        let wt = t.join("wt");
+        fs::create_dir_all(&wt).unwrap();
+        fs::write(
+            wt.join(".git"),
+            format!("gitdir: {}\n", main.join(".git/worktrees/wt").display()),
+        )
+        .unwrap();
+        // The worktree's gitdir lies inside the common dir, which covers it.
+        assert_eq!(git_paths(&wt), vec![wt.join(".git"), main.join(".git")]);
+        assert_eq!(Protection::new(&wt, Guard::Enforced).overlay, None);
+
+        let sub = t.join("sub");
+        fs::create_dir_all(t.join("modules/sub")).unwrap();
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join(".git"), "gitdir: ../modules/sub\n").unwrap();
+        assert_eq!(
+            git_paths(&sub),
+            vec![sub.join(".git"), t.join("modules/sub")]
+        );
+
+        let none = t.join("none");
+        fs::create_dir_all(&none).unwrap();
+        assert!(git_paths(&none).is_empty());
+        assert_eq!(Protection::new(&none, Guard::Enforced).overlay, None);
+    }
+
+    /// The mechanism itself, without a VM: a process confined like a share server
+    /// cannot write, create, rename or delete under the protected path, and its
+    /// parent can still write next to it. As root, and (when the host allows user
+    /// namespaces) as an unprivileged user.
+    #[test]
+    fn a_confined_process_cannot_write_git() {
+        if !cfg!(target_os = "linux") || !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root on Linux");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("proj");
+        fs::create_dir_all(p.join(".git/hooks")).unwrap();
+        fs::write(p.join(".git/config"), "[core]\n").unwrap();
+        let run = |uid: Option<u32>| {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c").arg(
+                "echo x >> .git/config; echo x > .git/hooks/post-checkout; mv .git .moved; rm -f .git/config; echo ok > free.txt",
+            );
+            cmd.current_dir(&p);
+            if let Some(u) = uid {
+                use std::os::unix::process::CommandExt;
+                cmd.uid(u).gid(u);
+                // Dropping root made the child non-dumpable, which leaves its
+                // /proc/self/uid_map root's; a user's supervisor never changed uid.
+                unsafe {
+                    cmd.pre_exec(|| Ok(nix::sys::prctl::set_dumpable(true)?));
+                }
+            }
+            confine(&mut cmd, &[p.join(".git")], uid.map(|u| (u, u)));
+            cmd.output()
+        };
+        let out = run(None).unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            fs::read_to_string(p.join(".git/config")).unwrap(),
+            "[core]\n"
+        );
+        assert!(!p.join(".git/hooks/post-checkout").exists());
+        assert!(!p.join(".moved").exists());
+        assert_eq!(fs::read_to_string(p.join("free.txt")).unwrap(), "ok\n");
+        // The host's own mount table is untouched.
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(!mounts.contains(&p.join(".git").display().to_string()));
+
+        // Unprivileged: the user owns the project, as in real use.
+        use std::os::unix::fs::{PermissionsExt, chown};
+        fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        for d in [
+            &p,
+            &p.join(".git"),
+            &p.join(".git/hooks"),
+            &p.join(".git/config"),
+        ] {
+            chown(d, Some(65534), Some(65534)).unwrap();
+        }
+        fs::remove_file(p.join("free.txt")).unwrap();
+        let out = match run(Some(65534)) {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("no unprivileged user namespaces here: {e}");
+                return;
+            }
+        };
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            fs::read_to_string(p.join(".git/config")).unwrap(),
+            "[core]\n"
+        );
+        assert!(!p.join(".git/hooks/post-checkout").exists());
+        assert_eq!(fs::read_to_string(p.join("free.txt")).unwrap(), "ok\n");
+    }
+}
