@@ -85,9 +85,7 @@ fn ctrl_c_ends_the_wait_after_an_automatic_pull() {
     .write(&image)
     .unwrap();
 
-    let mut approve = env.cmd(&project);
-    approve.arg("approve");
-    let out = run(approve);
+    let out = common::approve(|| env.cmd(&project));
     assert_eq!(out.code, 0, "{}", out.stderr);
     let id = common::session_file_id(&project);
     let sd = env.vibebox_home().join("sessions").join(&id);
@@ -101,8 +99,16 @@ fn ctrl_c_ends_the_wait_after_an_automatic_pull() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    // The client connects only after the image step is over.
-    let (_conn, _) = listener.accept().unwrap();
+    // The client attaches only after the image step is over (a status question
+    // before it, from the approval check, is left unanswered: no supervisor).
+    let _conn = loop {
+        let (conn, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(conn.try_clone().unwrap()).read_line(&mut line);
+        if line.contains("\"attach\"") {
+            break conn;
+        }
+    };
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
