@@ -6,12 +6,15 @@
 
 use std::borrow::Cow;
 
-/// Unicode format characters (bidi overrides, zero-width) that make text print as
+/// Unicode format and invisible characters (bidi overrides, zero-width, line
+/// separators, variation selectors, tags, fillers) that make text print as
 /// something it is not.
 pub fn is_format_char(c: char) -> bool {
     matches!(c,
-        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFFB}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
 fn unsafe_char(c: char) -> bool {
@@ -46,6 +49,9 @@ mod tests {
         assert_eq!(escape("x\ny\tz\r"), "x\\u{a}y\\u{9}z\\u{d}");
         assert_eq!(escape("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
         assert_eq!(escape("\u{9b}31m"), "\\u{9b}31m");
+        for c in ['\u{2028}', '\u{e0041}', '\u{fe0f}', '\u{3164}'] {
+            assert!(escape(&format!("a{c}b")).starts_with("a\\u{"), "{c:?}");
+        }
     }
 
     proptest! {

@@ -111,7 +111,7 @@ fn approve_shows_what_it_approves_and_needs_the_reviewed_digest() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("+ network blocklist"), "{}", out.stderr);
     let digest = common::expected_digest(&out.stderr).unwrap();
-    assert_eq!(digest.len(), 12);
+    assert_eq!(digest.len(), 32);
     // The guest edits the file between the review and the approval.
     fs::write(
         p.join("vibebox.toml"),

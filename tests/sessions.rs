@@ -230,6 +230,21 @@ fn a_link_out_of_the_project_is_refused() {
         0,
         "nothing written there"
     );
+    // The guest also deletes the project's vibebox.toml and marker: the index still
+    // knows the project, so the link is still refused.
+    assert_eq!(run(env.init(&p)).code, 0);
+    fs::remove_file(p.join("vibebox.toml")).unwrap();
+    fs::remove_dir_all(p.join(".vibebox")).unwrap();
+    let mut c = env.cmd(&p.join("docs"));
+    c.env("PWD", p.join("docs")).arg("init");
+    let out = run(c);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(
+        fs::read_dir(&secret).unwrap().count(),
+        0,
+        "nothing written there"
+    );
+    fs::write(p.join("vibebox.toml"), "").unwrap();
     // A project that is itself a link inside another project: refused too.
     let inner = env.project("inner");
     fs::write(inner.join("vibebox.toml"), "").unwrap();

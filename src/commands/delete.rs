@@ -43,7 +43,7 @@ pub fn run(home: &Home, query: &str, yes: bool) -> Result<(), Error> {
     if !yes {
         confirm(&target, missing)?;
     }
-    let done = delete::delete(home, &target)?;
+    let done = delete::delete(home, &target, false)?;
     writeln!(std::io::stdout().lock(), "{}", describe(&done, missing))?;
     Ok(())
 }

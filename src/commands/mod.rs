@@ -112,7 +112,13 @@ impl Error {
 
 /// The one yes/no question on the terminal; anything but y/yes is no.
 pub fn ask(question: &str) -> Result<bool, Error> {
-    use std::io::{BufRead, Write};
+    use std::io::{BufRead, IsTerminal, Write};
+    if std::io::stderr().is_terminal() {
+        // The guest's shell may just have had this terminal: undo what it could have
+        // set (hidden or coloured text, a hidden cursor, the alternate screen) so the
+        // question is seen as the host asks it.
+        eprint!("\x1b[0m\x1b[?25h\x1b[?1049l\r");
+    }
     eprint!("{question}");
     std::io::stderr().flush()?;
     let mut answer = String::new();

@@ -11,12 +11,15 @@ pub fn run(home: &Home, yes: bool, dry_run: bool) -> Result<(), Error> {
     let gone = delete::prunable(home)?;
     let mut out = std::io::stdout().lock();
     if gone.is_empty() {
-        writeln!(out, "nothing to prune: every session's directory is there")?;
+        writeln!(
+            out,
+            "nothing to prune: no session's directory is gone (unreadable ones are kept)"
+        )?;
         return Ok(());
     }
     writeln!(
         out,
-        "{} session{} whose directory is missing:",
+        "{} session{} whose directory is gone:",
         gone.len(),
         if gone.len() == 1 { "" } else { "s" }
     )?;
@@ -42,7 +45,7 @@ pub fn run(home: &Home, yes: bool, dry_run: bool) -> Result<(), Error> {
     for e in &gone {
         // Looked at again: a directory that came back (a disk mounted again) keeps
         // its session.
-        if !delete::is_missing(e) {
+        if !delete::is_gone(e) {
             writeln!(
                 out,
                 "kept session {} ({} is back)",
@@ -51,7 +54,7 @@ pub fn run(home: &Home, yes: bool, dry_run: bool) -> Result<(), Error> {
             )?;
             continue;
         }
-        let done = delete::delete(home, e)?;
+        let done = delete::delete(home, e, true)?;
         writeln!(out, "{}", super::delete::describe(&done, true))?;
     }
     Ok(())

@@ -103,8 +103,12 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
     let mut id = outcome.id;
     approve(home, &root, id, &config, true)?;
     ensure_image(home, &config)?;
+    let mut renewed = false;
     loop {
-        approve(home, &root, id, &config, true)?;
+        // After a `:new` the config is read again right after the guest's shell had
+        // the terminal; what it grants beyond the approval then needs a deliberate
+        // `vibebox approve` (or a fresh `vibebox`), not a keystroke in this flow.
+        approve(home, &root, id, &config, !renewed)?;
         let attached = attach(home, &root, id, false)?;
         let sd = home.session(id);
         let code = ssh::run(
@@ -127,10 +131,11 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
         drop(attached);
         let entry = Index::snapshot(home)?.get(id).cloned();
         if let Some(entry) = entry {
-            delete::delete(home, &entry)?;
+            delete::delete(home, &entry, false)?;
         }
         let (_, outcome, fresh) = open_project(home, &root)?;
         config = fresh;
+        renewed = true;
         eprintln!("vibebox: deleted session {id}; new session {}", outcome.id);
         id = outcome.id;
     }

@@ -22,6 +22,10 @@ pub enum DeleteError {
         id: SessionId,
         source: client::Error,
     },
+    #[error(
+        "session {id} changed while it was being deleted (its project was opened again, or its directory is back); nothing was deleted"
+    )]
+    Changed { id: SessionId },
     #[error("cannot remove {}: {source}", path.display())]
     Dir {
         path: PathBuf,
@@ -56,7 +60,7 @@ const RELEASE_WAIT: Duration = Duration::from_secs(15);
 /// other vibebox commands go on meanwhile), holds its supervisor lock so none can
 /// start again, drops it from the index, then removes its state and the project's
 /// marker. State is removed only once no VM can be running on its disk.
-pub fn delete(home: &Home, entry: &Entry) -> Result<Deleted, DeleteError> {
+pub fn delete(home: &Home, entry: &Entry, only_if_gone: bool) -> Result<Deleted, DeleteError> {
     let id = entry.id;
     let sd = home.session(id);
     let held = if sd.dir().is_dir() {
@@ -79,6 +83,14 @@ pub fn delete(home: &Home, entry: &Entry) -> Result<Deleted, DeleteError> {
         None
     };
     let mut index = Index::open(home)?;
+    // Decided on what the caller saw: if the session was re-bound meanwhile (the
+    // project opened in its new place), or prune's directory is back, it stays.
+    let now = index.get(id).cloned();
+    if now.as_ref().is_some_and(|e| e.directory != entry.directory)
+        || (only_if_gone && !is_gone(entry))
+    {
+        return Err(DeleteError::Changed { id });
+    }
     index.remove(id);
     index.save()?;
     drop(index);
@@ -107,13 +119,21 @@ pub fn is_missing(entry: &Entry) -> bool {
     !std::fs::metadata(&entry.directory).is_ok_and(|m| m.is_dir())
 }
 
-/// The sessions `vibebox prune` would remove: those whose directory is missing.
+/// Whether a session's directory is provably gone (not there at all). An unreadable
+/// one is missing for `list` but not gone: a guest with write access to a parent
+/// could make it unreadable, and that must not get another project's disk pruned.
+pub fn is_gone(entry: &Entry) -> bool {
+    std::fs::symlink_metadata(&entry.directory)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// The sessions `vibebox prune` would remove: those whose directory is gone.
 pub fn prunable(home: &Home) -> Result<Vec<Entry>, IndexError> {
     let index = Index::snapshot(home)?;
     Ok(index
         .entries()
         .iter()
-        .filter(|e| is_missing(e))
+        .filter(|e| is_gone(e))
         .cloned()
         .collect())
 }

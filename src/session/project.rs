@@ -95,9 +95,13 @@ pub fn logical_dir(dir: Option<&Path>) -> io::Result<PathBuf> {
     Ok(out)
 }
 
-fn is_project_dir(dir: &Path, home_root: &Path) -> bool {
+/// A project: it has `vibebox.toml` or a marker, or the index knows it (the guest
+/// can delete the first two, not the third).
+fn is_project_dir(dir: &Path, home_root: &Path, index: &Index) -> bool {
     let p = Project::new(dir.to_path_buf());
-    p.config().is_file() || (p.cache() != home_root && p.session_file().is_file())
+    p.config().is_file()
+        || (p.cache() != home_root && p.session_file().is_file())
+        || fs::canonicalize(dir).is_ok_and(|real| index.find_dir(&real).is_some())
 }
 
 /// The project root for `start` (a logical path, see [`logical_dir`]): the nearest
@@ -113,9 +117,10 @@ pub fn find_root(start: &Path, home: &Home) -> Result<PathBuf, OpenError> {
         source,
     })?;
     let home_root = fs::canonicalize(home.root()).unwrap_or_else(|_| home.root().to_path_buf());
+    let index = Index::snapshot(home)?;
     let logical_root = start
         .ancestors()
-        .find(|d| is_project_dir(d, &home_root))
+        .find(|d| is_project_dir(d, &home_root, &index))
         .unwrap_or(start);
     let root = fs::canonicalize(logical_root).map_err(|source| OpenError::Dir {
         path: logical_root.to_path_buf(),
@@ -131,9 +136,10 @@ pub fn find_root(start: &Path, home: &Home) -> Result<PathBuf, OpenError> {
     // The root itself a link, sitting inside another project: that link is in
     // guest-writable space.
     if fs::symlink_metadata(logical_root).is_ok_and(|m| m.file_type().is_symlink())
-        && let Some(outer) = logical_root
-            .parent()
-            .and_then(|p| p.ancestors().find(|d| is_project_dir(d, &home_root)))
+        && let Some(outer) = logical_root.parent().and_then(|p| {
+            p.ancestors()
+                .find(|d| is_project_dir(d, &home_root, &index))
+        })
     {
         return Err(OpenError::SymlinkOut {
             logical: logical_root.to_path_buf(),
