@@ -438,12 +438,10 @@ async fn idle(shared: &Arc<Shared>, sd: &SessionDir, grace: Duration) {
 }
 
 /// Login sessions in the guest other than the one this check opens. `None` when the
-/// guest cannot be asked (then nothing keeps it up). `--json=short`: loginctl's
-/// `-o json` is the journal's output switch and left the table as it was, so no
-/// login session ever kept a VM up.
+/// guest cannot be asked (then nothing keeps it up).
 async fn guest_login_sessions(sd: &SessionDir) -> Option<usize> {
     let script =
-        "loginctl list-sessions --no-legend --no-pager --json=short; echo; echo \"${XDG_SESSION_ID:-}\"";
+        "loginctl list-sessions --no-legend --no-pager -o json; echo; echo \"${XDG_SESSION_ID:-}\"";
     let out = ssh::guest_output(sd, script).await.ok()?;
     count_other_sessions(&out)
 }
