@@ -82,17 +82,14 @@ pub fn pending_approval(
     id: SessionId,
     config: &Config,
 ) -> Result<Vec<String>, OpenError> {
-    let sd = home.session(id);
     use crate::supervisor::State;
     if matches!(
-        crate::supervisor::status(&sd).state,
+        crate::supervisor::status(&home.session(id)).state,
         State::Running | State::Booting
     ) {
         return Ok(Vec::new());
     }
-    let host = Host::detect(GuestUser::current().home())?;
-    let baseline = config::defaults(root, &host);
-    Ok(approval::pending(home, root, Some(&sd), config, &baseline)?)
+    approval_changes(home, root, id, config)
 }
 
 /// What `config` changes against what was approved for `root`, even while the VM
