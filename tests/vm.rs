@@ -325,6 +325,9 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     let mut c1 = b.spawn_exec("sleep 20");
     let mut c2 = b.spawn_exec("sleep 20");
     b.wait_status(60, |s, n| s == "running" && n == 2);
+    // Both guest `sleep 20`s have begun by now (each client attached first); their
+    // ssh channels outlive the `kill -9` below until they end.
+    let sleeps_over = Instant::now() + Duration::from_secs(21);
 
     // The guest deletes the project's marker while clients are attached; host
     // commands elsewhere only look: the VM keeps running and its state stays.
@@ -352,11 +355,78 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     ok(&b.vibebox(&["init"]));
     assert_eq!(b.id(), id);
 
+    // An ssh opened by hand (its own connection, as an editor's remote session
+    // makes) keeps the idle VM up for as long as it runs something.
+    let out = b.vibebox(&["ssh-config"]);
+    let block = ok(&out).to_string();
+    let alias = block
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("Host "))
+        .expect("a Host line")
+        .to_string();
+    let cfg = b.env.vibebox_home().join("by-hand-ssh-config");
+    fs::write(&cfg, &block).unwrap();
+    let mut by_hand = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "ControlMaster=no", "-o", "ControlPath=none", "-T"])
+        .args([&alias, "echo up; exec sleep 600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(by_hand.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "up\n");
+
     kill9(c1.id() as i32);
     let _ = c1.wait();
     b.wait_status(30, |s, n| s == "running" && n == 1);
     kill9(c2.id() as i32);
     let _ = c2.wait();
+
+    // No vibebox client is left; the idle check finds the by-hand login and keeps
+    // the VM up (the check says so in the supervisor's log).
+    let supervisor_log = b
+        .env
+        .vibebox_home()
+        .join("sessions")
+        .join(&id)
+        .join("logs")
+        .join("supervisor.log");
+    // Only a check made after the guest's `sleep`s ended counts: then the by-hand
+    // login is the one thing live.
+    let live_checks = || {
+        fs::read_to_string(&supervisor_log)
+            .unwrap_or_default()
+            .matches("login session(s) live in the guest")
+            .count()
+    };
+    while Instant::now() < sleeps_over {
+        assert_eq!(b.status().0, "running", "{}", b.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let before = live_checks();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while live_checks() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the idle check never saw the by-hand ssh:\n{}",
+            b.logs()
+        );
+        assert_eq!(b.status().0, "running", "{}", b.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(b.status(), ("running".to_string(), 0));
+    // The by-hand session ends (its connection drops): nothing keeps the VM up.
+    kill9(by_hand.id() as i32);
+    let _ = by_hand.wait();
 
     // No clients: after the 2 s grace the VM shuts itself down.
     let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();

@@ -437,26 +437,64 @@ async fn idle(shared: &Arc<Shared>, sd: &SessionDir, grace: Duration) {
     }
 }
 
-/// Login sessions in the guest other than the one this check opens. `None` when the
-/// guest cannot be asked (then nothing keeps it up).
+/// Shells and commands that ssh connections run in the guest, other than this check's
+/// own. A connection that runs nothing (the host's control master kept alive for its
+/// `ControlPersist` after the last client left) does not count: counting logind
+/// sessions did, and it kept every VM up a minute past its idle timeout. `None` when
+/// the guest cannot be asked (then nothing keeps it up).
 async fn guest_login_sessions(sd: &SessionDir) -> Option<usize> {
-    let script =
-        "loginctl list-sessions --no-legend --no-pager -o json; echo; echo \"${XDG_SESSION_ID:-}\"";
+    let script = "echo \"self $$\"; cat /proc/[0-9]*/stat 2>/dev/null; true";
     let out = ssh::guest_output(sd, script).await.ok()?;
-    count_other_sessions(&out)
+    count_ssh_sessions(&out)
 }
 
-/// Counts `class=user` sessions in `loginctl -o json` output, minus the caller's own
-/// (whose id is on the last line).
-pub fn count_other_sessions(output: &str) -> Option<usize> {
-    let mut lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
-    let me = lines.pop()?.trim().to_string();
-    let json: serde_json::Value = serde_json::from_str(&lines.join("\n")).ok()?;
+/// Counts processes whose parent is an `sshd*` process and which are not one
+/// themselves (a channel's shell or command), minus the asker's own chain. Input: a
+/// `self PID` line, then `/proc/PID/stat` lines. The guest writes it; a line that does
+/// not parse is skipped, and output with no `self` line is `None`.
+pub fn count_ssh_sessions(output: &str) -> Option<usize> {
+    let mut me = None;
+    let mut procs: std::collections::HashMap<u32, (u32, bool)> = Default::default();
+    for line in output.lines() {
+        if let Some(pid) = line.strip_prefix("self ") {
+            me = pid.trim().parse::<u32>().ok();
+            continue;
+        }
+        // `PID (COMM) STATE PPID ...`: COMM may hold spaces and parentheses, so it
+        // ends at the last `)`.
+        let (Some(open), Some(close)) = (line.find('('), line.rfind(')')) else {
+            continue;
+        };
+        if close < open {
+            continue;
+        }
+        let pid = line[..open].trim().parse::<u32>();
+        let comm = &line[open + 1..close];
+        let ppid = line[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if let (Ok(pid), Some(ppid)) = (pid, ppid) {
+            procs.insert(pid, (ppid, comm.starts_with("sshd")));
+        }
+    }
+    let me = me?;
+    let mut mine = std::collections::HashSet::new();
+    let mut p = me;
+    while p > 1 && mine.insert(p) {
+        match procs.get(&p) {
+            Some(&(ppid, _)) => p = ppid,
+            None => break,
+        }
+    }
     Some(
-        json.as_array()?
+        procs
             .iter()
-            .filter(|s| s.get("class").and_then(|c| c.as_str()).unwrap_or("user") == "user")
-            .filter(|s| s.get("session").and_then(|c| c.as_str()) != Some(me.as_str()))
+            .filter(|(pid, (ppid, is_sshd))| {
+                !is_sshd
+                    && !mine.contains(pid)
+                    && procs.get(ppid).is_some_and(|&(_, parent_sshd)| parent_sshd)
+            })
             .count(),
     )
 }
@@ -569,12 +607,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_other_login_sessions() {
-        let out = r#"[{"session":"3","uid":0,"user":"root","seat":null,"leader":1,"class":"user","tty":"pts/0"},{"session":"5","uid":0,"user":"root","class":"user","tty":null},{"session":"c1","class":"manager"}]
-5
-"#;
-        assert_eq!(count_other_sessions(out), Some(1));
-        assert_eq!(count_other_sessions("[]\n7\n"), Some(0));
-        assert_eq!(count_other_sessions("garbage\n"), None);
+    fn counts_the_shells_of_ssh_connections_but_not_its_own_or_idle_masters() {
+        let out = "self 900\n\
+            1 (systemd) S 0 1 1\n\
+            500 (sshd) S 1 500 500\n\
+            600 (sshd-session) S 500 600 600\n\
+            601 (sshd-session) S 600 600 600\n\
+            602 (bash) S 601 602 602\n\
+            610 (sshd-session) S 500 610 610\n\
+            611 (sshd-session) S 610 610 610\n\
+            700 (sshd-session) S 500 700 700\n\
+            701 (sshd-session) S 700 700 700\n\
+            900 (sh) S 701 900 900\n\
+            901 (cat) S 900 900 900\n\
+            950 (tmux: server) S 1 950 950\n\
+            960 (odd) name)) S 601 960 960\n";
+        // 602 (a shell on connection 600) and 960 (a command with a hostile name on
+        // the same connection); 611 is an idle master; 900 is the asker.
+        assert_eq!(count_ssh_sessions(out), Some(2));
+        assert_eq!(count_ssh_sessions("self 5\n"), Some(0));
+        assert_eq!(count_ssh_sessions("garbage\n"), None);
+        assert_eq!(
+            count_ssh_sessions("self 3\n3 (sh) S 4 x\n4 (sh) S 3 x\n"),
+            Some(0),
+            "a parent loop ends"
+        );
     }
 }
