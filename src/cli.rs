@@ -78,6 +78,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the VM's ports published on this machine's 127.0.0.1 (`[ports]` in
+    /// vibebox.toml; by default every port a process in the VM listens on).
+    Ports {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Bring the VM's git branches into this project's repository as
     /// `vibebox/<branch>` (starting the VM if needed), and list their new commits.
     Fetch,

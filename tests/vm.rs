@@ -227,8 +227,11 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     fs::create_dir_all(&ro).unwrap();
     fs::create_dir_all(&rw).unwrap();
     fs::write(ro.join("given.txt"), "from host\n").unwrap();
+    // A fixed mapping to a guest port nothing listens on yet: published from the
+    // boot on, to a host port of the test's choosing.
+    let [fixed_host, fixed_guest, auto_port] = free_ports();
     let config = format!(
-        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n",
+        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n[ports]\npublish = [\"{fixed_host}:{fixed_guest}\"]\n",
         ro.display().to_string().replace('"', "\\\""),
         rw.display()
     );
@@ -301,6 +304,8 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert!(o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stdout), "PIPED INPUT\n");
     assert!(String::from_utf8_lossy(&o.stderr).contains("err"));
+
+    ports_are_published_both_ways(&b, [fixed_host, fixed_guest, auto_port]);
 
     // Read-only is enforced by the host: guest root cannot write.
     let out = b.exec("sudo touch '/mnt/ro data/nope' 2>&1 || touch '/mnt/ro data/nope'");
@@ -460,6 +465,8 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     // Resume from the preserved disk.
     let out = b.exec("cat /var/tmp/keep.txt");
     assert_eq!(ok(&out), "keep\n");
+    // The fixed mapping is back after the restart.
+    wait_published(&b, fixed_guest, |p| p == Some(fixed_host));
 
     // A client arriving while the VM shuts down waits, and gets a VM booted again
     // (never a dead one).
@@ -479,6 +486,124 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
     assert_eq!(b.status().0, "stopped");
     b.qemu_img_check();
+}
+
+/// Distinct loopback ports nobody uses right now (the kernel's picks).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
+/// What `vibebox ports --json` says: guest port -> (host port, how).
+fn published(b: &Box) -> std::collections::BTreeMap<u16, (u16, String)> {
+    let out = b.vibebox(&["ports", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(ok(&out)).unwrap();
+    list.iter()
+        .map(|p| {
+            (
+                p["guest"].as_u64().unwrap() as u16,
+                (
+                    p["host"].as_u64().unwrap() as u16,
+                    p["how"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the host port published for `guest` satisfies `pred` (None: not
+/// published); returns it.
+fn wait_published(b: &Box, guest: u16, pred: impl Fn(Option<u16>) -> bool) -> Option<u16> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = published(b).get(&guest).map(|p| p.0);
+        if pred(now) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM:{guest} published as {now:?}, never as wanted:\n{}",
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The line a guest server (below) sends each connection, read on the host.
+fn hello(port: u16) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut got = String::new();
+    c.read_to_string(&mut got)?;
+    Ok(got)
+}
+
+/// Guest listeners appear on the host's loopback (a busy port moves to the next
+/// one), go when they close, and carry many connections at once; a fixed mapping
+/// reaches a listener that comes later.
+fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto]: [u16; 3]) {
+    // A server bound to the guest's 127.0.0.1 only (as dev servers are by default),
+    // in perl (in every Debian), detached from the exec so it outlives it.
+    let serve = |port: u16, tag: &str| {
+        ok(&b.exec(&format!(
+            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {port}, Listen => 256, ReuseAddr => 1) or die; while ($c = $s->accept) {{ print $c \"{tag}\\n\"; close $c }}' > /dev/null 2>&1 < /dev/null & echo $! > /tmp/serve-{port}.pid"
+        )));
+    };
+    serve(auto, "hello from the VM");
+    wait_published(b, auto, |p| p == Some(auto));
+    assert_eq!(hello(auto).unwrap(), "hello from the VM\n");
+    assert_eq!(published(b)[&auto].1, "auto");
+
+    // The host's own port is taken: the next free one, said in the log.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    serve(busy_port, "moved");
+    let moved = wait_published(b, busy_port, |p| p.is_some()).unwrap();
+    assert_ne!(moved, busy_port);
+    assert_eq!(hello(moved).unwrap(), "moved\n");
+    let log = fs::read_to_string(b.session_dir().join("logs/supervisor.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "localhost:{moved} -> VM:{busy_port} (localhost:{busy_port} is in use on this machine)"
+        )),
+        "{log}"
+    );
+    drop(busy);
+
+    // 200 connections at once all complete.
+    let handles: Vec<_> = (0..200)
+        .map(|_| std::thread::spawn(move || hello(auto)))
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().unwrap(), "hello from the VM\n");
+    }
+
+    // The fixed mapping is there before anything listens, and reaches the listener
+    // once it comes.
+    assert_eq!(
+        published(b).get(&fixed_guest),
+        Some(&(fixed_host, "config".to_string()))
+    );
+    serve(fixed_guest, "fixed");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hello(fixed_host).map(|h| h != "fixed\n").unwrap_or(true) {
+        assert!(
+            Instant::now() < deadline,
+            "localhost:{fixed_host} never reached VM:{fixed_guest}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A listener that closes is unpublished, and its host port is free again.
+    ok(&b.exec(&format!("kill $(cat /tmp/serve-{auto}.pid)")));
+    wait_published(b, auto, |p| p.is_none());
+    assert!(hello(auto).is_err(), "localhost:{auto} still answers");
+    ok(&b.exec(&format!(
+        "kill $(cat /tmp/serve-{busy_port}.pid) $(cat /tmp/serve-{fixed_guest}.pid)"
+    )));
 }
 
 /// A client attaching while the idle shutdown is being decided (the window widened

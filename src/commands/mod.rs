@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod image;
 pub mod init;
 pub mod list;
+pub mod ports;
 pub mod prune;
 pub mod ssh_config;
 pub mod stop;
@@ -177,5 +178,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
         Some(Command::Fetch) => fetch::run(&home, &start_dir(&cli)?),
+        Some(Command::Ports { json }) => ports::run(&home, &start_dir(&cli)?, *json),
     }
 }

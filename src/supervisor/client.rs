@@ -107,6 +107,12 @@ pub fn spawn_supervisor(home: &Home, project: &Path, id: SessionId) -> Result<()
         .arg("--project")
         .arg(project)
         .env("VIBEBOX_HOME", home.root())
+        // Its log is a file read after the fact: what it decided (idle checks,
+        // published ports) belongs there, not only warnings.
+        .env(
+            "VIBEBOX_LOG",
+            std::env::var("VIBEBOX_LOG").unwrap_or_else(|_| "warn,vibebox=info".into()),
+        )
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(Error::Spawn)?)
@@ -285,10 +291,21 @@ fn watch(mut reader: BufReader<UnixStream>, tx: std::sync::mpsc::Sender<Message>
             Ok(_) => {}
         }
         tracing::debug!("supervisor says: {}", line.trim());
-        if let Ok(m) = serde_json::from_str::<Message>(&line)
-            && tx.send(m).is_err()
-        {
-            return;
+        match serde_json::from_str::<Message>(&line) {
+            // Said now, while the shell runs (its terminal is in raw mode, hence the
+            // carriage returns); a command's output in a pipe or file is left alone.
+            Ok(Message::Notice { text }) => {
+                use std::io::IsTerminal;
+                if std::io::stderr().is_terminal() {
+                    eprint!("\r\nvibebox: {}\r\n", crate::escape::escape(&text));
+                }
+            }
+            Ok(m) => {
+                if tx.send(m).is_err() {
+                    return;
+                }
+            }
+            Err(_) => {}
         }
     }
 }

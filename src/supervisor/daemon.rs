@@ -42,6 +42,8 @@ const LOGIN_RECHECK: Duration = Duration::from_secs(15);
 
 struct Shared {
     state: watch::Sender<Message>,
+    /// Lines for every attached terminal (see `ports`).
+    notices: super::ports::Notices,
     clients: watch::Sender<u32>,
     /// Taken by an attach (count it, read the state) and by the idle shutdown's
     /// decision (no clients, so state becomes `stopping`): whichever comes second
@@ -93,6 +95,7 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
         let shared = Arc::new(Shared {
             state: watch::Sender::new(Message::Starting),
             clients: watch::Sender::new(0),
+            notices: tokio::sync::broadcast::channel(64).0,
             life: std::sync::Mutex::new(()),
             stop: Notify::new(),
             stop_requested: AtomicBool::new(false),
@@ -179,6 +182,7 @@ async fn lifecycle(shared: &Arc<Shared>, home: &Home, project: &Path, sd: &Sessi
             }
         };
         let _ = fs::remove_file(sd.instance());
+        super::ports::clear(sd);
         match outcome {
             Outcome::Crashed(message) => {
                 shared.set(Message::Error {
@@ -349,6 +353,11 @@ async fn boot_and_run(
         },
         warnings: r.errors,
     });
+    let ports = PortsTask(tokio::spawn(super::ports::run(
+        sd.clone(),
+        config.ports.clone(),
+        shared.notices.clone(),
+    )));
 
     let auto_shutdown = Duration::from_millis(config.auto_shutdown_ms);
     tokio::select! {
@@ -362,8 +371,18 @@ async fn boot_and_run(
         // Already `stopping`: set in the same step as the decision.
         _ = idle(shared, sd, auto_shutdown) => {}
     }
+    drop(ports);
     shutdown(qmp, qemu_pid, &mut exit_rx).await;
     Ok(Outcome::Stopped)
+}
+
+/// The port watcher of one boot; ends with it, whichever way it ends.
+struct PortsTask(tokio::task::JoinHandle<()>);
+
+impl Drop for PortsTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A stop asked for while the guest boots: nothing in the guest is worth a graceful
@@ -475,6 +494,10 @@ pub fn count_ssh_sessions(output: &str) -> Option<usize> {
             .nth(1)
             .and_then(|p| p.parse::<u32>().ok());
         if let (Ok(pid), Some(ppid)) = (pid, ppid) {
+            if comm == super::ports::WATCHER_NAME {
+                // The supervisor's own port watcher: never a reason to stay up.
+                continue;
+            }
             procs.insert(pid, (ppid, comm.starts_with("sshd")));
         }
     }
@@ -575,6 +598,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 }
                 shared.state.subscribe()
             };
+            let mut notices = shared.notices.subscribe();
             loop {
                 let msg = state.borrow_and_update().clone();
                 if write
@@ -587,12 +611,25 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 if !attach && matches!(msg, Message::Stopped | Message::Error { .. }) {
                     break;
                 }
-                tokio::select! {
-                    changed = state.changed() => if changed.is_err() { break },
-                    line = lines.next_line() => match line {
-                        Ok(Some(_)) => {}
-                        _ => break,
-                    },
+                // Until the state changes (or the client leaves), pass notices on.
+                let go_on = loop {
+                    tokio::select! {
+                        changed = state.changed() => break changed.is_ok(),
+                        notice = notices.recv(), if attach => {
+                            let Ok(text) = notice else { continue };
+                            let m = Message::Notice { text };
+                            if write.write_all(protocol::encode(&m).as_bytes()).await.is_err() {
+                                break false;
+                            }
+                        }
+                        line = lines.next_line() => match line {
+                            Ok(Some(_)) => break true,
+                            _ => break false,
+                        },
+                    }
+                };
+                if !go_on {
+                    break;
                 }
             }
             if attach {

@@ -53,6 +53,10 @@ pub enum Message {
         message: String,
         log: String,
     },
+    /// A line for the attached terminals while the VM runs (a port published).
+    Notice {
+        text: String,
+    },
     /// Reply to `status`: the VM's state (`booting`, `running`, `stopping`,
     /// `stopped`) and the number of attached clients.
     Status {

@@ -1,0 +1,368 @@
+//! Guest ports on the host's loopback. While the VM runs, the supervisor watches the
+//! guest's listening TCP sockets (one long-lived ssh channel printing
+//! `/proc/net/tcp{,6}` every second) and publishes each on `127.0.0.1` through its
+//! own ssh connection's local forwards, so a dev server bound to the guest's
+//! `localhost` is reachable as well as one bound to every address.
+//!
+//! What the guest prints is hostile input: lines are bounded, anything that does not
+//! parse is skipped, and the guest only ever chooses guest ports. Host ports are the
+//! host's choice (the same number, or the next free one), always on loopback.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::sync::broadcast;
+
+use crate::config::{Ports, Publish};
+use crate::paths::SessionDir;
+use crate::statefile;
+
+/// The guest's SSH server is the session's own way in; it is never published.
+const SSH_PORT: u16 = 22;
+/// Auto-published guest ports start here: lower ones are system services, and on
+/// the host they would need root.
+const FIRST_AUTO_PORT: u16 = 1024;
+/// Host ports tried for one guest port when its own number is busy.
+const HOST_PORT_TRIES: u16 = 32;
+/// A listing line longer than this is not one the kernel writes.
+const MAX_LINE: usize = 512;
+/// Sockets per listing taken into account (more is a guest flooding the host).
+const MAX_SOCKETS: usize = 4096;
+/// The watcher renames its shell so the idle check does not count it as a login
+/// (see `daemon::count_ssh_sessions`).
+pub const WATCHER_NAME: &str = "vibebox-ports";
+
+/// One published port, as `vibebox ports` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub host: u16,
+    pub guest: u16,
+    /// `auto` (a guest listener) or `config` (`[ports] publish`).
+    pub how: String,
+}
+
+/// The file the supervisor keeps current for `vibebox ports`.
+pub fn state_file(sd: &SessionDir) -> PathBuf {
+    sd.dir().join("ports.json")
+}
+
+/// What the supervisor last published; empty when nothing is (or the file is
+/// missing or unreadable: it is only a report).
+pub fn read(sd: &SessionDir) -> Vec<Published> {
+    statefile::read_nofollow(&state_file(sd))
+        .ok()
+        .flatten()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// The TCP ports in LISTEN state in `/proc/net/tcp` / `tcp6` text.
+pub fn listening(text: &str) -> BTreeSet<u16> {
+    let mut ports = BTreeSet::new();
+    for line in text.lines().take(MAX_SOCKETS) {
+        if line.len() > MAX_LINE {
+            continue;
+        }
+        let mut f = line.split_whitespace();
+        let (Some(_sl), Some(local), Some(_remote), Some(state)) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        if state != "0A" {
+            continue;
+        }
+        let Some((_, port)) = local.rsplit_once(':') else {
+            continue;
+        };
+        if let Ok(p) = u16::from_str_radix(port, 16)
+            && p != 0
+        {
+            ports.insert(p);
+        }
+    }
+    ports
+}
+
+/// Which guest ports should be published now, each with the host port it would
+/// like: the configured mappings always, and with `auto` every listener from 1024
+/// up but SSH.
+pub fn wanted(ports: &Ports, listening: &BTreeSet<u16>) -> BTreeMap<u16, (u16, &'static str)> {
+    let mut want = BTreeMap::new();
+    for p in &ports.publish {
+        want.insert(p.guest, (p.host, "config"));
+    }
+    if ports.auto {
+        for &g in listening {
+            if g >= FIRST_AUTO_PORT && g != SSH_PORT {
+                want.entry(g).or_insert((g, "auto"));
+            }
+        }
+    }
+    want
+}
+
+/// A line for the attached terminals.
+pub type Notices = broadcast::Sender<String>;
+
+/// Publishes and unpublishes for as long as the VM runs (the caller aborts it when
+/// the boot ends). Errors are logged and retried: a missing forward is never worth
+/// ending the session.
+pub async fn run(sd: SessionDir, ports: Ports, notices: Notices) {
+    if !ports.auto && ports.publish.is_empty() {
+        return;
+    }
+    let mut published: BTreeMap<u16, Published> = BTreeMap::new();
+    loop {
+        if let Err(e) = watch(&sd, &ports, &notices, &mut published).await {
+            tracing::warn!("ports: {e}; trying again");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn watch(
+    sd: &SessionDir,
+    ports: &Ports,
+    notices: &Notices,
+    published: &mut BTreeMap<u16, Published>,
+) -> Result<(), String> {
+    let session = crate::ssh::guest_session(sd)
+        .await
+        .map_err(|e| e.to_string())?;
+    // A reconnect starts over: the old connection's forwards went with it.
+    published.clear();
+    save(sd, published);
+    if !ports.auto {
+        // Only fixed mappings: nothing to watch.
+        sync(&session, sd, ports, &BTreeSet::new(), notices, published).await;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            session.check().await.map_err(|e| e.to_string())?;
+        }
+    }
+    let script = format!(
+        "echo {WATCHER_NAME} > /proc/$$/comm 2>/dev/null; \
+         while :; do cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; echo .; sleep 1; done"
+    );
+    let mut child = session
+        .command("sh")
+        .arg("-c")
+        .arg(&script)
+        .stdin(openssh::Stdio::null())
+        .stdout(openssh::Stdio::piped())
+        .stderr(openssh::Stdio::null())
+        .spawn()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = child.stdout().take().ok_or("no output from the watcher")?;
+    let mut block = String::new();
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut last: Option<BTreeSet<u16>> = None;
+    loop {
+        let n = out.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the watcher ended".into());
+        }
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                if line.len() <= MAX_LINE {
+                    line.push(b);
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            line.clear();
+            if text == "." {
+                let now = listening(&block);
+                block.clear();
+                if last.as_ref() != Some(&now) {
+                    sync(&session, sd, ports, &now, notices, published).await;
+                    last = Some(now);
+                }
+            } else if text.len() <= MAX_LINE && block.len() < MAX_SOCKETS * 160 {
+                block.push_str(&text);
+                block.push('\n');
+            }
+        }
+    }
+}
+
+/// Brings the forwards in line with what is wanted now.
+async fn sync(
+    session: &openssh::Session,
+    sd: &SessionDir,
+    ports: &Ports,
+    listening: &BTreeSet<u16>,
+    notices: &Notices,
+    published: &mut BTreeMap<u16, Published>,
+) {
+    let want = wanted(ports, listening);
+    let gone: Vec<u16> = published
+        .keys()
+        .filter(|g| !want.contains_key(g))
+        .copied()
+        .collect();
+    for g in gone {
+        let p = published.remove(&g).expect("listed");
+        let _ = session
+            .close_port_forward(
+                openssh::ForwardType::Local,
+                loopback(p.host),
+                guest_end(p.guest),
+            )
+            .await;
+        tracing::info!("ports: unpublished localhost:{} (VM:{})", p.host, p.guest);
+        let _ = notices.send(format!(
+            "localhost:{} closed (nothing listens on VM:{} any more)",
+            p.host, p.guest
+        ));
+    }
+    let taken: BTreeSet<u16> = published.values().map(|p| p.host).collect();
+    for (&g, &(host, how)) in &want {
+        if published.contains_key(&g) {
+            continue;
+        }
+        // A fixed mapping gets its own host port or nothing (the user chose it).
+        let tries = if how == "config" { 1 } else { HOST_PORT_TRIES };
+        let mut got = None;
+        for h in (0..tries).filter_map(|i| host.checked_add(i)) {
+            if taken.contains(&h) {
+                continue;
+            }
+            match session
+                .request_port_forward(openssh::ForwardType::Local, loopback(h), guest_end(g))
+                .await
+            {
+                Ok(()) => {
+                    got = Some(h);
+                    break;
+                }
+                Err(e) => tracing::debug!("ports: localhost:{h} for VM:{g}: {e}"),
+            }
+        }
+        match got {
+            Some(h) => {
+                let line = if h == host {
+                    format!("localhost:{h} -> VM:{g}")
+                } else {
+                    format!("localhost:{h} -> VM:{g} (localhost:{host} is in use on this machine)")
+                };
+                tracing::info!("ports: {line}");
+                let _ = notices.send(line);
+                published.insert(
+                    g,
+                    Published {
+                        host: h,
+                        guest: g,
+                        how: how.to_string(),
+                    },
+                );
+            }
+            None => {
+                let line = if tries == 1 {
+                    format!(
+                        "cannot publish VM:{g} on localhost:{host}: the port is in use on this machine"
+                    )
+                } else {
+                    format!(
+                        "cannot publish VM:{g}: localhost:{host} to localhost:{} are in use on this machine",
+                        host.saturating_add(tries - 1)
+                    )
+                };
+                tracing::warn!("ports: {line}");
+                let _ = notices.send(line);
+            }
+        }
+    }
+    save(sd, published);
+}
+
+fn loopback(port: u16) -> openssh::Socket<'static> {
+    openssh::Socket::TcpSocket {
+        host: "127.0.0.1".into(),
+        port,
+    }
+}
+
+/// The guest end as the guest's sshd resolves it: `localhost` reaches a listener on
+/// 127.0.0.1, ::1 or every address.
+fn guest_end(port: u16) -> openssh::Socket<'static> {
+    openssh::Socket::TcpSocket {
+        host: "localhost".into(),
+        port,
+    }
+}
+
+fn save(sd: &SessionDir, published: &BTreeMap<u16, Published>) {
+    let list: Vec<&Published> = published.values().collect();
+    let text = serde_json::to_string(&list).unwrap_or_else(|_| "[]".into());
+    if let Err(e) = statefile::write_atomic(&state_file(sd), text.as_bytes(), 0o600) {
+        tracing::warn!("ports: cannot record the published ports: {e}");
+    }
+}
+
+/// Nothing is published once the VM is gone.
+pub fn clear(sd: &SessionDir) {
+    let _ = std::fs::remove_file(state_file(sd));
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PROC: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 2 1 0 100 0 0 10 0
+   2: 0F02000A:0016 0202000A:C350 01 00000000:00000000 02:0009C2E2 00000000     0        0 3 4 0 20 4 30 10 -1
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1435 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 5 1 0 100 0 0 10 0
+";
+
+    #[test]
+    fn reads_the_listeners_of_both_families() {
+        assert_eq!(listening(PROC), BTreeSet::from([22, 8000, 5173]));
+        assert!(listening("garbage\n0: x:y 0A\n: :zz z 0A\n").is_empty());
+    }
+
+    #[test]
+    fn auto_publishes_listeners_from_1024_but_ssh_and_config_wins() {
+        let ports = Ports {
+            auto: true,
+            publish: vec![Publish {
+                host: 9000,
+                guest: 8000,
+            }],
+        };
+        let want = wanted(&ports, &listening(PROC));
+        assert_eq!(
+            want,
+            BTreeMap::from([(8000, (9000, "config")), (5173, (5173, "auto"))])
+        );
+        let off = Ports {
+            auto: false,
+            publish: vec![],
+        };
+        assert!(wanted(&off, &listening(PROC)).is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_read_without_panic_and_bounded(text in "\\PC{0,2000}") {
+            let got = listening(&text);
+            prop_assert!(got.len() <= MAX_SOCKETS);
+            prop_assert!(!got.contains(&0));
+        }
+    }
+}
