@@ -230,10 +230,18 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     // A fixed mapping to a guest port nothing listens on yet: published from the
     // boot on, to a host port of the test's choosing.
     let [fixed_host, fixed_guest, auto_port] = free_ports();
+    // Two services on the host's loopback; the VM is granted the first only.
+    let granted = host_service("from the host");
+    let other = host_service("not for the VM");
+    let host_ports = [
+        granted.local_addr().unwrap().port(),
+        other.local_addr().unwrap().port(),
+    ];
     let config = format!(
-        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n[ports]\npublish = [\"{fixed_host}:{fixed_guest}\"]\n",
+        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n[ports]\npublish = [\"{fixed_host}:{fixed_guest}\"]\nhost = [\"{}\"]\n",
         ro.display().to_string().replace('"', "\\\""),
-        rw.display()
+        rw.display(),
+        host_ports[0]
     );
     // Spaces, commas, quotes, non-ASCII, and a path of 200+ characters.
     let name = format!("my proj, \"v2\" é {}", "x".repeat(190));
@@ -306,6 +314,18 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("err"));
 
     ports_are_published_both_ways(&b, [fixed_host, fixed_guest, auto_port]);
+    // The granted host service answers at host.vibebox.internal; the other one,
+    // listening on the same loopback, is out of reach.
+    let reach = |port: u16| {
+        b.exec(&format!(
+            "timeout 20 bash -c 'exec 3<>/dev/tcp/host.vibebox.internal/{port} && cat <&3'"
+        ))
+    };
+    assert_eq!(ok(&reach(host_ports[0])), "from the host\n");
+    let out = reach(host_ports[1]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(!out.stdout.contains("not for the VM"), "{}", out.stdout);
+    drop((granted, other));
 
     // Read-only is enforced by the host: guest root cannot write.
     let out = b.exec("sudo touch '/mnt/ro data/nope' 2>&1 || touch '/mnt/ro data/nope'");
@@ -486,6 +506,20 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
     assert_eq!(b.status().0, "stopped");
     b.qemu_img_check();
+}
+
+/// A server on the host's loopback that sends `line` to each connection; it runs
+/// as long as the test process (the listener is returned to read its port).
+fn host_service(line: &'static str) -> std::net::TcpListener {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let serving = l.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for c in serving.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = std::io::Write::write_all(&mut c, format!("{line}\n").as_bytes());
+        }
+    });
+    l
 }
 
 /// Distinct loopback ports nobody uses right now (the kernel's picks).

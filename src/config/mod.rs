@@ -83,6 +83,9 @@ pub struct Ports {
     pub auto: bool,
     /// Fixed mappings, published whether or not anything listens yet.
     pub publish: Vec<Publish>,
+    /// Ports of this machine's loopback the VM may reach at `host.vibebox.internal`
+    /// (a grant: approved like mounts).
+    pub host: Vec<u16>,
 }
 
 /// One `publish` entry: host loopback port -> guest port.
@@ -221,6 +224,7 @@ struct Raw {
 struct RawPorts {
     auto: Option<bool>,
     publish: Option<Vec<Spanned<String>>>,
+    host: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -497,9 +501,31 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
         }
         publish.push(entry);
     }
+    let mut host_ports = Vec::new();
+    for p in raw.ports.host.iter().flatten() {
+        let text = p.get_ref();
+        let port = text.strip_prefix("127.0.0.1:").unwrap_or(text);
+        match port.parse::<u16>() {
+            Ok(n) if n > 0 => {
+                if !host_ports.contains(&n) {
+                    host_ports.push(n);
+                }
+            }
+            _ => {
+                return Err(at(
+                    p.span(),
+                    format!(
+                        "host {text:?}: the VM may reach only ports of this machine's loopback; write \"5432\" or \"127.0.0.1:5432\""
+                    ),
+                ));
+            }
+        }
+    }
+    host_ports.sort_unstable();
     let ports = Ports {
         auto: raw.ports.auto.unwrap_or(true),
         publish,
+        host: host_ports,
     };
 
     Ok(Config {
@@ -593,6 +619,9 @@ entries = [
 # auto = true
 # Fixed mappings, "host:guest" or "port"; published on 127.0.0.1 only.
 # publish = ["8080:80"]
+# Services on this machine's 127.0.0.1 the VM may use, at host.vibebox.internal:<port>
+# (a database, an MCP server). Nothing else on this machine is reachable.
+# host = ["5432"]
 "#
     )
 }

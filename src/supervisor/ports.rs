@@ -344,6 +344,7 @@ mod tests {
                 host: 9000,
                 guest: 8000,
             }],
+            host: vec![],
         };
         let want = wanted(&ports, &listening(PROC));
         assert_eq!(
@@ -353,6 +354,7 @@ mod tests {
         let off = Ports {
             auto: false,
             publish: vec![],
+            host: vec![],
         };
         assert!(wanted(&off, &listening(PROC)).is_empty());
     }
