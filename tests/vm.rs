@@ -229,7 +229,7 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     fs::write(ro.join("given.txt"), "from host\n").unwrap();
     // A fixed mapping to a guest port nothing listens on yet: published from the
     // boot on, to a host port of the test's choosing.
-    let [fixed_host, fixed_guest, auto_port] = free_ports();
+    let [fixed_host, fixed_guest, auto_port, moved_to] = free_ports();
     // Two services on the host's loopback; the VM is granted the first only.
     let granted = host_service("from the host");
     let other = host_service("not for the VM");
@@ -313,7 +313,7 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "PIPED INPUT\n");
     assert!(String::from_utf8_lossy(&o.stderr).contains("err"));
 
-    ports_are_published_both_ways(&b, [fixed_host, fixed_guest, auto_port]);
+    ports_are_published_both_ways(&b, [fixed_host, fixed_guest, auto_port, moved_to]);
     // The granted host service answers at host.vibebox.internal; the other one,
     // listening on the same loopback, is out of reach.
     let reach = |port: u16| {
@@ -578,7 +578,7 @@ fn hello(port: u16) -> std::io::Result<String> {
 /// Guest listeners appear on the host's loopback (a busy port moves to the next
 /// one), go when they close, and carry many connections at once; a fixed mapping
 /// reaches a listener that comes later.
-fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto]: [u16; 3]) {
+fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_to]: [u16; 4]) {
     // A server bound to the guest's 127.0.0.1 only (as dev servers are by default),
     // in perl (in every Debian), detached from the exec so it outlives it.
     let serve = |port: u16, tag: &str| {
@@ -630,6 +630,28 @@ fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto]: [u16;
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // While the VM runs, a mapping moves to another host port, then goes.
+    let out = b.vibebox(&["ports", "add", &format!("{moved_to}:{fixed_guest}")]);
+    assert_eq!(
+        ok(&out),
+        format!("localhost:{moved_to} -> VM:{fixed_guest}\n")
+    );
+    assert_eq!(hello(moved_to).unwrap(), "fixed\n");
+    assert!(
+        hello(fixed_host).is_err(),
+        "the old host port still answers"
+    );
+    let out = b.vibebox(&["ports", "rm", &fixed_guest.to_string()]);
+    assert!(ok(&out).contains("no longer published"), "{}", out.stdout);
+    assert!(
+        hello(moved_to).is_err(),
+        "localhost:{moved_to} still answers"
+    );
+    assert!(!published(b).contains_key(&fixed_guest));
+    let out = b.vibebox(&["ports", "add", "0.0.0.0:80:80"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("loopback only"), "{}", out.stderr);
 
     // A listener that closes is unpublished, and its host port is free again.
     ok(&b.exec(&format!("kill $(cat /tmp/serve-{auto}.pid)")));

@@ -178,6 +178,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
         Some(Command::Fetch) => fetch::run(&home, &start_dir(&cli)?),
-        Some(Command::Ports { json }) => ports::run(&home, &start_dir(&cli)?, *json),
+        Some(Command::Ports { json, change }) => {
+            ports::run(&home, &start_dir(&cli)?, *json, change.as_ref())
+        }
     }
 }

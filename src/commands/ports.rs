@@ -1,19 +1,45 @@
 //! `vibebox ports [--json]`: which guest ports this project's VM has on the host's
-//! loopback right now.
+//! loopback right now; `vibebox ports add|rm`: change that while it runs.
 
 use std::path::Path;
 
 use super::Error;
+use crate::cli::PortsCommand;
+use crate::config::Publish;
 use crate::paths::Home;
 use crate::session::project;
-use crate::supervisor::{self, State, ports};
+use crate::supervisor::protocol::Op;
+use crate::supervisor::{self, State, client, ports};
 
-pub fn run(home: &Home, start: &Path, json: bool) -> Result<(), Error> {
+pub fn run(
+    home: &Home,
+    start: &Path,
+    json: bool,
+    change: Option<&PortsCommand>,
+) -> Result<(), Error> {
     // Through the index, never the project's marker: the guest can write that.
     let root = project::find_root(start, home)?;
     let id = project::registered(home, &root)?
         .ok_or_else(|| Error::Usage(format!("{} has no vibebox session", root.display())))?;
     let sd = home.session(id);
+    if let Some(change) = change {
+        let op = match change {
+            PortsCommand::Add { mapping } => {
+                let p = Publish::parse(mapping).map_err(Error::Usage)?;
+                Op::Publish {
+                    host: p.host,
+                    guest: p.guest,
+                }
+            }
+            PortsCommand::Rm { mapping } => {
+                let p = Publish::parse(mapping).map_err(Error::Usage)?;
+                Op::Unpublish { guest: p.guest }
+            }
+        };
+        let said = client::change_ports(&sd, op)?;
+        println!("{}", crate::escape::escape(&said));
+        return Ok(());
+    }
     let running = supervisor::status(&sd).state == State::Running;
     let published = if running {
         ports::read(&sd)

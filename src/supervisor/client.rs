@@ -37,6 +37,10 @@ pub enum Error {
         log: PathBuf,
         waited: Duration,
     },
+    #[error("the VM is not running; start it with `vibebox` (or `vibebox exec`) first")]
+    NotRunning,
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     State(#[from] statefile::Error),
 }
@@ -83,6 +87,25 @@ pub fn query_status(session: &SessionDir) -> Option<(String, u32)> {
     match serde_json::from_str(&line).ok()? {
         Message::Status { vm, clients } => Some((vm, clients)),
         _ => None,
+    }
+}
+
+/// Asks a running VM's supervisor to publish or unpublish a port now; the reply
+/// says what it did (or why not).
+pub fn change_ports(session: &SessionDir, op: Op) -> Result<String, Error> {
+    let mut s = connect(&session.control_socket()).map_err(|_| Error::NotRunning)?;
+    // Publishing asks the guest's ssh for a forward: seconds under emulation.
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(Error::Spawn)?;
+    send(&mut s, op).map_err(|_| Error::NotRunning)?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|_| Error::Lost(session.supervisor_log()))?;
+    match serde_json::from_str(&line) {
+        Ok(Message::Notice { text }) => Ok(text),
+        Ok(Message::Error { message, .. }) => Err(Error::Refused(message)),
+        _ => Err(Error::Lost(session.supervisor_log())),
     }
 }
 

@@ -44,6 +44,8 @@ struct Shared {
     state: watch::Sender<Message>,
     /// Lines for every attached terminal (see `ports`).
     notices: super::ports::Notices,
+    /// The running VM's port watcher, for `vibebox ports add|rm`.
+    port_requests: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<super::ports::Request>>>,
     clients: watch::Sender<u32>,
     /// Taken by an attach (count it, read the state) and by the idle shutdown's
     /// decision (no clients, so state becomes `stopping`): whichever comes second
@@ -96,6 +98,7 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
             state: watch::Sender::new(Message::Starting),
             clients: watch::Sender::new(0),
             notices: tokio::sync::broadcast::channel(64).0,
+            port_requests: std::sync::Mutex::new(None),
             life: std::sync::Mutex::new(()),
             stop: Notify::new(),
             stop_requested: AtomicBool::new(false),
@@ -353,11 +356,20 @@ async fn boot_and_run(
         },
         warnings: r.errors,
     });
-    let ports = PortsTask(tokio::spawn(super::ports::run(
-        sd.clone(),
-        config.ports.clone(),
-        shared.notices.clone(),
-    )));
+    let (port_tx, port_rx) = tokio::sync::mpsc::channel(8);
+    *shared
+        .port_requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(port_tx);
+    let ports = PortsTask(
+        tokio::spawn(super::ports::run(
+            sd.clone(),
+            config.ports.clone(),
+            shared.notices.clone(),
+            port_rx,
+        )),
+        shared.clone(),
+    );
 
     let auto_shutdown = Duration::from_millis(config.auto_shutdown_ms);
     tokio::select! {
@@ -377,10 +389,15 @@ async fn boot_and_run(
 }
 
 /// The port watcher of one boot; ends with it, whichever way it ends.
-struct PortsTask(tokio::task::JoinHandle<()>);
+struct PortsTask(tokio::task::JoinHandle<()>, Arc<Shared>);
 
 impl Drop for PortsTask {
     fn drop(&mut self) {
+        *self
+            .1
+            .port_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.0.abort();
     }
 }
@@ -585,6 +602,13 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 .write_all(protocol::encode(&Message::Status { vm, clients }).as_bytes())
                 .await;
         }
+        Op::Publish { host, guest } => {
+            let change = super::ports::Change::Publish(crate::config::Publish { host, guest });
+            port_change(&shared, change, &mut write).await;
+        }
+        Op::Unpublish { guest } => {
+            port_change(&shared, super::ports::Change::Unpublish(guest), &mut write).await;
+        }
         Op::Attach | Op::Stop => {
             let attach = req.op == Op::Attach;
             let mut state = {
@@ -637,6 +661,39 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Hands a `ports add|rm` to the running VM's port watcher and answers with what it
+/// did.
+async fn port_change(
+    shared: &Shared,
+    change: super::ports::Change,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    let tx = shared
+        .port_requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let outcome = match tx {
+        None => Err("the VM is not running; start it with `vibebox` first".to_string()),
+        Some(tx) => match tx.send((change, reply_tx)).await {
+            Err(_) => Err("the VM is stopping".to_string()),
+            Ok(()) => match tokio::time::timeout(Duration::from_secs(50), reply_rx).await {
+                Ok(Ok(r)) => r,
+                _ => Err("the VM's ssh did not answer; try again".to_string()),
+            },
+        },
+    };
+    let m = match outcome {
+        Ok(text) => Message::Notice { text },
+        Err(message) => Message::Error {
+            message,
+            log: String::new(),
+        },
+    };
+    let _ = write.write_all(protocol::encode(&m).as_bytes()).await;
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::{Ports, Publish};
 use crate::paths::SessionDir;
@@ -90,14 +90,18 @@ pub fn listening(text: &str) -> BTreeSet<u16> {
 /// Which guest ports should be published now, each with the host port it would
 /// like: the configured mappings always, and with `auto` every listener from 1024
 /// up but SSH.
-pub fn wanted(ports: &Ports, listening: &BTreeSet<u16>) -> BTreeMap<u16, (u16, &'static str)> {
+pub fn wanted(
+    ports: &Ports,
+    listening: &BTreeSet<u16>,
+    withheld: &BTreeSet<u16>,
+) -> BTreeMap<u16, (u16, &'static str)> {
     let mut want = BTreeMap::new();
     for p in &ports.publish {
         want.insert(p.guest, (p.host, "config"));
     }
     if ports.auto {
         for &g in listening {
-            if g >= FIRST_AUTO_PORT && g != SSH_PORT {
+            if g >= FIRST_AUTO_PORT && g != SSH_PORT && !withheld.contains(&g) {
                 want.entry(g).or_insert((g, "auto"));
             }
         }
@@ -108,16 +112,40 @@ pub fn wanted(ports: &Ports, listening: &BTreeSet<u16>) -> BTreeMap<u16, (u16, &
 /// A line for the attached terminals.
 pub type Notices = broadcast::Sender<String>;
 
+/// A change asked for while the VM runs (`vibebox ports add|rm`), lasting until it
+/// stops.
+#[derive(Debug, Clone, Copy)]
+pub enum Change {
+    Publish(Publish),
+    Unpublish(u16),
+}
+
+/// A change and where its outcome goes: what was done, or why not.
+pub type Request = (Change, oneshot::Sender<Result<String, String>>);
+
 /// Publishes and unpublishes for as long as the VM runs (the caller aborts it when
 /// the boot ends). Errors are logged and retried: a missing forward is never worth
 /// ending the session.
-pub async fn run(sd: SessionDir, ports: Ports, notices: Notices) {
-    if !ports.auto && ports.publish.is_empty() {
-        return;
-    }
+pub async fn run(
+    sd: SessionDir,
+    mut ports: Ports,
+    notices: Notices,
+    mut requests: mpsc::Receiver<Request>,
+) {
     let mut published: BTreeMap<u16, Published> = BTreeMap::new();
+    // Guest ports `rm` took away from the automatic publishing, for this boot.
+    let mut withheld = BTreeSet::new();
     loop {
-        if let Err(e) = watch(&sd, &ports, &notices, &mut published).await {
+        if let Err(e) = watch(
+            &sd,
+            &mut ports,
+            &mut withheld,
+            &notices,
+            &mut requests,
+            &mut published,
+        )
+        .await
+        {
             tracing::warn!("ports: {e}; trying again");
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -126,8 +154,10 @@ pub async fn run(sd: SessionDir, ports: Ports, notices: Notices) {
 
 async fn watch(
     sd: &SessionDir,
-    ports: &Ports,
+    ports: &mut Ports,
+    withheld: &mut BTreeSet<u16>,
     notices: &Notices,
+    requests: &mut mpsc::Receiver<Request>,
     published: &mut BTreeMap<u16, Published>,
 ) -> Result<(), String> {
     let session = crate::ssh::guest_session(sd)
@@ -136,80 +166,236 @@ async fn watch(
     // A reconnect starts over: the old connection's forwards went with it.
     published.clear();
     save(sd, published);
-    if !ports.auto {
-        // Only fixed mappings: nothing to watch.
-        sync(&session, sd, ports, &BTreeSet::new(), notices, published).await;
-        loop {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            session.check().await.map_err(|e| e.to_string())?;
-        }
-    }
+    let mut guest = Guest {
+        session: &session,
+        sd,
+        notices,
+    };
+    let mut last = BTreeSet::new();
+    guest.sync(&wanted(ports, &last, withheld), published).await;
     let script = format!(
         "echo {WATCHER_NAME} > /proc/$$/comm 2>/dev/null; \
          while :; do cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; echo .; sleep 1; done"
     );
-    let mut child = session
-        .command("sh")
-        .arg("-c")
-        .arg(&script)
-        .stdin(openssh::Stdio::null())
-        .stdout(openssh::Stdio::piped())
-        .stderr(openssh::Stdio::null())
-        .spawn()
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut out = child.stdout().take().ok_or("no output from the watcher")?;
-    let mut block = String::new();
-    let mut line = Vec::new();
+    // Without `auto` nothing needs watching; the connection is still checked now
+    // and then, so a broken one is made again.
+    let mut child = if ports.auto {
+        Some(
+            session
+                .command("sh")
+                .arg("-c")
+                .arg(&script)
+                .stdin(openssh::Stdio::null())
+                .stdout(openssh::Stdio::piped())
+                .stderr(openssh::Stdio::null())
+                .spawn()
+                .await
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
+    let mut out = match child.as_mut() {
+        Some(c) => Some(c.stdout().take().ok_or("no output from the watcher")?),
+        None => None,
+    };
+    let mut lines = Lines::default();
     let mut buf = [0u8; 4096];
-    let mut last: Option<BTreeSet<u16>> = None;
     loop {
-        let n = out.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("the watcher ended".into());
-        }
-        for &b in &buf[..n] {
-            if b != b'\n' {
-                if line.len() <= MAX_LINE {
-                    line.push(b);
+        let read = async {
+            match out.as_mut() {
+                Some(o) => o.read(&mut buf).await.map_err(|e| e.to_string()),
+                None => {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    session.check().await.map_err(|e| e.to_string())?;
+                    Ok(usize::MAX)
                 }
-                continue;
             }
-            let text = String::from_utf8_lossy(&line).into_owned();
-            line.clear();
-            if text == "." {
-                let now = listening(&block);
-                block.clear();
-                if last.as_ref() != Some(&now) {
-                    sync(&session, sd, ports, &now, notices, published).await;
-                    last = Some(now);
+        };
+        tokio::select! {
+            n = read => {
+                let n = n?;
+                if n == 0 {
+                    return Err("the watcher ended".into());
                 }
-            } else if text.len() <= MAX_LINE && block.len() < MAX_SOCKETS * 160 {
-                block.push_str(&text);
-                block.push('\n');
+                if n == usize::MAX {
+                    continue;
+                }
+                if let Some(now) = lines.push(&buf[..n]).pop()
+                    && now != last
+                {
+                    last = now;
+                    guest.sync(&wanted(ports, &last, withheld), published).await;
+                }
+            }
+            req = requests.recv() => {
+                let Some((change, reply)) = req else {
+                    // The supervisor is gone with its boot.
+                    return Ok(());
+                };
+                let said = match change {
+                    Change::Publish(p) => {
+                        withheld.remove(&p.guest);
+                        ports.publish.retain(|q| q.guest != p.guest && q.host != p.host);
+                        if let Some(old) = published.get(&p.guest).cloned()
+                            && old.host != p.host
+                        {
+                            // Moved to another host port: the old forward goes.
+                            guest.close(&old).await;
+                            published.remove(&p.guest);
+                        }
+                        ports.publish.push(p);
+                        guest.sync(&wanted(ports, &last, withheld), published).await;
+                        match published.get(&p.guest) {
+                            Some(q) if q.host == p.host => {
+                                Ok(format!("localhost:{} -> VM:{}", q.host, q.guest))
+                            }
+                            _ => {
+                                ports.publish.retain(|q| q.guest != p.guest);
+                                Err(format!(
+                                    "cannot publish VM:{} on localhost:{}: the port is in use on this machine",
+                                    p.guest, p.host
+                                ))
+                            }
+                        }
+                    }
+                    Change::Unpublish(g) => {
+                        let had = published.contains_key(&g)
+                            || ports.publish.iter().any(|q| q.guest == g);
+                        ports.publish.retain(|q| q.guest != g);
+                        withheld.insert(g);
+                        guest.sync(&wanted(ports, &last, withheld), published).await;
+                        if had {
+                            Ok(format!("VM:{g} is no longer published (until the VM restarts)"))
+                        } else {
+                            Err(format!("VM:{g} is not published"))
+                        }
+                    }
+                };
+                let _ = reply.send(said);
             }
         }
     }
 }
 
-/// Brings the forwards in line with what is wanted now.
-async fn sync(
-    session: &openssh::Session,
-    sd: &SessionDir,
-    ports: &Ports,
-    listening: &BTreeSet<u16>,
-    notices: &Notices,
-    published: &mut BTreeMap<u16, Published>,
-) {
-    let want = wanted(ports, listening);
-    let gone: Vec<u16> = published
-        .keys()
-        .filter(|g| !want.contains_key(g))
-        .copied()
-        .collect();
-    for g in gone {
-        let p = published.remove(&g).expect("listed");
-        let _ = session
+/// The watcher's output cut into listings (each ends with a `.` line), with lines
+/// and listings bounded whatever the guest prints.
+#[derive(Default)]
+struct Lines {
+    line: Vec<u8>,
+    block: String,
+}
+
+impl Lines {
+    /// Takes bytes; returns the listings they completed.
+    fn push(&mut self, bytes: &[u8]) -> Vec<BTreeSet<u16>> {
+        let mut done = Vec::new();
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line.len() <= MAX_LINE {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            if self.line == b"." {
+                done.push(listening(&self.block));
+                self.block.clear();
+            } else if self.line.len() <= MAX_LINE && self.block.len() < MAX_SOCKETS * 160 {
+                self.block.push_str(&String::from_utf8_lossy(&self.line));
+                self.block.push('\n');
+            }
+            self.line.clear();
+        }
+        done
+    }
+}
+
+struct Guest<'a> {
+    session: &'a openssh::Session,
+    sd: &'a SessionDir,
+    notices: &'a Notices,
+}
+
+impl Guest<'_> {
+    /// Brings the forwards in line with what is wanted now.
+    async fn sync(
+        &mut self,
+        want: &BTreeMap<u16, (u16, &'static str)>,
+        published: &mut BTreeMap<u16, Published>,
+    ) {
+        let gone: Vec<u16> = published
+            .keys()
+            .filter(|g| !want.contains_key(g))
+            .copied()
+            .collect();
+        for g in gone {
+            let p = published.remove(&g).expect("listed");
+            self.close(&p).await;
+            let _ = self.notices.send(format!(
+                "localhost:{} closed (VM:{} is not published any more)",
+                p.host, p.guest
+            ));
+        }
+        let mut taken: BTreeSet<u16> = published.values().map(|p| p.host).collect();
+        for (&g, &(host, how)) in want {
+            if published.contains_key(&g) {
+                continue;
+            }
+            // A fixed mapping gets its own host port or nothing (the user chose it).
+            let tries = if how == "config" { 1 } else { HOST_PORT_TRIES };
+            let mut got = None;
+            for h in (0..tries).filter_map(|i| host.checked_add(i)) {
+                if taken.contains(&h) {
+                    continue;
+                }
+                match self
+                    .session
+                    .request_port_forward(openssh::ForwardType::Local, loopback(h), guest_end(g))
+                    .await
+                {
+                    Ok(()) => {
+                        got = Some(h);
+                        break;
+                    }
+                    Err(e) => tracing::debug!("ports: localhost:{h} for VM:{g}: {e}"),
+                }
+            }
+            let line = match got {
+                Some(h) => {
+                    taken.insert(h);
+                    published.insert(
+                        g,
+                        Published {
+                            host: h,
+                            guest: g,
+                            how: how.to_string(),
+                        },
+                    );
+                    if h == host {
+                        format!("localhost:{h} -> VM:{g}")
+                    } else {
+                        format!(
+                            "localhost:{h} -> VM:{g} (localhost:{host} is in use on this machine)"
+                        )
+                    }
+                }
+                None if tries == 1 => format!(
+                    "cannot publish VM:{g} on localhost:{host}: the port is in use on this machine"
+                ),
+                None => format!(
+                    "cannot publish VM:{g}: localhost:{host} to localhost:{} are in use on this machine",
+                    host.saturating_add(tries - 1)
+                ),
+            };
+            tracing::info!("ports: {line}");
+            let _ = self.notices.send(line);
+        }
+        save(self.sd, published);
+    }
+
+    async fn close(&mut self, p: &Published) {
+        let _ = self
+            .session
             .close_port_forward(
                 openssh::ForwardType::Local,
                 loopback(p.host),
@@ -217,69 +403,7 @@ async fn sync(
             )
             .await;
         tracing::info!("ports: unpublished localhost:{} (VM:{})", p.host, p.guest);
-        let _ = notices.send(format!(
-            "localhost:{} closed (nothing listens on VM:{} any more)",
-            p.host, p.guest
-        ));
     }
-    let taken: BTreeSet<u16> = published.values().map(|p| p.host).collect();
-    for (&g, &(host, how)) in &want {
-        if published.contains_key(&g) {
-            continue;
-        }
-        // A fixed mapping gets its own host port or nothing (the user chose it).
-        let tries = if how == "config" { 1 } else { HOST_PORT_TRIES };
-        let mut got = None;
-        for h in (0..tries).filter_map(|i| host.checked_add(i)) {
-            if taken.contains(&h) {
-                continue;
-            }
-            match session
-                .request_port_forward(openssh::ForwardType::Local, loopback(h), guest_end(g))
-                .await
-            {
-                Ok(()) => {
-                    got = Some(h);
-                    break;
-                }
-                Err(e) => tracing::debug!("ports: localhost:{h} for VM:{g}: {e}"),
-            }
-        }
-        match got {
-            Some(h) => {
-                let line = if h == host {
-                    format!("localhost:{h} -> VM:{g}")
-                } else {
-                    format!("localhost:{h} -> VM:{g} (localhost:{host} is in use on this machine)")
-                };
-                tracing::info!("ports: {line}");
-                let _ = notices.send(line);
-                published.insert(
-                    g,
-                    Published {
-                        host: h,
-                        guest: g,
-                        how: how.to_string(),
-                    },
-                );
-            }
-            None => {
-                let line = if tries == 1 {
-                    format!(
-                        "cannot publish VM:{g} on localhost:{host}: the port is in use on this machine"
-                    )
-                } else {
-                    format!(
-                        "cannot publish VM:{g}: localhost:{host} to localhost:{} are in use on this machine",
-                        host.saturating_add(tries - 1)
-                    )
-                };
-                tracing::warn!("ports: {line}");
-                let _ = notices.send(line);
-            }
-        }
-    }
-    save(sd, published);
 }
 
 fn loopback(port: u16) -> openssh::Socket<'static> {
@@ -346,7 +470,7 @@ mod tests {
             }],
             host: vec![],
         };
-        let want = wanted(&ports, &listening(PROC));
+        let want = wanted(&ports, &listening(PROC), &BTreeSet::new());
         assert_eq!(
             want,
             BTreeMap::from([(8000, (9000, "config")), (5173, (5173, "auto"))])
@@ -356,7 +480,24 @@ mod tests {
             publish: vec![],
             host: vec![],
         };
-        assert!(wanted(&off, &listening(PROC)).is_empty());
+        assert!(wanted(&off, &listening(PROC), &BTreeSet::new()).is_empty());
+        // `rm` of an automatic port keeps it away while its listener stays.
+        assert!(!wanted(&ports, &listening(PROC), &BTreeSet::from([5173])).contains_key(&5173));
+    }
+
+    #[test]
+    fn listings_are_cut_at_dots_and_bounded() {
+        let mut l = Lines::default();
+        assert!(
+            l.push(b"   1: 0100007F:1F40 00000000:0000 0A x\n")
+                .is_empty()
+        );
+        let got = l.push(b".\n   1: 0100007F:1F41 00000000:0000 0A x\n.\n");
+        assert_eq!(got, vec![BTreeSet::from([8000]), BTreeSet::from([8001])]);
+        // A line without end does not grow without bound.
+        l.push(&vec![b'x'; 100_000]);
+        assert!(l.line.len() <= MAX_LINE + 1);
+        assert_eq!(l.push(b"\n.\n"), vec![BTreeSet::new()]);
     }
 
     proptest! {

@@ -16,6 +16,11 @@ pub enum Op {
     Status,
     /// Shut the VM down now; replies with states until `stopped`.
     Stop,
+    /// Publish a guest port on the host's loopback until the VM stops (or it is
+    /// removed); one `Notice` reply saying what was done, or an `Error`.
+    Publish { host: u16, guest: u16 },
+    /// Stop publishing a guest port (until the VM stops); one reply as `Publish`.
+    Unpublish { guest: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
