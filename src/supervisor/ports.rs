@@ -20,13 +20,16 @@ use crate::config::{Ports, Publish};
 use crate::paths::SessionDir;
 use crate::statefile;
 
-/// The guest's SSH server is the session's own way in; it is never published.
-const SSH_PORT: u16 = 22;
+/// Guest listeners never published automatically: SSH (the session's own way in)
+/// and the guest's name service (systemd-resolved's LLMNR).
+const NOT_AUTO: &[u16] = &[22, 5355];
 /// Auto-published guest ports start here: lower ones are system services, and on
 /// the host they would need root.
 const FIRST_AUTO_PORT: u16 = 1024;
 /// Host ports tried for one guest port when its own number is busy.
 const HOST_PORT_TRIES: u16 = 32;
+/// How often a wanted port that could not be published is tried again.
+const RETRY: Duration = Duration::from_secs(5);
 /// A listing line longer than this is not one the kernel writes.
 const MAX_LINE: usize = 512;
 /// Sockets per listing taken into account (more is a guest flooding the host).
@@ -101,7 +104,7 @@ pub fn wanted(
     }
     if ports.auto {
         for &g in listening {
-            if g >= FIRST_AUTO_PORT && g != SSH_PORT && !withheld.contains(&g) {
+            if g >= FIRST_AUTO_PORT && !NOT_AUTO.contains(&g) && !withheld.contains(&g) {
                 want.entry(g).or_insert((g, "auto"));
             }
         }
@@ -170,6 +173,7 @@ async fn watch(
         session: &session,
         sd,
         notices,
+        failed: BTreeSet::new(),
     };
     let mut last = BTreeSet::new();
     guest.sync(&wanted(ports, &last, withheld), published).await;
@@ -200,6 +204,7 @@ async fn watch(
         None => None,
     };
     let mut lines = Lines::default();
+    let mut retry_at = None;
     let mut buf = [0u8; 4096];
     loop {
         let read = async {
@@ -221,11 +226,19 @@ async fn watch(
                 if n == usize::MAX {
                     continue;
                 }
-                if let Some(now) = lines.push(&buf[..n]).pop()
-                    && now != last
-                {
-                    last = now;
-                    guest.sync(&wanted(ports, &last, withheld), published).await;
+                if let Some(now) = lines.push(&buf[..n]).pop() {
+                    // A mapping that could not be had (its host port was busy, or an
+                    // old connection still held it) is tried again now and then.
+                    let retry = retry_at.is_some_and(|t| std::time::Instant::now() >= t);
+                    if now != last || retry {
+                        last = now;
+                        let want = wanted(ports, &last, withheld);
+                        guest.sync(&want, published).await;
+                        retry_at = want
+                            .keys()
+                            .any(|g| !published.contains_key(g))
+                            .then(|| std::time::Instant::now() + RETRY);
+                    }
                 }
             }
             req = requests.recv() => {
@@ -314,6 +327,8 @@ struct Guest<'a> {
     session: &'a openssh::Session,
     sd: &'a SessionDir,
     notices: &'a Notices,
+    /// Guest ports whose failure to publish was said already.
+    failed: BTreeSet<u16>,
 }
 
 impl Guest<'_> {
@@ -387,8 +402,14 @@ impl Guest<'_> {
                     host.saturating_add(tries - 1)
                 ),
             };
-            tracing::info!("ports: {line}");
-            let _ = self.notices.send(line);
+            // A failure is said once, not at every retry.
+            if got.is_some() || self.failed.insert(g) {
+                tracing::info!("ports: {line}");
+                let _ = self.notices.send(line);
+            }
+            if got.is_some() {
+                self.failed.remove(&g);
+            }
         }
         save(self.sd, published);
     }
