@@ -54,6 +54,7 @@ pub fn text(f: &Facts<'_>) -> String {
         out.push('\n');
     }
     out.push_str(&protected_text(f.protection));
+    out.push_str(&watched_text(f.project, f.protection));
     let net = &f.config.network;
     out.push_str(&format!("\nNetwork: {}", net.mode.as_str()));
     // Every VM vibebox starts has its network behind the gateway.
@@ -96,6 +97,44 @@ fn protected_text(p: &Protection) -> String {
     out
 }
 
+const WATCHED: &str =
+    "watched: the VM can change it; vibebox names each change at your next vibebox command";
+
+/// What each protected path is, read-only or watched: the user decides what to
+/// trust by it.
+fn watched_text(project: &Path, p: &Protection) -> String {
+    if p.watched.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nProtected paths (host tools run them by themselves; `vibebox protected` shows changes):\n",
+    );
+    for (glob, how) in watched_lines(project, p) {
+        out.push_str(&format!("  {glob}  {how}\n"));
+    }
+    out
+}
+
+fn watched_lines(project: &Path, p: &Protection) -> Vec<(String, String)> {
+    p.watched
+        .iter()
+        .map(|g| {
+            let ro = p.how(project, g);
+            let how = if ro.is_empty() {
+                WATCHED.to_string()
+            } else if g.is_literal() {
+                "read-only (enforced on the host)".to_string()
+            } else {
+                format!(
+                    "read-only (enforced on the host) for the {} paths there at the start; new ones {WATCHED}",
+                    ro.len()
+                )
+            };
+            (g.to_string(), how)
+        })
+        .collect()
+}
+
 pub fn json(f: &Facts<'_>) -> serde_json::Value {
     let mounts: Vec<_> = f
         .config
@@ -125,6 +164,11 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
         "protected": f.protection.paths.iter().map(|p| json!({
             "path": p,
             "guard": f.protection.guard,
+        })).collect::<Vec<_>>(),
+        "watched": watched_lines(f.project, f.protection).into_iter().map(|(glob, how)| json!({
+            "glob": glob,
+            "enforced": how.starts_with("read-only"),
+            "how": how,
         })).collect::<Vec<_>>(),
         "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
     })
@@ -190,6 +234,8 @@ mod tests {
                 paths: vec!["/p/.git".into()],
                 guard: Guard::NotEnforced,
                 overlay: Some("/p/.git".into()),
+                watched: vec![crate::config::protect::Glob::parse(".envrc").unwrap()],
+                read_only: vec![],
             },
         });
         assert_eq!(j["session"], id.to_string());
@@ -211,6 +257,11 @@ mod tests {
                 paths: vec!["/p/.git".into()],
                 guard: Guard::Enforced,
                 overlay: Some("/p/.git".into()),
+                watched: vec![
+                    crate::config::protect::Glob::parse(".envrc").unwrap(),
+                    crate::config::protect::Glob::parse(".vscode/").unwrap(),
+                ],
+                read_only: vec!["/p/.vscode".into()],
             },
         });
         assert!(
@@ -218,5 +269,15 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("`vibebox fetch`"), "{t}");
+        assert!(
+            t.contains("\n  .vscode/  read-only (enforced on the host)\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("\n  .envrc  watched: the VM can change it"),
+            "{t}"
+        );
+        assert_eq!(j["watched"][0]["glob"], ".envrc");
+        assert_eq!(j["watched"][0]["enforced"], false);
     }
 }

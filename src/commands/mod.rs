@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod image;
 pub mod init;
 pub mod list;
+pub mod protected;
 pub mod prune;
 pub mod ssh_config;
 pub mod stop;
@@ -47,6 +48,8 @@ pub enum Error {
     Client(#[from] crate::supervisor::client::Error),
     #[error(transparent)]
     Fetch(#[from] crate::session::fetch::FetchError),
+    #[error(transparent)]
+    Protected(#[from] crate::session::protected::ProtectedError),
     /// A guest command's exit status, passed through.
     #[error("exit status {0}")]
     Exit(i32),
@@ -93,6 +96,7 @@ impl Error {
                 crate::image::build::BuildError::Interrupted,
             )) => 130,
             Error::Delete(e) => e.exit_code(),
+            Error::Protected(e) => e.exit_code(),
             Error::Build(crate::image::build::BuildError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Download(
@@ -177,5 +181,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
         Some(Command::Fetch) => fetch::run(&home, &start_dir(&cli)?),
+        Some(Command::Protected { accept }) => protected::run(&home, &start_dir(&cli)?, *accept),
     }
 }
