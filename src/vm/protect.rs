@@ -396,6 +396,47 @@ mod tests {
         assert_eq!(Protection::new(&none, Guard::Enforced).overlay, None);
     }
 
+    #[test]
+    fn ro_mode_binds_what_exists_and_leaves_links_and_the_rest_watched() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().canonicalize().unwrap();
+        fs::create_dir_all(p.join(".vscode")).unwrap();
+        fs::create_dir_all(p.join("tools")).unwrap();
+        fs::write(p.join("tools/a.sh"), "x").unwrap();
+        fs::write(p.join("tools/b.txt"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc", p.join(".claude")).unwrap();
+        let host = crate::config::Host {
+            cpus: 2,
+            memory_mb: 4096,
+            disk_gb: 50,
+            home: "/home/al".into(),
+            guest_home: "/home/al".into(),
+        };
+        let config =
+            |text: &str| crate::config::parse(text, &p.join("vibebox.toml"), &p, &host).unwrap();
+        let ro = config("[box]\nprotect_mode = \"ro\"\nprotect = [\"tools/*.sh\"]\n");
+        let prot = Protection::new(&p, Guard::Enforced).watching(&p, &ro);
+        assert_eq!(
+            prot.read_only,
+            vec![p.join(".vscode"), p.join("tools/a.sh")]
+        );
+        let glob = |s: &str| Glob::parse(s).unwrap();
+        assert_eq!(
+            prot.how(&p, &glob("tools/*.sh")),
+            vec![p.join("tools/a.sh")]
+        );
+        assert!(prot.how(&p, &glob(".claude/")).is_empty());
+        assert!(!prot.watched.iter().any(|g| g.as_str() == ".git/config"));
+        // Where the host cannot enforce, nothing is bound and .git is watched.
+        let prot = Protection::new(&p, Guard::NotEnforced).watching(&p, &ro);
+        assert!(prot.read_only.is_empty());
+        assert!(prot.watched.iter().any(|g| g.as_str() == ".git/config"));
+        // Watch mode binds nothing.
+        let prot = Protection::new(&p, Guard::Enforced).watching(&p, &config(""));
+        assert!(prot.read_only.is_empty());
+        assert_eq!(prot.watched.len(), protect::default_globs().len());
+    }
+
     /// The mechanism itself, without a VM: a process confined like a share server
     /// cannot write, create, rename or delete under the protected path, and its
     /// parent can still write next to it. As root, and (when the host allows user
