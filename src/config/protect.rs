@@ -293,6 +293,34 @@ mod tests {
         assert!(Glob::parse(&"a".repeat(300)).is_err());
     }
 
+    #[test]
+    fn compare_names_each_change_but_not_a_bare_directory() {
+        let file = |t: &str| Entry::File {
+            sha256: t.into(),
+            size: 1,
+            executable: false,
+            text: None,
+        };
+        let snap = |e: &[(&str, Entry)]| Snapshot {
+            entries: e.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            truncated: false,
+        };
+        let was = snap(&[
+            (".claude", Entry::Dir),
+            (".envrc", file("a")),
+            (".idea", Entry::Dir),
+        ]);
+        let now = snap(&[
+            (".claude", Entry::Link { target: "/".into() }),
+            (".envrc", file("b")),
+            (".vscode", Entry::Dir),
+            (".vscode/t", file("c")),
+        ]);
+        let paths: Vec<String> = compare(&was, &now).into_iter().map(|c| c.path).collect();
+        assert_eq!(paths, [".claude", ".envrc", ".vscode/t"]);
+        assert!(compare(&now, &now).is_empty());
+    }
+
     /// The obvious exponential matcher, as the reference.
     fn naive(p: &[&str], s: &[&str]) -> bool {
         fn comp(p: &[char], n: &[char]) -> bool {
@@ -469,7 +497,9 @@ pub struct Pending {
     pub globs: Vec<String>,
 }
 
-/// Every path added, removed or changed between two snapshots, in path order.
+/// Every path added, removed or changed between two snapshots, in path order. A
+/// directory that appears or goes is no change by itself (what it holds is named);
+/// one that becomes a link or a file is.
 pub fn compare(was: &Snapshot, now: &Snapshot) -> Vec<Change> {
     let mut out = Vec::new();
     for (path, w) in &was.entries {
@@ -491,6 +521,12 @@ pub fn compare(was: &Snapshot, now: &Snapshot) -> Vec<Change> {
             });
         }
     }
+    out.retain(|c| {
+        !matches!(
+            (&c.was, &c.now),
+            (None, Some(Entry::Dir)) | (Some(Entry::Dir), None)
+        )
+    });
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
 }
