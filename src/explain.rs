@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::paths::{CACHE_DIR, CONFIG_FILE};
 use crate::store::SessionId;
 use crate::vm::mounts::{Mount, Origin};
-use crate::vm::protect::Protection;
+use crate::vm::protect::{Guard, Protection};
 
 /// Everything the explain text depends on.
 pub struct Facts<'a> {
@@ -120,15 +120,20 @@ fn watched_lines(project: &Path, p: &Protection) -> Vec<(String, String)> {
         .iter()
         .map(|g| {
             let ro = p.how(project, g);
-            let how = if ro.is_empty() {
-                WATCHED.to_string()
-            } else if g.is_literal() {
+            let asked = p.mode == crate::config::protect::Mode::Ro;
+            let how = if !ro.is_empty() && g.is_literal() {
                 "read-only (enforced on the host)".to_string()
-            } else {
+            } else if !ro.is_empty() {
                 format!(
-                    "read-only (enforced on the host) for the {} paths there at the start; new ones {WATCHED}",
+                    "read-only (enforced on the host) for what matched at the start ({}); anything new is {WATCHED}",
                     ro.len()
                 )
+            } else if asked && p.guard == Guard::NotEnforced {
+                format!("{WATCHED} (protect_mode = \"ro\" cannot be enforced on this host)")
+            } else if asked {
+                format!("{WATCHED} (it was not there at the start; \"ro\" covers what exists then)")
+            } else {
+                WATCHED.to_string()
             };
             (g.to_string(), how)
         })
@@ -178,7 +183,6 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::config::{Host, parse};
-    use crate::vm::protect::Guard;
 
     fn config(text: &str) -> Config {
         let host = Host {
@@ -236,6 +240,7 @@ mod tests {
                 overlay: Some("/p/.git".into()),
                 watched: vec![crate::config::protect::Glob::parse(".envrc").unwrap()],
                 read_only: vec![],
+                mode: crate::config::protect::Mode::Watch,
             },
         });
         assert_eq!(j["session"], id.to_string());
@@ -262,6 +267,7 @@ mod tests {
                     crate::config::protect::Glob::parse(".vscode/").unwrap(),
                 ],
                 read_only: vec!["/p/.vscode".into()],
+                mode: crate::config::protect::Mode::Ro,
             },
         });
         assert!(

@@ -1394,10 +1394,15 @@ exit 0
         "{text}"
     );
     assert!(
-        text.contains("\n  tools/*.sh  read-only (enforced on the host) for the 1 paths"),
+        text.contains(
+            "\n  tools/*.sh  read-only (enforced on the host) for what matched at the start (1)"
+        ),
         "{text}"
     );
-    assert!(text.contains("\n  .vscode/  watched: "), "{text}");
+    assert!(
+        text.contains("\n  .vscode/  watched: ") && text.contains("not there at the start"),
+        "{text}"
+    );
 
     // protect_mode = "ro": guest root cannot write what existed at the start.
     let out = b.exec(

@@ -57,6 +57,8 @@ pub struct Protection {
     /// With `protect_mode = "ro"` and `guard` enforced: the watched paths that
     /// existed at the start, read-only to the guest like `.git`.
     pub read_only: Vec<PathBuf>,
+    /// `protect_mode` as configured (what it achieved is in `read_only`).
+    pub mode: protect::Mode,
 }
 
 /// At most this many paths are made read-only for globs: each is a mount in the
@@ -88,6 +90,7 @@ impl Protection {
             overlay,
             watched: Vec::new(),
             read_only: Vec::new(),
+            mode: protect::Mode::Watch,
         }
     }
 
@@ -101,6 +104,7 @@ impl Protection {
     /// Adds the watched paths of `config` to a protection.
     pub fn watching(mut self, project: &Path, config: &Config) -> Protection {
         self.watched = protect::watch_set(config, self.guard == Guard::Enforced);
+        self.mode = config.protect_mode;
         if config.protect_mode == protect::Mode::Ro && self.guard == Guard::Enforced {
             self.read_only = read_only_paths(project, &self.watched);
         }
