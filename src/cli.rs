@@ -90,6 +90,14 @@ pub enum Command {
     /// Bring the VM's git branches into this project's repository as
     /// `vibebox/<branch>` (starting the VM if needed), and list their new commits.
     Fetch,
+    /// Show what changed in the protected paths (files host tools run by
+    /// themselves: .envrc, .vscode/, ...) since you last accepted them, with the
+    /// full diff; `--accept` accepts them as they are now.
+    Protected {
+        /// Accept the protected paths as they are now.
+        #[arg(long)]
+        accept: bool,
+    },
     /// The supervisor of one session (started by vibebox itself, detached).
     #[command(name = "__supervise", hide = true)]
     Supervise {

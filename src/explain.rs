@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::paths::{CACHE_DIR, CONFIG_FILE};
 use crate::store::SessionId;
 use crate::vm::mounts::{Mount, Origin};
-use crate::vm::protect::Protection;
+use crate::vm::protect::{Guard, Protection};
 
 /// Everything the explain text depends on.
 pub struct Facts<'a> {
@@ -54,6 +54,7 @@ pub fn text(f: &Facts<'_>) -> String {
         out.push('\n');
     }
     out.push_str(&protected_text(f.protection));
+    out.push_str(&watched_text(f.project, f.protection));
     let net = &f.config.network;
     out.push_str(&format!("\nNetwork: {}", net.mode.as_str()));
     // Every VM vibebox starts has its network behind the gateway.
@@ -96,6 +97,49 @@ fn protected_text(p: &Protection) -> String {
     out
 }
 
+const WATCHED: &str =
+    "watched: the VM can change it; vibebox names each change at your next vibebox command";
+
+/// What each protected path is, read-only or watched: the user decides what to
+/// trust by it.
+fn watched_text(project: &Path, p: &Protection) -> String {
+    if p.watched.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nProtected paths (host tools run them by themselves; `vibebox protected` shows changes):\n",
+    );
+    for (glob, how) in watched_lines(project, p) {
+        out.push_str(&format!("  {glob}  {how}\n"));
+    }
+    out
+}
+
+fn watched_lines(project: &Path, p: &Protection) -> Vec<(String, String)> {
+    p.watched
+        .iter()
+        .map(|g| {
+            let ro = p.how(project, g);
+            let asked = p.mode == crate::config::protect::Mode::Ro;
+            let how = if !ro.is_empty() && g.is_literal() {
+                "read-only (enforced on the host)".to_string()
+            } else if !ro.is_empty() {
+                format!(
+                    "read-only (enforced on the host) for what matched at the start ({}); anything new is {WATCHED}",
+                    ro.len()
+                )
+            } else if asked && p.guard == Guard::NotEnforced {
+                format!("{WATCHED} (protect_mode = \"ro\" cannot be enforced on this host)")
+            } else if asked {
+                format!("{WATCHED} (it was not there at the start; \"ro\" covers what exists then)")
+            } else {
+                WATCHED.to_string()
+            };
+            (g.to_string(), how)
+        })
+        .collect()
+}
+
 pub fn json(f: &Facts<'_>) -> serde_json::Value {
     let mounts: Vec<_> = f
         .config
@@ -126,6 +170,11 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
             "path": p,
             "guard": f.protection.guard,
         })).collect::<Vec<_>>(),
+        "watched": watched_lines(f.project, f.protection).into_iter().map(|(glob, how)| json!({
+            "glob": glob,
+            "enforced": how.starts_with("read-only"),
+            "how": how,
+        })).collect::<Vec<_>>(),
         "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
     })
 }
@@ -134,7 +183,6 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::config::{Host, parse};
-    use crate::vm::protect::Guard;
 
     fn config(text: &str) -> Config {
         let host = Host {
@@ -190,6 +238,9 @@ mod tests {
                 paths: vec!["/p/.git".into()],
                 guard: Guard::NotEnforced,
                 overlay: Some("/p/.git".into()),
+                watched: vec![crate::config::protect::Glob::parse(".envrc").unwrap()],
+                read_only: vec![],
+                mode: crate::config::protect::Mode::Watch,
             },
         });
         assert_eq!(j["session"], id.to_string());
@@ -211,6 +262,12 @@ mod tests {
                 paths: vec!["/p/.git".into()],
                 guard: Guard::Enforced,
                 overlay: Some("/p/.git".into()),
+                watched: vec![
+                    crate::config::protect::Glob::parse(".envrc").unwrap(),
+                    crate::config::protect::Glob::parse(".vscode/").unwrap(),
+                ],
+                read_only: vec!["/p/.vscode".into()],
+                mode: crate::config::protect::Mode::Ro,
             },
         });
         assert!(
@@ -218,5 +275,15 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("`vibebox fetch`"), "{t}");
+        assert!(
+            t.contains("\n  .vscode/  read-only (enforced on the host)\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("\n  .envrc  watched: the VM can change it"),
+            "{t}"
+        );
+        assert_eq!(j["watched"][0]["glob"], ".envrc");
+        assert_eq!(j["watched"][0]["enforced"], false);
     }
 }

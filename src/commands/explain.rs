@@ -17,7 +17,7 @@ pub fn run(home: &Home, start: &Path, as_json: bool) -> Result<(), Error> {
     let config = config::load(&paths.config(), &root, &host)?;
     let session = project::registered(home, &root)?;
     let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
-    let protection = crate::vm::protect::Protection::detect(&root);
+    let protection = crate::vm::protect::Protection::for_config(&root, &config);
     let facts = Facts {
         project: &root,
         session,

@@ -9,6 +9,7 @@ pub mod image;
 pub mod init;
 pub mod list;
 pub mod ports;
+pub mod protected;
 pub mod prune;
 pub mod ssh_config;
 pub mod stop;
@@ -48,6 +49,8 @@ pub enum Error {
     Client(#[from] crate::supervisor::client::Error),
     #[error(transparent)]
     Fetch(#[from] crate::session::fetch::FetchError),
+    #[error(transparent)]
+    Protected(#[from] crate::session::protected::ProtectedError),
     /// A guest command's exit status, passed through.
     #[error("exit status {0}")]
     Exit(i32),
@@ -94,6 +97,7 @@ impl Error {
                 crate::image::build::BuildError::Interrupted,
             )) => 130,
             Error::Delete(e) => e.exit_code(),
+            Error::Protected(e) => e.exit_code(),
             Error::Build(crate::image::build::BuildError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Download(
@@ -181,5 +185,6 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Some(Command::Ports { json, change }) => {
             ports::run(&home, &start_dir(&cli)?, *json, change.as_ref())
         }
+        Some(Command::Protected { accept }) => protected::run(&home, &start_dir(&cli)?, *accept),
     }
 }

@@ -29,6 +29,13 @@ pub fn open_project(home: &Home, start: &Path) -> Result<(PathBuf, Outcome, Conf
     Ok((opened.root, opened.outcome, opened.config))
 }
 
+/// When a client ends: what the VM changed in the protected paths meanwhile.
+pub fn tell_protected(home: &Home, root: &Path, id: SessionId) {
+    for note in crate::session::protected::notes(home, root, id) {
+        eprintln!("vibebox: {}", escape(&note));
+    }
+}
+
 /// A base image for the config, saying what it does to get one.
 pub fn ensure_image(home: &Home, config: &Config) -> Result<(), Error> {
     Ok(open::ensure_image(home, config, |m| {
@@ -118,6 +125,7 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
             true,
         )
         .map_err(|e| Error::Usage(format!("cannot run ssh: {e}; install OpenSSH")))?;
+        tell_protected(home, &root, id);
         if code != NEW_SESSION_STATUS {
             return finish(attached, code);
         }

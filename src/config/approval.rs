@@ -70,6 +70,15 @@ pub fn grants(config: &Config) -> BTreeSet<String> {
     out.insert(format!("cpus {}", config.cpus));
     out.insert(format!("memory_mb {}", config.memory_mb));
     out.insert(format!("disk_gb {}", config.disk_gb));
+    // Dropping a glob, or going back to watching, lets the guest write (or hide a
+    // change in) what host tools run. Only what differs from the default is a line,
+    // so approvals recorded before these keys existed still match.
+    for g in &config.protect {
+        out.insert(format!("protect {g}"));
+    }
+    if config.protect_mode != crate::config::protect::Mode::default() {
+        out.insert(format!("protect_mode {}", config.protect_mode.as_str()));
+    }
     out
 }
 

@@ -5,6 +5,7 @@
 //! followed through a symlink, and every error names the file, line and column.
 
 pub mod approval;
+pub mod protect;
 
 use std::path::{Path, PathBuf};
 
@@ -73,6 +74,9 @@ pub struct Config {
     pub mounts: Vec<Mount>,
     pub network: Network,
     pub auto_shutdown_ms: u64,
+    /// Globs the user added to the protected paths (the defaults are not here).
+    pub protect: Vec<protect::Glob>,
+    pub protect_mode: protect::Mode,
     pub ports: Ports,
 }
 
@@ -236,6 +240,8 @@ struct RawBox {
     image: Option<Spanned<String>>,
     accel: Option<Spanned<String>>,
     mounts: Option<Vec<Spanned<String>>>,
+    protect: Option<Vec<Spanned<String>>>,
+    protect_mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -473,6 +479,26 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
         }
     };
 
+    let mut protect = Vec::new();
+    for g in b.protect.iter().flatten() {
+        let glob = protect::Glob::parse(g.get_ref()).map_err(|e| at(g.span(), e))?;
+        if !protect.contains(&glob) {
+            protect.push(glob);
+        }
+    }
+    let protect_mode = match &b.protect_mode {
+        None => protect::Mode::default(),
+        Some(s) => protect::Mode::parse(s.get_ref()).ok_or_else(|| {
+            at(
+                s.span(),
+                format!(
+                    "protect_mode = {:?} is unknown; use \"watch\" or \"ro\"",
+                    s.get_ref()
+                ),
+            )
+        })?,
+    };
+
     let auto_shutdown_ms = int(
         &raw.supervisor.auto_shutdown_ms,
         DEFAULT_AUTO_SHUTDOWN_MS,
@@ -538,6 +564,8 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
         mounts: resolved,
         network,
         auto_shutdown_ms,
+        protect,
+        protect_mode,
     })
 }
 
@@ -600,6 +628,12 @@ mounts = [
   # "~/.claude:~/.claude:rw",
   # "~/.codex:~/.codex:rw",
 ]
+# Host tools run some project files by themselves (.envrc, .vscode/, .idea/, .claude/,
+# .mcp.json, .devcontainer/): vibebox watches them and names every change the VM makes
+# at your next vibebox command. Add your own globs ("scripts/*.sh", "tools/**"):
+# protect = []
+# "ro" also makes the protected paths that exist at the VM's start read-only to it.
+# protect_mode = "watch"
 
 [network]
 # "allowlist": the VM reaches only the entries below. "blocklist": everything but them.

@@ -59,6 +59,9 @@ pub fn open(home: &Home, start: &Path) -> Result<Opened, OpenError> {
         // a parent with a stray vibebox.toml) is noticed at once.
         notes.push(format!("new session {} for {}", outcome.id, root.display()));
     }
+    // Host tools may run a protected path at any moment: say what the VM changed
+    // at every command that opens the project.
+    notes.extend(super::protected::notes(home, &root, outcome.id));
     if created_config {
         notes.push(format!(
             "wrote {} with the defaults; edit it to change the VM",

@@ -8,6 +8,7 @@ pub mod index;
 pub mod instance;
 pub mod paths;
 pub mod statefile;
+pub mod watched;
 
 use std::fmt;
 use std::str::FromStr;

@@ -36,6 +36,8 @@ pub enum BootError {
     Qemu(String),
     #[error("{0}")]
     Upstream(String),
+    #[error(transparent)]
+    Watched(#[from] crate::store::watched::WatchedError),
 }
 
 impl BootError {
@@ -89,7 +91,9 @@ pub fn prepare(home: &Home, project: &Path, sd: &SessionDir) -> Result<BootPlan,
     host::check_qemu(&qemu).map_err(BootError::Qemu)?;
     let resolver = upstream::resolver_from_env().map_err(BootError::Upstream)?;
     let present: Vec<bool> = config.mounts.iter().map(|m| m.host.exists()).collect();
-    let protection = Protection::detect(project);
+    let protection = Protection::for_config(project, &config);
+    // Before the guest runs: what the protected paths were when it got them.
+    crate::config::protect::record_at_start(sd.dir(), project, &protection.watched)?;
     let explain = explain::text(&Facts {
         project,
         session: sd

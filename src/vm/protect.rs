@@ -15,6 +15,10 @@ use std::process::Command;
 
 use serde::Serialize;
 
+use crate::config::Config;
+use crate::config::protect::{self, Glob};
+use crate::store::watched::Entry;
+
 /// How the protected paths are kept from the guest on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -48,7 +52,18 @@ pub struct Protection {
     /// The project's `.git` when it is a directory the guest should see through an
     /// overlay on its own disk (so guest git can write).
     pub overlay: Option<PathBuf>,
+    /// The other protected paths (see `config::protect`): every glob watched.
+    pub watched: Vec<Glob>,
+    /// With `protect_mode = "ro"` and `guard` enforced: the watched paths that
+    /// existed at the start, read-only to the guest like `.git`.
+    pub read_only: Vec<PathBuf>,
+    /// `protect_mode` as configured (what it achieved is in `read_only`).
+    pub mode: protect::Mode,
 }
+
+/// At most this many paths are made read-only for globs: each is a mount in the
+/// share server's namespace; past it, the rest are watched (explain says so).
+const MAX_READ_ONLY: usize = 64;
 
 impl Protection {
     /// The project's protection on this host. `as_root`: namespaces need no user
@@ -73,16 +88,89 @@ impl Protection {
             paths,
             guard,
             overlay,
+            watched: Vec::new(),
+            read_only: Vec::new(),
+            mode: protect::Mode::Watch,
         }
+    }
+
+    /// The project's whole protection for `config` on this host: `.git`, and the
+    /// watched paths (with `.git`'s parts among them where `.git` is not
+    /// enforced), made read-only where `protect_mode = "ro"` asks and the host can.
+    pub fn for_config(project: &Path, config: &Config) -> Protection {
+        Protection::detect(project).watching(project, config)
+    }
+
+    /// Adds the watched paths of `config` to a protection.
+    pub fn watching(mut self, project: &Path, config: &Config) -> Protection {
+        self.watched = protect::watch_set(config, self.guard == Guard::Enforced);
+        self.mode = config.protect_mode;
+        if config.protect_mode == protect::Mode::Ro && self.guard == Guard::Enforced {
+            self.read_only = read_only_paths(project, &self.watched);
+        }
+        self
+    }
+
+    /// How `glob` is protected, for the explain text.
+    pub fn how(&self, project: &Path, glob: &Glob) -> Vec<PathBuf> {
+        let parts = |p: &Path| -> Option<Vec<String>> {
+            let rel = p.strip_prefix(project).ok()?;
+            Some(
+                rel.iter()
+                    .map(|c| c.to_string_lossy().into_owned())
+                    .collect(),
+            )
+        };
+        self.read_only
+            .iter()
+            .filter(|p| {
+                parts(p).is_some_and(|v| {
+                    let v: Vec<&str> = v.iter().map(String::as_str).collect();
+                    glob.matches(&v)
+                })
+            })
+            .cloned()
+            .collect()
     }
 
     /// Makes `cmd` (a share server) run with the protected paths read-only, when
     /// enforced. Call it last: the closure runs after every earlier one.
     pub fn confine(&self, cmd: &mut Command) {
-        if self.guard == Guard::Enforced && !self.paths.is_empty() {
-            confine(cmd, &self.paths, user_ids());
+        if self.guard == Guard::Enforced && !(self.paths.is_empty() && self.read_only.is_empty()) {
+            let all: Vec<PathBuf> = self.paths.iter().chain(&self.read_only).cloned().collect();
+            confine(cmd, &all, user_ids());
         }
     }
+}
+
+/// The paths the globs match that exist now as directories or regular files (a
+/// link is left to the watch: a bind mount would follow it), outermost first, none
+/// inside another, at most `MAX_READ_ONLY`.
+fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
+    let snap = protect::take(project, globs);
+    let mut out: Vec<PathBuf> = Vec::new();
+    for (rel, entry) in &snap.entries {
+        let parts: Vec<&str> = rel.split('/').collect();
+        if !globs.iter().any(|g| g.matches(&parts)) {
+            continue;
+        }
+        if !matches!(entry, Entry::Dir | Entry::File { .. } | Entry::Large { .. }) {
+            continue;
+        }
+        // Only names that are plain text: the key of any other is escaped.
+        if rel.contains('\\') {
+            continue;
+        }
+        let p = project.join(rel);
+        if out.iter().any(|k| p.starts_with(k)) {
+            continue;
+        }
+        if out.len() == MAX_READ_ONLY {
+            break;
+        }
+        out.push(p);
+    }
+    out
 }
 
 /// `<project>/.git`, and for a worktree or submodule (`.git` is a file `gitdir: X`)
@@ -310,6 +398,47 @@ mod tests {
         fs::create_dir_all(&none).unwrap();
         assert!(git_paths(&none).is_empty());
         assert_eq!(Protection::new(&none, Guard::Enforced).overlay, None);
+    }
+
+    #[test]
+    fn ro_mode_binds_what_exists_and_leaves_links_and_the_rest_watched() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().canonicalize().unwrap();
+        fs::create_dir_all(p.join(".vscode")).unwrap();
+        fs::create_dir_all(p.join("tools")).unwrap();
+        fs::write(p.join("tools/a.sh"), "x").unwrap();
+        fs::write(p.join("tools/b.txt"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc", p.join(".claude")).unwrap();
+        let host = crate::config::Host {
+            cpus: 2,
+            memory_mb: 4096,
+            disk_gb: 50,
+            home: "/home/al".into(),
+            guest_home: "/home/al".into(),
+        };
+        let config =
+            |text: &str| crate::config::parse(text, &p.join("vibebox.toml"), &p, &host).unwrap();
+        let ro = config("[box]\nprotect_mode = \"ro\"\nprotect = [\"tools/*.sh\"]\n");
+        let prot = Protection::new(&p, Guard::Enforced).watching(&p, &ro);
+        assert_eq!(
+            prot.read_only,
+            vec![p.join(".vscode"), p.join("tools/a.sh")]
+        );
+        let glob = |s: &str| Glob::parse(s).unwrap();
+        assert_eq!(
+            prot.how(&p, &glob("tools/*.sh")),
+            vec![p.join("tools/a.sh")]
+        );
+        assert!(prot.how(&p, &glob(".claude/")).is_empty());
+        assert!(!prot.watched.iter().any(|g| g.as_str() == ".git/config"));
+        // Where the host cannot enforce, nothing is bound and .git is watched.
+        let prot = Protection::new(&p, Guard::NotEnforced).watching(&p, &ro);
+        assert!(prot.read_only.is_empty());
+        assert!(prot.watched.iter().any(|g| g.as_str() == ".git/config"));
+        // Watch mode binds nothing.
+        let prot = Protection::new(&p, Guard::Enforced).watching(&p, &config(""));
+        assert!(prot.read_only.is_empty());
+        assert_eq!(prot.watched.len(), protect::default_globs().len());
     }
 
     /// The mechanism itself, without a VM: a process confined like a share server
