@@ -583,7 +583,7 @@ fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_
     // in perl (in every Debian), detached from the exec so it outlives it.
     let serve = |port: u16, tag: &str| {
         ok(&b.exec(&format!(
-            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {port}, Listen => 256, ReuseAddr => 1) or die; while ($c = $s->accept) {{ print $c \"{tag}\\n\"; close $c }} > /tmp/serve-{port}.log 2>&1 < /dev/null & echo $! > /tmp/serve-{port}.pid"
+            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {port}, Listen => 256, ReuseAddr => 1) or die; while ($c = $s->accept) {{ print $c \"{tag}\\n\"; close $c }}' > /tmp/serve-{port}.log 2>&1 < /dev/null & echo $! > /tmp/serve-{port}.pid"
         )));
     };
     serve(auto, "hello from the VM");
