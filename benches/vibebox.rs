@@ -186,6 +186,9 @@ fn main() {
             if want("git") {
                 bench_git(&mut b, Path::new(&images));
             }
+            if want("ports") {
+                bench_ports(&mut b, Path::new(&images));
+            }
         }
         None => b.line(
             "\n(VM benchmarks skipped: set VIBEBOX_TEST_IMAGES to a directory of built images, as `.ci/run` does)",
@@ -694,4 +697,99 @@ for i in $(seq {runs}); do t off; done
         "the same on the share directly",
         stats(side("off ")),
     );
+}
+
+/// 64 MiB from a guest server to the host through a published port, against the
+/// same through `ssh -L` on the session's control master (what a user would do by
+/// hand without vibebox's publishing).
+fn bench_ports(b: &mut Bench, images: &Path) {
+    let images_link = b.home().join("images");
+    if !images_link.exists() {
+        std::os::unix::fs::symlink(images, &images_link).unwrap();
+    }
+    let project = b.tmp.path().join("portsproject");
+    fs::create_dir_all(&project).unwrap();
+    let project = project.canonicalize().unwrap();
+    fs::write(
+        project.join("vibebox.toml"),
+        "[supervisor]\nauto_shutdown_ms = 600000\n",
+    )
+    .unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (guest, by_hand) = (free(), free());
+    // Each connection gets 64 MiB, then the end of the stream.
+    let mut c = b.cmd(&project);
+    c.args([
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {guest}, Listen => 16, ReuseAddr => 1) or die; $b = \"\\0\" x 1048576; while ($c = $s->accept) {{ print $c $b for 1..64; close $c }}' > /dev/null 2>&1 < /dev/null &"
+        ),
+    ]);
+    must(c);
+    let read_all = |port: u16| -> usize {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        loop {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) => return n,
+                Ok(k) => n += k,
+                Err(e) => panic!("reading localhost:{port}: {e}"),
+            }
+        }
+    };
+    // Published by the watcher within a second or two.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::net::TcpStream::connect(("127.0.0.1", guest)).is_err() || read_all(guest) != 64 << 20
+    {
+        assert!(Instant::now() < deadline, "VM:{guest} was never published");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let id = fs::read_to_string(project.join(".vibebox/session.toml")).unwrap();
+    let id = id.split('"').nth(1).unwrap().to_string();
+    let cfg = b.home().join("sessions").join(&id).join("ssh/config");
+    let alias = ssh::alias(&id);
+    // The control master is up (the exec above made it, ControlPersist keeps it).
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-O", "forward", "-L"])
+        .arg(format!("127.0.0.1:{by_hand}:localhost:{guest}"))
+        .arg(&alias)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ssh -O forward: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read_all(by_hand), 64 << 20);
+    let mut published = Vec::new();
+    let mut forwarded = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(read_all(guest), 64 << 20);
+        published.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(read_all(by_hand), 64 << 20);
+        forwarded.push(t.elapsed());
+    }
+    b.row(
+        "64 MiB guest -> host through a published port",
+        stats(published),
+        "the same through `ssh -L` on the control master",
+        stats(forwarded),
+    );
+    let mut c = b.cmd(&project);
+    c.arg("stop");
+    must(c);
 }
