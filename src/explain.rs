@@ -73,11 +73,36 @@ pub fn text(f: &Facts<'_>) -> String {
     for e in &net.entries {
         out.push_str(&format!("  {e}\n"));
     }
+    out.push_str(&ports_text(&f.config.ports));
     out.push_str(&format!(
         "\nStorage (relative to the project):\n  {:<13} configuration (commit it)\n  {:<13} this session's marker (deleting it deletes the session, VM disk included)\n",
         CONFIG_FILE,
         format!("{CACHE_DIR}/")
     ));
+    out
+}
+
+/// Both directions across the host's loopback: what of the VM this machine's
+/// programs reach, and what of this machine the VM reaches.
+fn ports_text(p: &crate::config::Ports) -> String {
+    let mut out = String::from("\nPorts (`vibebox ports` lists what is published now):\n");
+    if p.auto {
+        out.push_str("  VM -> this machine: every port a process in the VM listens on (1024 and up) appears on 127.0.0.1 here\n");
+    } else {
+        out.push_str("  VM -> this machine: only the mappings below (auto = false)\n");
+    }
+    for m in &p.publish {
+        out.push_str(&format!("  localhost:{} -> VM:{}\n", m.host, m.guest));
+    }
+    if p.host.is_empty() {
+        out.push_str("  this machine -> VM: nothing (no [ports] host grant)\n");
+    } else {
+        for port in &p.host {
+            out.push_str(&format!(
+                "  VM host.vibebox.internal:{port} -> this machine's 127.0.0.1:{port} (granted)\n"
+            ));
+        }
+    }
     out
 }
 
@@ -175,6 +200,11 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
             "enforced": how.starts_with("read-only"),
             "how": how,
         })).collect::<Vec<_>>(),
+        "ports": {
+            "auto": f.config.ports.auto,
+            "publish": f.config.ports.publish.iter().map(|m| json!({"host": m.host, "guest": m.guest})).collect::<Vec<_>>(),
+            "host": f.config.ports.host,
+        },
         "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
     })
 }
@@ -222,6 +252,22 @@ mod tests {
         );
         assert_eq!(lines[8], "  evil.example");
         assert!(t.contains("\n  vibebox.toml  configuration"));
+        assert!(t.contains("\n  this machine -> VM: nothing (no [ports] host grant)\n"));
+        let c = config("[ports]\nauto = false\npublish = [\"8080:80\"]\nhost = [\"5432\"]\n");
+        let t = text(&Facts {
+            project: Path::new("/p"),
+            session: None,
+            config: &c,
+            present: &[true],
+            protection: &Protection::new(Path::new("/p"), Guard::Enforced),
+        });
+        assert!(t.contains("\n  VM -> this machine: only the mappings below (auto = false)\n  localhost:8080 -> VM:80\n"), "{t}");
+        assert!(
+            t.contains(
+                "\n  VM host.vibebox.internal:5432 -> this machine's 127.0.0.1:5432 (granted)\n"
+            ),
+            "{t}"
+        );
         assert!(t.contains("\n  .vibebox/     this session's marker"));
     }
 
