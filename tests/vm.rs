@@ -1089,6 +1089,15 @@ fn interactive_shell_and_vibebox_commands() {
     wait_for(&format!("(session {id})"), 30);
     wait_for("Storage (relative to the project)", 10);
 
+    // A dev server started in the shell: the terminal says where the host sees it.
+    let [port] = free_ports();
+    keys(&format!(
+        "perl -MIO::Socket::INET -e 'IO::Socket::INET->new(LocalPort => {port}, Listen => 1, ReuseAddr => 1) or die; sleep 600' &"
+    ));
+    wait_for(&format!("vibebox: localhost:{port} -> VM:{port}"), 60);
+    keys("kill %1");
+    wait_for(&format!("vibebox: localhost:{port} closed"), 60);
+
     keys(":new");
     wait_n("[y/N]", 3, 30);
     keys("n");
