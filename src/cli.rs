@@ -78,6 +78,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the VM's ports published on this machine's 127.0.0.1 (`[ports]` in
+    /// vibebox.toml; by default every port a process in the VM listens on).
+    Ports {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        change: Option<PortsCommand>,
+    },
     /// Bring the VM's git branches into this project's repository as
     /// `vibebox/<branch>` (starting the VM if needed), and list their new commits.
     Fetch,
@@ -97,6 +106,16 @@ pub enum Command {
         #[arg(long)]
         project: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortsCommand {
+    /// Publish a guest port on 127.0.0.1 now, until the VM stops: "3000" or
+    /// "8080:80" (host:guest). For good, put it in `[ports] publish`.
+    Add { mapping: String },
+    /// Stop publishing a guest port now, until the VM stops: "80" (the guest port)
+    /// or "8080:80".
+    Rm { mapping: String },
 }
 
 #[derive(Debug, Subcommand)]

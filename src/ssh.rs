@@ -89,12 +89,9 @@ pub fn known_hosts_line(host: &str, port: u16, host_public_key: &str) -> String 
     }
 }
 
-/// Runs a shell script in the guest through the session's ssh config (the `openssh`
-/// crate drives the system ssh with its own control master) and returns its stdout.
-pub async fn guest_output(
-    session: &crate::paths::SessionDir,
-    script: &str,
-) -> Result<String, Error> {
+/// A connection of the supervisor's own to the guest (its own control master, not
+/// the one the user's clients share), from the session's ssh config.
+pub async fn guest_session(session: &crate::paths::SessionDir) -> Result<openssh::Session, Error> {
     let config = session.ssh_dir().join("config");
     let alias = std::fs::read_to_string(&config)
         .ok()
@@ -108,13 +105,22 @@ pub async fn guest_output(
             path: config.clone(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no Host line"),
         })?;
-    let guest = openssh::SessionBuilder::default()
+    openssh::SessionBuilder::default()
         .config_file(&config)
         .known_hosts_check(openssh::KnownHosts::Strict)
         .connect_timeout(std::time::Duration::from_secs(10))
         .connect(&alias)
         .await
-        .map_err(|e| Error::Remote(e.to_string()))?;
+        .map_err(|e| Error::Remote(e.to_string()))
+}
+
+/// Runs a shell script in the guest through the session's ssh config (the `openssh`
+/// crate drives the system ssh with its own control master) and returns its stdout.
+pub async fn guest_output(
+    session: &crate::paths::SessionDir,
+    script: &str,
+) -> Result<String, Error> {
+    let guest = guest_session(session).await?;
     let out = guest
         .command("sh")
         .arg("-c")

@@ -403,6 +403,7 @@ async fn start_with(
         log: NetLog::new(&log, "test-session"),
         ssh_port: 22,
         host,
+        host_ports: HOST_PORTS.lock().unwrap().clone(),
         limits,
     };
     let resolver: Arc<dyn Resolver> = Arc::new(WorldResolver(world.clone()));
@@ -412,6 +413,10 @@ async fn start_with(
     });
     (Guest::new(g_end, &lan), log)
 }
+
+/// Host ports granted by the gateways [`start_with`] makes (none unless a test
+/// sets them; only one test does, so the others are unaffected).
+static HOST_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
 
 fn http_get(host: &str) -> Vec<u8> {
     format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n\r\n").into_bytes()
@@ -665,6 +670,7 @@ async fn garbage_on_the_link_closes_it_without_a_panic() {
         log: NetLog::none(),
         ssh_port: 22,
         host: HostAddrs::fixed(Vec::new()),
+        host_ports: Vec::new(),
         limits: Limits::default(),
     };
     let task = tokio::spawn(gateway::serve(
@@ -933,5 +939,56 @@ async fn half_open_connections_are_never_dialled_and_are_reaped() {
             "drop tcp 198.51.100.30:22 (git.test): the guest's TCP handshake did not complete within 10 s"
         ),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn granted_host_ports_reach_the_hosts_loopback_and_nothing_else_does() {
+    let w = world();
+    server(&w, Ipv4Addr::LOCALHOST, 5432, b"pg ").await;
+    server(&w, Ipv4Addr::LOCALHOST, 6379, b"redis ").await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = {
+        let mut ports = HOST_PORTS.lock().unwrap();
+        *ports = vec![5432];
+        ports.clone()
+    };
+    let (mut g, log) = start(&w, policy(Mode::Allowlist, &[]), dir.path(), None).await;
+    HOST_PORTS.lock().unwrap().clear();
+    assert_eq!(settings, vec![5432]);
+
+    // The name resolves (whatever the allowlist says) to the alias on the LAN.
+    assert_eq!(
+        g.resolve(gateway::HOST_NAME).await,
+        vec![gateway::HOST_ALIAS]
+    );
+    // A granted port: the host's 127.0.0.1, same port.
+    let ex = g.exchange(gateway::HOST_ALIAS, 5432, b"select 1").await;
+    assert!(ex.received.starts_with(b"pg echo:select 1"), "{ex:?}");
+    // Any other port of the host, though something listens there: refused.
+    let ex = g.exchange(gateway::HOST_ALIAS, 6379, b"ping").await;
+    assert!(ex.received.is_empty(), "{ex:?}");
+    let dialed = w.dialed.lock().unwrap().clone();
+    assert_eq!(dialed, vec![(Ipv4Addr::LOCALHOST, 5432)]);
+    let text = log_text(&log);
+    assert!(
+        text.contains("allow tcp host.vibebox.internal:5432"),
+        "{text}"
+    );
+    assert!(
+        text.contains("deny tcp host.vibebox.internal:6379: not a granted host port"),
+        "{text}"
+    );
+
+    // Without a grant the name does not exist.
+    let (mut g, log) = start(&w, policy(Mode::Blocklist, &[]), dir.path(), None).await;
+    let nx = g.dns(gateway::HOST_NAME, RecordType::A).await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    let ex = g.exchange(gateway::HOST_ALIAS, 5432, b"x").await;
+    assert!(ex.received.is_empty(), "{ex:?}");
+    assert!(
+        log_text(&log).contains("deny dns host.vibebox.internal: no host port is granted"),
+        "{}",
+        log_text(&log)
     );
 }

@@ -158,3 +158,30 @@ fn guest_text_reaches_the_terminal_escaped() {
     );
     assert!(out.stderr.contains("\\u{1b}"), "{}", out.stderr);
 }
+
+/// A host service the VM may reach is a grant: the file alone does not give it.
+#[test]
+fn host_ports_need_approval() {
+    let env = Env::new();
+    let p = env.project("p");
+    fs::write(p.join("vibebox.toml"), "[ports]\nhost = [\"5432\"]\n").unwrap();
+    let mut c = env.cmd(&p);
+    c.args(["exec", "--", "true"]);
+    let out = run(c);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("+ host port 127.0.0.1:5432"),
+        "{}",
+        out.stderr
+    );
+    let digest = common::expected_digest(&out.stderr).unwrap();
+    let mut c = env.cmd(&p);
+    c.args(["approve", "--expect", &digest]);
+    let out = run(c);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("+ host port 127.0.0.1:5432"),
+        "{}",
+        out.stdout
+    );
+}

@@ -227,10 +227,21 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     fs::create_dir_all(&ro).unwrap();
     fs::create_dir_all(&rw).unwrap();
     fs::write(ro.join("given.txt"), "from host\n").unwrap();
+    // A fixed mapping to a guest port nothing listens on yet: published from the
+    // boot on, to a host port of the test's choosing.
+    let [fixed_host, fixed_guest, auto_port, moved_to] = free_ports();
+    // Two services on the host's loopback; the VM is granted the first only.
+    let granted = host_service("from the host");
+    let other = host_service("not for the VM");
+    let host_ports = [
+        granted.local_addr().unwrap().port(),
+        other.local_addr().unwrap().port(),
+    ];
     let config = format!(
-        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n",
+        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n[ports]\npublish = [\"{fixed_host}:{fixed_guest}\"]\nhost = [\"{}\"]\n",
         ro.display().to_string().replace('"', "\\\""),
-        rw.display()
+        rw.display(),
+        host_ports[0]
     );
     // Spaces, commas, quotes, non-ASCII, and a path of 200+ characters.
     let name = format!("my proj, \"v2\" é {}", "x".repeat(190));
@@ -302,6 +313,20 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "PIPED INPUT\n");
     assert!(String::from_utf8_lossy(&o.stderr).contains("err"));
 
+    ports_are_published_both_ways(&b, [fixed_host, fixed_guest, auto_port, moved_to]);
+    // The granted host service answers at host.vibebox.internal; the other one,
+    // listening on the same loopback, is out of reach.
+    let reach = |port: u16| {
+        b.exec(&format!(
+            "timeout 20 bash -c 'exec 3<>/dev/tcp/host.vibebox.internal/{port} && cat <&3'"
+        ))
+    };
+    assert_eq!(ok(&reach(host_ports[0])), "from the host\n");
+    let out = reach(host_ports[1]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(!out.stdout.contains("not for the VM"), "{}", out.stdout);
+    drop((granted, other));
+
     // Read-only is enforced by the host: guest root cannot write.
     let out = b.exec("sudo touch '/mnt/ro data/nope' 2>&1 || touch '/mnt/ro data/nope'");
     assert_ne!(out.code, 0, "{}", out.stdout);
@@ -325,6 +350,9 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     let mut c1 = b.spawn_exec("sleep 20");
     let mut c2 = b.spawn_exec("sleep 20");
     b.wait_status(60, |s, n| s == "running" && n == 2);
+    // Both guest `sleep 20`s have begun by now (each client attached first); their
+    // ssh channels outlive the `kill -9` below until they end.
+    let sleeps_over = Instant::now() + Duration::from_secs(21);
 
     // The guest deletes the project's marker while clients are attached; host
     // commands elsewhere only look: the VM keeps running and its state stays.
@@ -352,11 +380,78 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     ok(&b.vibebox(&["init"]));
     assert_eq!(b.id(), id);
 
+    // An ssh opened by hand (its own connection, as an editor's remote session
+    // makes) keeps the idle VM up for as long as it runs something.
+    let out = b.vibebox(&["ssh-config"]);
+    let block = ok(&out).to_string();
+    let alias = block
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("Host "))
+        .expect("a Host line")
+        .to_string();
+    let cfg = b.env.vibebox_home().join("by-hand-ssh-config");
+    fs::write(&cfg, &block).unwrap();
+    let mut by_hand = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "ControlMaster=no", "-o", "ControlPath=none", "-T"])
+        .args([&alias, "echo up; exec sleep 600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(by_hand.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "up\n");
+
     kill9(c1.id() as i32);
     let _ = c1.wait();
     b.wait_status(30, |s, n| s == "running" && n == 1);
     kill9(c2.id() as i32);
     let _ = c2.wait();
+
+    // No vibebox client is left; the idle check finds the by-hand login and keeps
+    // the VM up (the check says so in the supervisor's log).
+    let supervisor_log = b
+        .env
+        .vibebox_home()
+        .join("sessions")
+        .join(&id)
+        .join("logs")
+        .join("supervisor.log");
+    // Only a check made after the guest's `sleep`s ended counts: then the by-hand
+    // login is the one thing live.
+    let live_checks = || {
+        fs::read_to_string(&supervisor_log)
+            .unwrap_or_default()
+            .matches("login session(s) live in the guest")
+            .count()
+    };
+    while Instant::now() < sleeps_over {
+        assert_eq!(b.status().0, "running", "{}", b.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let before = live_checks();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while live_checks() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the idle check never saw the by-hand ssh:\n{}",
+            b.logs()
+        );
+        assert_eq!(b.status().0, "running", "{}", b.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(b.status(), ("running".to_string(), 0));
+    // The by-hand session ends (its connection drops): nothing keeps the VM up.
+    kill9(by_hand.id() as i32);
+    let _ = by_hand.wait();
 
     // No clients: after the 2 s grace the VM shuts itself down.
     let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();
@@ -390,6 +485,8 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     // Resume from the preserved disk.
     let out = b.exec("cat /var/tmp/keep.txt");
     assert_eq!(ok(&out), "keep\n");
+    // The fixed mapping is back after the restart.
+    wait_published(&b, fixed_guest, |p| p == Some(fixed_host));
 
     // A client arriving while the VM shuts down waits, and gets a VM booted again
     // (never a dead one).
@@ -409,6 +506,165 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
     assert_eq!(b.status().0, "stopped");
     b.qemu_img_check();
+}
+
+/// A server on the host's loopback that sends `line` to each connection; it runs
+/// as long as the test process (the listener is returned to read its port).
+fn host_service(line: &'static str) -> std::net::TcpListener {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let serving = l.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for c in serving.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = std::io::Write::write_all(&mut c, format!("{line}\n").as_bytes());
+        }
+    });
+    l
+}
+
+/// Distinct loopback ports nobody uses right now (the kernel's picks).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
+/// What `vibebox ports --json` says: guest port -> (host port, how).
+fn published(b: &Box) -> std::collections::BTreeMap<u16, (u16, String)> {
+    let out = b.vibebox(&["ports", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(ok(&out)).unwrap();
+    list.iter()
+        .map(|p| {
+            (
+                p["guest"].as_u64().unwrap() as u16,
+                (
+                    p["host"].as_u64().unwrap() as u16,
+                    p["how"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the host port published for `guest` satisfies `pred` (None: not
+/// published); returns it.
+fn wait_published(b: &Box, guest: u16, pred: impl Fn(Option<u16>) -> bool) -> Option<u16> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = published(b).get(&guest).map(|p| p.0);
+        if pred(now) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM:{guest} published as {now:?}, never as wanted:\n{}",
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The line a guest server (below) sends each connection, read on the host.
+fn hello(port: u16) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut got = String::new();
+    c.read_to_string(&mut got)?;
+    Ok(got)
+}
+
+/// Guest listeners appear on the host's loopback (a busy port moves to the next
+/// one), go when they close, and carry many connections at once; a fixed mapping
+/// reaches a listener that comes later.
+fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_to]: [u16; 4]) {
+    // A server bound to the guest's 127.0.0.1 only (as dev servers are by default),
+    // in perl (in every Debian), detached from the exec so it outlives it.
+    let serve = |port: u16, tag: &str| {
+        ok(&b.exec(&format!(
+            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {port}, Listen => 256, ReuseAddr => 1) or die; while ($c = $s->accept) {{ print $c \"{tag}\\n\"; close $c }} > /tmp/serve-{port}.log 2>&1 < /dev/null & echo $! > /tmp/serve-{port}.pid"
+        )));
+    };
+    serve(auto, "hello from the VM");
+    wait_published(b, auto, |p| p == Some(auto));
+    assert_eq!(hello(auto).unwrap(), "hello from the VM\n");
+    assert_eq!(published(b)[&auto].1, "auto");
+
+    // The host's own port is taken: the next free one, said in the log.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    serve(busy_port, "moved");
+    let moved = wait_published(b, busy_port, |p| p.is_some()).unwrap();
+    assert_ne!(moved, busy_port);
+    assert_eq!(hello(moved).unwrap(), "moved\n");
+    let log = fs::read_to_string(b.session_dir().join("logs/supervisor.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "localhost:{moved} -> VM:{busy_port} (localhost:{busy_port} is in use on this machine)"
+        )),
+        "{log}"
+    );
+    drop(busy);
+
+    // 200 connections at once all complete.
+    let handles: Vec<_> = (0..200)
+        .map(|_| std::thread::spawn(move || hello(auto)))
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().unwrap(), "hello from the VM\n");
+    }
+
+    // The fixed mapping is there before anything listens, and reaches the listener
+    // once it comes.
+    assert_eq!(
+        published(b).get(&fixed_guest),
+        Some(&(fixed_host, "config".to_string()))
+    );
+    serve(fixed_guest, "fixed");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hello(fixed_host).map(|h| h != "fixed\n").unwrap_or(true) {
+        if Instant::now() > deadline {
+            let guest = b.exec("ss -ltnp; cat /tmp/serve-*.log");
+            panic!(
+                "localhost:{fixed_host} never reached VM:{fixed_guest}: {:?}\nguest:\n{}\n{}",
+                hello(fixed_host),
+                guest.stdout,
+                b.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // While the VM runs, a mapping moves to another host port, then goes.
+    let out = b.vibebox(&["ports", "add", &format!("{moved_to}:{fixed_guest}")]);
+    assert_eq!(
+        ok(&out),
+        format!("localhost:{moved_to} -> VM:{fixed_guest}\n")
+    );
+    assert_eq!(hello(moved_to).unwrap(), "fixed\n");
+    assert!(
+        hello(fixed_host).is_err(),
+        "the old host port still answers"
+    );
+    let out = b.vibebox(&["ports", "rm", &fixed_guest.to_string()]);
+    assert!(ok(&out).contains("no longer published"), "{}", out.stdout);
+    assert!(
+        hello(moved_to).is_err(),
+        "localhost:{moved_to} still answers"
+    );
+    assert!(!published(b).contains_key(&fixed_guest));
+    let out = b.vibebox(&["ports", "add", "0.0.0.0:80:80"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("loopback only"), "{}", out.stderr);
+
+    // A listener that closes is unpublished, and its host port is free again.
+    ok(&b.exec(&format!("kill $(cat /tmp/serve-{auto}.pid)")));
+    wait_published(b, auto, |p| p.is_none());
+    assert!(hello(auto).is_err(), "localhost:{auto} still answers");
+    ok(&b.exec(&format!(
+        "kill $(cat /tmp/serve-{busy_port}.pid) $(cat /tmp/serve-{fixed_guest}.pid)"
+    )));
 }
 
 /// A client attaching while the idle shutdown is being decided (the window widened

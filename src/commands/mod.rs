@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod image;
 pub mod init;
 pub mod list;
+pub mod ports;
 pub mod protected;
 pub mod prune;
 pub mod ssh_config;
@@ -182,5 +183,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
         Some(Command::Fetch) => fetch::run(&home, &start_dir(&cli)?),
         Some(Command::Protected { accept }) => protected::run(&home, &start_dir(&cli)?, *accept),
+        Some(Command::Ports { json, change }) => {
+            ports::run(&home, &start_dir(&cli)?, *json, change.as_ref())
+        }
     }
 }

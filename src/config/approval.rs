@@ -60,6 +60,10 @@ pub fn grants(config: &Config) -> BTreeSet<String> {
     for rule in &config.network.entries {
         out.insert(format!("{verb} {rule}"));
     }
+    // Services on the host's loopback the VM may reach.
+    for port in &config.ports.host {
+        out.insert(format!("host port 127.0.0.1:{port}"));
+    }
     out.insert(format!("image {}", config.image));
     // Resources are grants too: a guest that edits vibebox.toml must not give itself
     // all of the host's memory or disk at the next start.

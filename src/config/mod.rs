@@ -77,6 +77,66 @@ pub struct Config {
     /// Globs the user added to the protected paths (the defaults are not here).
     pub protect: Vec<protect::Glob>,
     pub protect_mode: protect::Mode,
+    pub ports: Ports,
+}
+
+/// Guest TCP ports shown on the host's loopback (`[ports]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports {
+    /// Publish every port a guest process listens on (1024 and up, not SSH).
+    pub auto: bool,
+    /// Fixed mappings, published whether or not anything listens yet.
+    pub publish: Vec<Publish>,
+    /// Ports of this machine's loopback the VM may reach at `host.vibebox.internal`
+    /// (a grant: approved like mounts).
+    pub host: Vec<u16>,
+}
+
+/// One `publish` entry: host loopback port -> guest port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Publish {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl Publish {
+    /// `"3000"`, `"8080:80"` (host:guest) or `"127.0.0.1:8080:80"`. Only loopback:
+    /// anything else would expose the VM to the network around the host.
+    pub fn parse(s: &str) -> Result<Publish, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let port = |p: &str| -> Result<u16, String> {
+            match p.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!(
+                    "publish {s:?}: {p:?} is not a port (1 to 65535); write \"3000\" or \"8080:80\" (host:guest)"
+                )),
+            }
+        };
+        match parts[..] {
+            [g] => Ok(Publish {
+                host: port(g)?,
+                guest: port(g)?,
+            }),
+            [h, g] => Ok(Publish {
+                host: port(h)?,
+                guest: port(g)?,
+            }),
+            [addr, h, g] => {
+                if addr != "127.0.0.1" && addr != "localhost" {
+                    return Err(format!(
+                        "publish {s:?}: vibebox publishes on the host's loopback only (127.0.0.1); binding {addr:?} would expose the VM to your network"
+                    ));
+                }
+                Ok(Publish {
+                    host: port(h)?,
+                    guest: port(g)?,
+                })
+            }
+            _ => Err(format!(
+                "publish {s:?} is not a mapping; write \"3000\" or \"8080:80\" (host:guest)"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +219,16 @@ struct Raw {
     network: Option<Spanned<RawNetwork>>,
     #[serde(default)]
     supervisor: RawSupervisor,
+    #[serde(default)]
+    ports: RawPorts,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPorts {
+    auto: Option<bool>,
+    publish: Option<Vec<Spanned<String>>>,
+    host: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -438,12 +508,59 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
         "it is the wait in milliseconds before an unused VM stops",
     )?;
 
+    let mut publish = Vec::new();
+    for p in raw.ports.publish.iter().flatten() {
+        let entry = Publish::parse(p.get_ref()).map_err(|e| at(p.span(), e))?;
+        if let Some(prev) = publish
+            .iter()
+            .find(|q: &&Publish| q.host == entry.host || q.guest == entry.guest)
+        {
+            return Err(at(
+                p.span(),
+                format!(
+                    "publish {:?} uses a port that \"{}:{}\" uses already; give each mapping its own ports",
+                    p.get_ref(),
+                    prev.host,
+                    prev.guest
+                ),
+            ));
+        }
+        publish.push(entry);
+    }
+    let mut host_ports = Vec::new();
+    for p in raw.ports.host.iter().flatten() {
+        let text = p.get_ref();
+        let port = text.strip_prefix("127.0.0.1:").unwrap_or(text);
+        match port.parse::<u16>() {
+            Ok(n) if n > 0 => {
+                if !host_ports.contains(&n) {
+                    host_ports.push(n);
+                }
+            }
+            _ => {
+                return Err(at(
+                    p.span(),
+                    format!(
+                        "host {text:?}: the VM may reach only ports of this machine's loopback; write \"5432\" or \"127.0.0.1:5432\""
+                    ),
+                ));
+            }
+        }
+    }
+    host_ports.sort_unstable();
+    let ports = Ports {
+        auto: raw.ports.auto.unwrap_or(true),
+        publish,
+        host: host_ports,
+    };
+
     Ok(Config {
         cpus,
         memory_mb,
         disk_gb,
         image,
         accel,
+        ports,
         mounts: resolved,
         network,
         auto_shutdown_ms,
@@ -529,6 +646,16 @@ entries = [
 [supervisor]
 # How long an unused VM (no terminal attached) keeps running before it shuts down.
 # auto_shutdown_ms = {DEFAULT_AUTO_SHUTDOWN_MS}
+
+[ports]
+# A port a process in the VM listens on (1024 and up) appears on this machine's
+# 127.0.0.1 at the same port, or the next free one (`vibebox ports` lists them).
+# auto = true
+# Fixed mappings, "host:guest" or "port"; published on 127.0.0.1 only.
+# publish = ["8080:80"]
+# Services on this machine's 127.0.0.1 the VM may use, at host.vibebox.internal:<port>
+# (a database, an MCP server). Nothing else on this machine is reachable.
+# host = ["5432"]
 "#
     )
 }
@@ -568,6 +695,41 @@ mod tests {
             assert_eq!(c.mounts.len(), 1);
         }
         assert_eq!(empty.network, generated.network);
+    }
+
+    #[test]
+    fn ports_are_loopback_mappings() {
+        let c = load_text(
+            "[ports]\nauto = false\npublish = [\"3000\", \"8080:80\", \"127.0.0.1:9000:9001\"]\n",
+        )
+        .unwrap();
+        assert!(!c.ports.auto);
+        assert_eq!(
+            c.ports.publish,
+            vec![
+                Publish {
+                    host: 3000,
+                    guest: 3000
+                },
+                Publish {
+                    host: 8080,
+                    guest: 80
+                },
+                Publish {
+                    host: 9000,
+                    guest: 9001
+                },
+            ]
+        );
+        assert!(load_text("").unwrap().ports.auto);
+        let e = err("[ports]\npublish = [\"0.0.0.0:8080:80\"]\n");
+        assert!(e.contains(":2:12:") && e.contains("loopback only"), "{e}");
+        for bad in ["0", "70000", "a:b", "1:2:3:4", ""] {
+            let e = err(&format!("[ports]\npublish = [{bad:?}]\n"));
+            assert!(e.contains("publish"), "{bad}: {e}");
+        }
+        let e = err("[ports]\npublish = [\"3000\", \"3000:80\"]\n");
+        assert!(e.contains("its own ports"), "{e}");
     }
 
     #[test]

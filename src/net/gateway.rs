@@ -50,6 +50,11 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const SSH_CONNECTIONS: usize = 32;
 /// How often an idle relayed connection is probed (TCP keep-alive, both ends).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// The name the guest uses for this machine's granted loopback services
+/// (`[ports] host`), and the address the gateway answers for it (on the guest's LAN,
+/// so the guest routes it here; the host end is always 127.0.0.1).
+pub const HOST_NAME: &str = "host.vibebox.internal";
+pub const HOST_ALIAS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 4);
 /// Host resolutions in flight at once; past this the guest gets SERVFAIL (a guest
 /// must not be able to make the host resolve without bound).
 const MAX_RESOLVING: usize = 256;
@@ -69,6 +74,8 @@ pub struct Settings {
     pub ssh_port: u16,
     /// The host's own addresses, refused like loopback.
     pub host: HostAddrs,
+    /// Host loopback ports the guest may reach at [`HOST_NAME`] (granted).
+    pub host_ports: Vec<u16>,
     pub limits: Limits,
 }
 
@@ -380,6 +387,10 @@ impl Engine {
         if taken {
             return;
         }
+        if dst == HOST_ALIAS {
+            self.host_service(src, port);
+            return;
+        }
         let lan = &self.s.lan;
         if dst == lan.gateway || dst == lan.dns {
             return; // nothing listens there: the stack resets it
@@ -442,6 +453,50 @@ impl Engine {
                 dst: (dst, port),
                 name,
                 phase,
+                ssh: false,
+            },
+        );
+    }
+
+    /// A guest connection to [`HOST_ALIAS`]: to a granted port it goes to the same
+    /// port on the host's 127.0.0.1 once the handshake completes; to any other it is
+    /// refused and logged.
+    fn host_service(&mut self, src: Addr, port: u16) {
+        if !self.s.host_ports.contains(&port) {
+            self.s.log.line(&format!(
+                "deny tcp {HOST_NAME}:{port}: not a granted host port ([ports] host)"
+            ));
+            return;
+        }
+        if self.guest_conns() >= self.s.limits.connections {
+            self.s.log.line(&format!(
+                "deny tcp {HOST_NAME}:{port}: {} guest connections open already",
+                self.s.limits.connections
+            ));
+            return;
+        }
+        let mut sock = tcp_socket(&self.s.limits);
+        if sock
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(HOST_ALIAS)),
+                port,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        let id = self.new_id();
+        self.conns.insert(
+            id,
+            Conn {
+                handle,
+                src,
+                dst: (HOST_ALIAS, port),
+                name: Some(HOST_NAME.to_string()),
+                phase: Phase::Handshake {
+                    deadline: now() + FLIGHT_TIMEOUT.into(),
+                },
                 ssh: false,
             },
         );
@@ -662,6 +717,20 @@ impl Engine {
                 }
                 Err(dns::Bad::Drop) => continue,
             };
+            if q.name == HOST_NAME {
+                let reply = if self.s.host_ports.is_empty() {
+                    self.s.log.line(&format!(
+                        "deny dns {HOST_NAME}: no host port is granted ([ports] host)"
+                    ));
+                    Reply::NxDomain
+                } else if q.qtype == hickory_proto::rr::RecordType::A {
+                    Reply::Addresses(vec![HOST_ALIAS], DNS_TTL)
+                } else {
+                    Reply::NoData
+                };
+                let _ = sock.send_slice(&dns::reply(&q, &reply), from);
+                continue;
+            }
             if let Err(d) = self.s.policy.name(&q.name) {
                 let reply = dns::reply(&q, &Reply::NxDomain);
                 let _ = sock.send_slice(&reply, from);
@@ -770,7 +839,14 @@ impl Engine {
                     };
                     moved = true;
                     self.allow_log(dst.0, dst.1, &name);
-                    self.dial(id, dst.0, dst.1);
+                    // A granted host service is this machine's loopback, never the
+                    // alias itself.
+                    let to = if dst.0 == HOST_ALIAS {
+                        Ipv4Addr::LOCALHOST
+                    } else {
+                        dst.0
+                    };
+                    self.dial(id, to, dst.1);
                 }
                 Phase::Flight { buf, deadline } => {
                     let mut tmp = [0u8; 4096];

@@ -37,6 +37,10 @@ pub enum Error {
         log: PathBuf,
         waited: Duration,
     },
+    #[error("the VM is not running; start it with `vibebox` (or `vibebox exec`) first")]
+    NotRunning,
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     State(#[from] statefile::Error),
 }
@@ -86,6 +90,25 @@ pub fn query_status(session: &SessionDir) -> Option<(String, u32)> {
     }
 }
 
+/// Asks a running VM's supervisor to publish or unpublish a port now; the reply
+/// says what it did (or why not).
+pub fn change_ports(session: &SessionDir, op: Op) -> Result<String, Error> {
+    let mut s = connect(&session.control_socket()).map_err(|_| Error::NotRunning)?;
+    // Publishing asks the guest's ssh for a forward: seconds under emulation.
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(Error::Spawn)?;
+    send(&mut s, op).map_err(|_| Error::NotRunning)?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|_| Error::Lost(session.supervisor_log()))?;
+    match serde_json::from_str(&line) {
+        Ok(Message::Notice { text }) => Ok(text),
+        Ok(Message::Error { message, .. }) => Err(Error::Refused(message)),
+        _ => Err(Error::Lost(session.supervisor_log())),
+    }
+}
+
 /// Starts a supervisor for the session, detached: its own session (no controlling
 /// terminal), stdio to its log. A second one started at the same time loses the lock
 /// race and exits quietly.
@@ -107,6 +130,12 @@ pub fn spawn_supervisor(home: &Home, project: &Path, id: SessionId) -> Result<()
         .arg("--project")
         .arg(project)
         .env("VIBEBOX_HOME", home.root())
+        // Its log is a file read after the fact: what it decided (idle checks,
+        // published ports) belongs there, not only warnings.
+        .env(
+            "VIBEBOX_LOG",
+            std::env::var("VIBEBOX_LOG").unwrap_or_else(|_| "warn,vibebox=info".into()),
+        )
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(Error::Spawn)?)
@@ -285,10 +314,21 @@ fn watch(mut reader: BufReader<UnixStream>, tx: std::sync::mpsc::Sender<Message>
             Ok(_) => {}
         }
         tracing::debug!("supervisor says: {}", line.trim());
-        if let Ok(m) = serde_json::from_str::<Message>(&line)
-            && tx.send(m).is_err()
-        {
-            return;
+        match serde_json::from_str::<Message>(&line) {
+            // Said now, while the shell runs (its terminal is in raw mode, hence the
+            // carriage returns); a command's output in a pipe or file is left alone.
+            Ok(Message::Notice { text }) => {
+                use std::io::IsTerminal;
+                if std::io::stderr().is_terminal() {
+                    eprint!("\r\nvibebox: {}\r\n", crate::escape::escape(&text));
+                }
+            }
+            Ok(m) => {
+                if tx.send(m).is_err() {
+                    return;
+                }
+            }
+            Err(_) => {}
         }
     }
 }

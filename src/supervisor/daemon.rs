@@ -42,6 +42,10 @@ const LOGIN_RECHECK: Duration = Duration::from_secs(15);
 
 struct Shared {
     state: watch::Sender<Message>,
+    /// Lines for every attached terminal (see `ports`).
+    notices: super::ports::Notices,
+    /// The running VM's port watcher, for `vibebox ports add|rm`.
+    port_requests: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<super::ports::Request>>>,
     clients: watch::Sender<u32>,
     /// Taken by an attach (count it, read the state) and by the idle shutdown's
     /// decision (no clients, so state becomes `stopping`): whichever comes second
@@ -93,6 +97,8 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
         let shared = Arc::new(Shared {
             state: watch::Sender::new(Message::Starting),
             clients: watch::Sender::new(0),
+            notices: tokio::sync::broadcast::channel(64).0,
+            port_requests: std::sync::Mutex::new(None),
             life: std::sync::Mutex::new(()),
             stop: Notify::new(),
             stop_requested: AtomicBool::new(false),
@@ -179,6 +185,7 @@ async fn lifecycle(shared: &Arc<Shared>, home: &Home, project: &Path, sd: &Sessi
             }
         };
         let _ = fs::remove_file(sd.instance());
+        super::ports::clear(sd);
         match outcome {
             Outcome::Crashed(message) => {
                 shared.set(Message::Error {
@@ -349,6 +356,20 @@ async fn boot_and_run(
         },
         warnings: r.errors,
     });
+    let (port_tx, port_rx) = tokio::sync::mpsc::channel(8);
+    *shared
+        .port_requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(port_tx);
+    let ports = PortsTask(
+        tokio::spawn(super::ports::run(
+            sd.clone(),
+            config.ports.clone(),
+            shared.notices.clone(),
+            port_rx,
+        )),
+        shared.clone(),
+    );
 
     let auto_shutdown = Duration::from_millis(config.auto_shutdown_ms);
     tokio::select! {
@@ -362,8 +383,23 @@ async fn boot_and_run(
         // Already `stopping`: set in the same step as the decision.
         _ = idle(shared, sd, auto_shutdown) => {}
     }
+    drop(ports);
     shutdown(qmp, qemu_pid, &mut exit_rx).await;
     Ok(Outcome::Stopped)
+}
+
+/// The port watcher of one boot; ends with it, whichever way it ends.
+struct PortsTask(tokio::task::JoinHandle<()>, Arc<Shared>);
+
+impl Drop for PortsTask {
+    fn drop(&mut self) {
+        *self
+            .1
+            .port_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.0.abort();
+    }
 }
 
 /// A stop asked for while the guest boots: nothing in the guest is worth a graceful
@@ -437,26 +473,68 @@ async fn idle(shared: &Arc<Shared>, sd: &SessionDir, grace: Duration) {
     }
 }
 
-/// Login sessions in the guest other than the one this check opens. `None` when the
-/// guest cannot be asked (then nothing keeps it up).
+/// Shells and commands that ssh connections run in the guest, other than this check's
+/// own. A connection that runs nothing (the host's control master kept alive for its
+/// `ControlPersist` after the last client left) does not count: counting logind
+/// sessions did, and it kept every VM up a minute past its idle timeout. `None` when
+/// the guest cannot be asked (then nothing keeps it up).
 async fn guest_login_sessions(sd: &SessionDir) -> Option<usize> {
-    let script =
-        "loginctl list-sessions --no-legend --no-pager -o json; echo; echo \"${XDG_SESSION_ID:-}\"";
+    let script = "echo \"self $$\"; cat /proc/[0-9]*/stat 2>/dev/null; true";
     let out = ssh::guest_output(sd, script).await.ok()?;
-    count_other_sessions(&out)
+    count_ssh_sessions(&out)
 }
 
-/// Counts `class=user` sessions in `loginctl -o json` output, minus the caller's own
-/// (whose id is on the last line).
-pub fn count_other_sessions(output: &str) -> Option<usize> {
-    let mut lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
-    let me = lines.pop()?.trim().to_string();
-    let json: serde_json::Value = serde_json::from_str(&lines.join("\n")).ok()?;
+/// Counts processes whose parent is an `sshd*` process and which are not one
+/// themselves (a channel's shell or command), minus the asker's own chain. Input: a
+/// `self PID` line, then `/proc/PID/stat` lines. The guest writes it; a line that does
+/// not parse is skipped, and output with no `self` line is `None`.
+pub fn count_ssh_sessions(output: &str) -> Option<usize> {
+    let mut me = None;
+    let mut procs: std::collections::HashMap<u32, (u32, bool)> = Default::default();
+    for line in output.lines() {
+        if let Some(pid) = line.strip_prefix("self ") {
+            me = pid.trim().parse::<u32>().ok();
+            continue;
+        }
+        // `PID (COMM) STATE PPID ...`: COMM may hold spaces and parentheses, so it
+        // ends at the last `)`.
+        let (Some(open), Some(close)) = (line.find('('), line.rfind(')')) else {
+            continue;
+        };
+        if close < open {
+            continue;
+        }
+        let pid = line[..open].trim().parse::<u32>();
+        let comm = &line[open + 1..close];
+        let ppid = line[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if let (Ok(pid), Some(ppid)) = (pid, ppid) {
+            if comm == super::ports::WATCHER_NAME {
+                // The supervisor's own port watcher: never a reason to stay up.
+                continue;
+            }
+            procs.insert(pid, (ppid, comm.starts_with("sshd")));
+        }
+    }
+    let me = me?;
+    let mut mine = std::collections::HashSet::new();
+    let mut p = me;
+    while p > 1 && mine.insert(p) {
+        match procs.get(&p) {
+            Some(&(ppid, _)) => p = ppid,
+            None => break,
+        }
+    }
     Some(
-        json.as_array()?
+        procs
             .iter()
-            .filter(|s| s.get("class").and_then(|c| c.as_str()).unwrap_or("user") == "user")
-            .filter(|s| s.get("session").and_then(|c| c.as_str()) != Some(me.as_str()))
+            .filter(|(pid, (ppid, is_sshd))| {
+                !is_sshd
+                    && !mine.contains(pid)
+                    && procs.get(ppid).is_some_and(|&(_, parent_sshd)| parent_sshd)
+            })
             .count(),
     )
 }
@@ -524,6 +602,13 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 .write_all(protocol::encode(&Message::Status { vm, clients }).as_bytes())
                 .await;
         }
+        Op::Publish { host, guest } => {
+            let change = super::ports::Change::Publish(crate::config::Publish { host, guest });
+            port_change(&shared, change, &mut write).await;
+        }
+        Op::Unpublish { guest } => {
+            port_change(&shared, super::ports::Change::Unpublish(guest), &mut write).await;
+        }
         Op::Attach | Op::Stop => {
             let attach = req.op == Op::Attach;
             let mut state = {
@@ -537,6 +622,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 }
                 shared.state.subscribe()
             };
+            let mut notices = shared.notices.subscribe();
             loop {
                 let msg = state.borrow_and_update().clone();
                 if write
@@ -549,12 +635,25 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 if !attach && matches!(msg, Message::Stopped | Message::Error { .. }) {
                     break;
                 }
-                tokio::select! {
-                    changed = state.changed() => if changed.is_err() { break },
-                    line = lines.next_line() => match line {
-                        Ok(Some(_)) => {}
-                        _ => break,
-                    },
+                // Until the state changes (or the client leaves), pass notices on.
+                let go_on = loop {
+                    tokio::select! {
+                        changed = state.changed() => break changed.is_ok(),
+                        notice = notices.recv(), if attach => {
+                            let Ok(text) = notice else { continue };
+                            let m = Message::Notice { text };
+                            if write.write_all(protocol::encode(&m).as_bytes()).await.is_err() {
+                                break false;
+                            }
+                        }
+                        line = lines.next_line() => match line {
+                            Ok(Some(_)) => break true,
+                            _ => break false,
+                        },
+                    }
+                };
+                if !go_on {
+                    break;
                 }
             }
             if attach {
@@ -564,17 +663,68 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
     }
 }
 
+/// Hands a `ports add|rm` to the running VM's port watcher and answers with what it
+/// did.
+async fn port_change(
+    shared: &Shared,
+    change: super::ports::Change,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) {
+    let tx = shared
+        .port_requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let outcome = match tx {
+        None => Err("the VM is not running; start it with `vibebox` first".to_string()),
+        Some(tx) => match tx.send((change, reply_tx)).await {
+            Err(_) => Err("the VM is stopping".to_string()),
+            Ok(()) => match tokio::time::timeout(Duration::from_secs(50), reply_rx).await {
+                Ok(Ok(r)) => r,
+                _ => Err("the VM's ssh did not answer; try again".to_string()),
+            },
+        },
+    };
+    let m = match outcome {
+        Ok(text) => Message::Notice { text },
+        Err(message) => Message::Error {
+            message,
+            log: String::new(),
+        },
+    };
+    let _ = write.write_all(protocol::encode(&m).as_bytes()).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn counts_other_login_sessions() {
-        let out = r#"[{"session":"3","uid":0,"user":"root","seat":null,"leader":1,"class":"user","tty":"pts/0"},{"session":"5","uid":0,"user":"root","class":"user","tty":null},{"session":"c1","class":"manager"}]
-5
-"#;
-        assert_eq!(count_other_sessions(out), Some(1));
-        assert_eq!(count_other_sessions("[]\n7\n"), Some(0));
-        assert_eq!(count_other_sessions("garbage\n"), None);
+    fn counts_the_shells_of_ssh_connections_but_not_its_own_or_idle_masters() {
+        let out = "self 900\n\
+            1 (systemd) S 0 1 1\n\
+            500 (sshd) S 1 500 500\n\
+            600 (sshd-session) S 500 600 600\n\
+            601 (sshd-session) S 600 600 600\n\
+            602 (bash) S 601 602 602\n\
+            610 (sshd-session) S 500 610 610\n\
+            611 (sshd-session) S 610 610 610\n\
+            700 (sshd-session) S 500 700 700\n\
+            701 (sshd-session) S 700 700 700\n\
+            900 (sh) S 701 900 900\n\
+            901 (cat) S 900 900 900\n\
+            950 (tmux: server) S 1 950 950\n\
+            960 (odd) name)) S 601 960 960\n";
+        // 602 (a shell on connection 600) and 960 (a command with a hostile name on
+        // the same connection); 611 is an idle master; 900 is the asker.
+        assert_eq!(count_ssh_sessions(out), Some(2));
+        assert_eq!(count_ssh_sessions("self 5\n"), Some(0));
+        assert_eq!(count_ssh_sessions("garbage\n"), None);
+        assert_eq!(
+            count_ssh_sessions("self 3\n3 (sh) S 4 x\n4 (sh) S 3 x\n"),
+            Some(0),
+            "a parent loop ends"
+        );
     }
 }

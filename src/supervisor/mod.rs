@@ -5,6 +5,7 @@ pub mod client;
 pub mod daemon;
 pub mod limits;
 pub mod network;
+pub mod ports;
 pub mod protocol;
 
 use serde::Serialize;

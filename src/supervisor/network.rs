@@ -46,6 +46,7 @@ pub fn start(
         log: NetLog::new(&sd.logs().join("network.log"), id),
         ssh_port: 22,
         host: HostAddrs::system(),
+        host_ports: config.ports.host.clone(),
         limits,
     };
     let err = |e: std::io::Error| format!("cannot serve the VM's network: {e}");

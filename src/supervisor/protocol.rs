@@ -16,6 +16,11 @@ pub enum Op {
     Status,
     /// Shut the VM down now; replies with states until `stopped`.
     Stop,
+    /// Publish a guest port on the host's loopback until the VM stops (or it is
+    /// removed); one `Notice` reply saying what was done, or an `Error`.
+    Publish { host: u16, guest: u16 },
+    /// Stop publishing a guest port (until the VM stops); one reply as `Publish`.
+    Unpublish { guest: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +57,10 @@ pub enum Message {
     Error {
         message: String,
         log: String,
+    },
+    /// A line for the attached terminals while the VM runs (a port published).
+    Notice {
+        text: String,
     },
     /// Reply to `status`: the VM's state (`booting`, `running`, `stopping`,
     /// `stopped`) and the number of attached clients.
