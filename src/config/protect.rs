@@ -321,6 +321,35 @@ mod tests {
         assert!(compare(&now, &now).is_empty());
     }
 
+    #[test]
+    fn a_start_keeps_what_was_accepted_and_adds_new_globs() {
+        let t = tempfile::tempdir().unwrap();
+        let (sd, p) = (t.path().join("s"), t.path().join("p"));
+        std::fs::create_dir_all(&sd).unwrap();
+        std::fs::create_dir_all(p.join("tools")).unwrap();
+        std::fs::write(p.join(".envrc"), "a\n").unwrap();
+        std::fs::write(p.join("tools/x.sh"), "x\n").unwrap();
+        let mut globs = default_globs();
+        record_at_start(&sd, &p, &globs).unwrap();
+        std::fs::write(p.join(".envrc"), "evil\n").unwrap();
+        globs.push(g("tools/*.sh"));
+        // Restarted with a new glob: the .envrc change stays, tools/x.sh is taken.
+        record_at_start(&sd, &p, &globs).unwrap();
+        let pending = changes(&sd, &p).unwrap().unwrap();
+        let paths: Vec<&str> = pending.changes.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, [".envrc"]);
+        assert!(pending.globs.contains(&"tools/*.sh".to_string()));
+        std::fs::write(p.join("tools/x.sh"), "y\n").unwrap();
+        assert_eq!(changes(&sd, &p).unwrap().unwrap().changes.len(), 2);
+        accept(&sd, changes(&sd, &p).unwrap().unwrap()).unwrap();
+        assert!(changes(&sd, &p).unwrap().unwrap().changes.is_empty());
+        // The glob approved away: no longer watched.
+        globs.pop();
+        record_at_start(&sd, &p, &globs).unwrap();
+        std::fs::write(p.join("tools/x.sh"), "z\n").unwrap();
+        assert!(changes(&sd, &p).unwrap().unwrap().changes.is_empty());
+    }
+
     /// The obvious exponential matcher, as the reference.
     fn naive(p: &[&str], s: &[&str]) -> bool {
         fn comp(p: &[char], n: &[char]) -> bool {
@@ -431,7 +460,7 @@ pub fn record_at_start(
             globs: names,
             snapshot: now,
         },
-        Some(mut old) => {
+        Some(old) => {
             let before: Vec<Glob> = old
                 .globs
                 .iter()
@@ -440,18 +469,26 @@ pub fn record_at_start(
             if before == globs {
                 return Ok(());
             }
+            // The approved globs changed: what stays watched keeps what was
+            // accepted; what is watched for the first time is taken as it is.
+            let mut entries: std::collections::BTreeMap<String, Entry> = old
+                .snapshot
+                .entries
+                .into_iter()
+                .filter(|(p, _)| covered(globs, p))
+                .collect();
             for (path, entry) in now.entries {
                 if !covered(&before, &path) {
-                    old.snapshot.entries.insert(path, entry);
+                    entries.insert(path, entry);
                 }
             }
-            old.snapshot.truncated |= now.truncated;
-            for n in names {
-                if !old.globs.contains(&n) {
-                    old.globs.push(n);
-                }
+            Accepted {
+                globs: names,
+                snapshot: Snapshot {
+                    entries,
+                    truncated: old.snapshot.truncated || now.truncated,
+                },
             }
-            old
         }
     };
     watched::write(session_dir, &accepted)
