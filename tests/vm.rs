@@ -580,7 +580,7 @@ fn hello(port: u16) -> std::io::Result<String> {
 /// reaches a listener that comes later.
 fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_to]: [u16; 4]) {
     // A client holds the VM up meanwhile (its auto_shutdown_ms is 2 s).
-    let mut holder = b.spawn_exec("sleep 900");
+    let mut holder = b.spawn_exec("exec sleep 901");
     b.wait_status(60, |s, n| s == "running" && n >= 1);
     // A server bound to the guest's 127.0.0.1 only (as dev servers are by default),
     // in perl (in every Debian), detached from the exec so it outlives it.
@@ -668,7 +668,8 @@ fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_
     ok(&b.exec(&format!(
         "kill $(cat /tmp/serve-{busy_port}.pid) $(cat /tmp/serve-{fixed_guest}.pid)"
     )));
-    kill9(holder.id() as i32);
+    // Its guest command ends, so nothing in the guest keeps the VM up after it.
+    ok(&b.exec("pkill -f 'sleep 901'; true"));
     let _ = holder.wait();
 }
 
