@@ -77,6 +77,8 @@ pub fn text(f: &Facts<'_>) -> String {
         CONFIG_FILE,
         format!("{CACHE_DIR}/")
     ));
+    // Decided by who runs vibebox, like the protection: the launch uses the same.
+    out.push_str(&ownership_text(crate::vm::ownership::Model::detect()));
     out
 }
 
@@ -94,6 +96,11 @@ fn protected_text(p: &Protection) -> String {
         out.push_str("  In the VM, git writes (commit, branch, stash) go to a layer on the VM's disk;\n  on the host, `vibebox fetch` brings the VM's branches as vibebox/<branch> for review.\n");
     }
     out
+}
+
+/// Who owns what the VM writes through the shares (see `vm::ownership`).
+fn ownership_text(model: crate::vm::ownership::Model) -> String {
+    format!("\nFiles the VM writes: {}\n", model.as_str())
 }
 
 pub fn json(f: &Facts<'_>) -> serde_json::Value {
@@ -127,6 +134,7 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
             "guard": f.protection.guard,
         })).collect::<Vec<_>>(),
         "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
+        "ownership": crate::vm::ownership::Model::detect(),
     })
 }
 
@@ -218,5 +226,9 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("`vibebox fetch`"), "{t}");
+        assert!(t.contains("\nFiles the VM writes: "), "{t}");
+        let model = crate::vm::ownership::Model::detect();
+        assert!(t.contains(model.as_str()), "{t}");
+        assert_eq!(j["ownership"], serde_json::to_value(model).unwrap());
     }
 }
