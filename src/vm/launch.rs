@@ -482,9 +482,13 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
                 root.hand_to(cmd, how, &mountpoint(s, &share.tag));
             }
             if model == Model::RootConfined {
-                let owners: Vec<Owner> = roots
+                // Only the writable shares' owners: a read-only share's owner is
+                // nobody the guest may give files to.
+                let owners: Vec<Owner> = shares
                     .iter()
-                    .map(|r| Owner {
+                    .zip(&roots)
+                    .filter(|(sh, _)| sh.access == crate::vm::mounts::Access::ReadWrite)
+                    .map(|(_, r)| Owner {
                         uid: r.uid,
                         gid: r.gid,
                     })

@@ -328,6 +328,33 @@ mod tests {
         }
     }
 
+    /// Without a namespace the server inherits the descriptor: its
+    /// `/proc/self/fd/N` is the pinned directory even after the path changed.
+    #[test]
+    fn an_inherited_descriptor_is_the_pinned_directory() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().canonicalize().unwrap();
+        let share = base.join("share");
+        fs::create_dir_all(&share).unwrap();
+        fs::write(share.join("approved"), "").unwrap();
+        let root = Root::open(&share).unwrap();
+        fs::rename(&share, base.join("moved")).unwrap();
+        fs::create_dir(&share).unwrap();
+        let served = root.served_path(Handoff::Inherit, Path::new("/unused"));
+        let mut cmd = Command::new("ls");
+        cmd.arg(&served);
+        root.hand_to(&mut cmd, Handoff::Inherit, Path::new("/unused"));
+        let out = cmd.output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "approved\n",
+            "{out:?}"
+        );
+    }
+
     /// The launch-time handoff as a share server gets it: in a mount namespace the
     /// mount point shows the pinned directory; a directory put in its place after
     /// the pin (same path, no link) makes the start fail.
