@@ -12,7 +12,7 @@
 //!   descriptor on a mount point in the session directory (which no guest can
 //!   reach); the server is given that mount point;
 //! - on Linux without one, the server inherits the descriptor and is given
-//!   `/proc/self/fd/N`;
+//!   `/proc/self/fd/N/.`;
 //! - elsewhere (macOS) the server gets the path, checked just before it starts.
 
 use std::ffi::CString;
@@ -165,7 +165,9 @@ impl Root {
     pub fn served_path(&self, how: Handoff, mountpoint: &Path) -> PathBuf {
         match how {
             Handoff::Namespace => mountpoint.to_path_buf(),
-            Handoff::Inherit => PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd())),
+            // The trailing `/.` makes the magic link a middle component, so a server
+            // that opens its root with O_NOFOLLOW (virtiofsd does) still follows it.
+            Handoff::Inherit => PathBuf::from(format!("/proc/self/fd/{}/.", self.fd.as_raw_fd())),
             Handoff::Path => self.path.clone(),
         }
     }
@@ -344,6 +346,7 @@ mod tests {
         fs::rename(&share, base.join("moved")).unwrap();
         fs::create_dir(&share).unwrap();
         let served = root.served_path(Handoff::Inherit, Path::new("/unused"));
+        assert!(served.as_os_str().as_bytes().ends_with(b"/."), "{served:?}");
         let mut cmd = Command::new("ls");
         cmd.arg(&served);
         root.hand_to(&mut cmd, Handoff::Inherit, Path::new("/unused"));
