@@ -239,6 +239,14 @@ fn guest_cannot_own_host_files(b: &Box) {
         }
     }
     assert!(seen >= 6, "{guest_view}");
+    // `vibebox explain` names the model in force.
+    let explain = ok(&b.vibebox(&["explain"])).to_string();
+    let model = if is_root() {
+        "although vibebox runs as root"
+    } else {
+        "the share server runs as you"
+    };
+    assert!(explain.contains(model), "{explain}");
 }
 
 fn kill9(pid: i32) {

@@ -557,6 +557,42 @@ mod tests {
     }
 
     #[test]
+    fn as_root_9p_serves_only_root_owned_writable_shares() {
+        use crate::vm::mounts::Access;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().canonicalize().unwrap();
+        let share = |access, kind| Share {
+            tag: "vbx0".into(),
+            host: dir.clone(),
+            access,
+            kind,
+        };
+        let vfs = ShareKind::Virtiofs {
+            socket: "vfs0.sock".into(),
+        };
+        let mut root = Root::open(&dir).unwrap();
+        root.uid = 1000;
+        let rw9p = [share(Access::ReadWrite, ShareKind::NineP)];
+        let err = check_ownership(Model::RootConfined, &rw9p, std::slice::from_ref(&root));
+        let msg = err.unwrap_err().to_string();
+        assert!(
+            msg.contains("uid 1000") && msg.contains("install virtiofsd"),
+            "{msg}"
+        );
+        for ok in [
+            share(Access::ReadOnly, ShareKind::NineP),
+            share(Access::ReadWrite, vfs.clone()),
+        ] {
+            check_ownership(Model::RootConfined, &[ok], std::slice::from_ref(&root)).unwrap();
+        }
+        check_ownership(Model::User, &rw9p, std::slice::from_ref(&root)).unwrap();
+        let err = check_ownership(Model::RootUnconfined, &rw9p, std::slice::from_ref(&root));
+        assert!(matches!(err, Err(Error::Unconfined { .. })));
+        root.uid = 0;
+        check_ownership(Model::RootConfined, &rw9p, std::slice::from_ref(&root)).unwrap();
+    }
+
+    #[test]
     fn a_damaged_disk_is_refused_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk.qcow2");
