@@ -22,6 +22,16 @@
 //!
 //! FIFOs and sockets are allowed: they give no privilege (a FIFO can make a host
 //! program that opens it wait, which any file the guest writes can do too).
+//!
+//! Why this and not the alternatives (measured on this code's VM tests, TCG, root):
+//! virtiofsd's uid translation alone leaves set-uid bits, and device nodes when the
+//! owner is root (its threads then keep their capabilities); a user namespace for
+//! the server (`--uid-map`) maps root to root when the owner is root, so it stops
+//! neither; 9p's `security_model=mapped-xattr` stores modes in xattrs and leaves
+//! every host file 0600 and QEMU's. The filter holds for both servers, whatever
+//! their own code does with the guest's request, and costs nothing measurable: 186
+//! BPF instructions, about 30 run for an unfiltered call; 300k `fchmod` calls timed
+//! the same with and without it (within this busy machine's noise, ~1 µs each).
 
 use std::process::Command;
 
