@@ -79,6 +79,8 @@ pub fn text(f: &Facts<'_>) -> String {
         CONFIG_FILE,
         format!("{CACHE_DIR}/")
     ));
+    // Decided by who runs vibebox, like the protection: the launch uses the same.
+    out.push_str(&ownership_text(crate::vm::ownership::Model::detect()));
     out
 }
 
@@ -165,6 +167,11 @@ fn watched_lines(project: &Path, p: &Protection) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Who owns what the VM writes through the shares (see `vm::ownership`).
+fn ownership_text(model: crate::vm::ownership::Model) -> String {
+    format!("\nFiles the VM writes: {}\n", model.as_str())
+}
+
 pub fn json(f: &Facts<'_>) -> serde_json::Value {
     let mounts: Vec<_> = f
         .config
@@ -206,6 +213,7 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
             "host": f.config.ports.host,
         },
         "storage": { "config": CONFIG_FILE, "state": format!("{CACHE_DIR}/") },
+        "ownership": crate::vm::ownership::Model::detect(),
     })
 }
 
@@ -331,5 +339,9 @@ mod tests {
         );
         assert_eq!(j["watched"][0]["glob"], ".envrc");
         assert_eq!(j["watched"][0]["enforced"], false);
+        assert!(t.contains("\nFiles the VM writes: "), "{t}");
+        let model = crate::vm::ownership::Model::detect();
+        assert!(t.contains(model.as_str()), "{t}");
+        assert_eq!(j["ownership"], serde_json::to_value(model).unwrap());
     }
 }

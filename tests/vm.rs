@@ -179,7 +179,8 @@ fn ok(out: &Out) -> &str {
     &out.stdout
 }
 
-/// How many virtiofsd processes serve `dir` (from /proc: their command lines name it).
+/// How many virtiofsd processes serve a share of the session in `dir` (from /proc:
+/// their command lines name a mount point in it).
 fn share_daemons(dir: &Path) -> usize {
     let needle = dir.as_os_str().as_encoded_bytes();
     fs::read_dir("/proc")
@@ -189,9 +190,63 @@ fn share_daemons(dir: &Path) -> usize {
             c.split(|b| *b == 0)
                 .next()
                 .is_some_and(|argv0| argv0.ends_with(b"virtiofsd"))
-                && c.split(|b| *b == 0).any(|arg| arg == needle)
+                && c.split(|b| *b == 0).any(|arg| arg.starts_with(needle))
         })
         .count()
+}
+
+/// Guest root tries to leave files on the host that are not the project owner's:
+/// set-uid and set-gid bits, another owner, device nodes, a set-uid copy of a
+/// binary, a file made by another guest user. None of it may reach the host (only
+/// the guest's attempts run here; the host checks the files themselves).
+fn guest_cannot_own_host_files(b: &Box) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let out = b.exec(concat!(
+        "if [ \"$(id -u)\" = 0 ]; then S=; else S=sudo; fi; ",
+        "mkdir own && cd own; ",
+        "echo x > suid; $S chmod 4755 suid; echo x > sgid; $S chmod 2755 sgid; ",
+        "echo x > other; $S chown 1001:1001 other; ",
+        "$S mknod null c 1 3; $S mknod blk b 7 0; mkfifo fifo; ",
+        "$S cp -p /usr/bin/su sucopy; $S install -m 4755 /bin/true suinst; ",
+        "$S mkdir -m 777 pub; ",
+        "$S setpriv --reuid=1001 --regid=1001 --clear-groups sh -c 'echo y > pub/byother'; ",
+        "ls -ln . pub; true",
+    ));
+    let guest_view = ok(&out).to_string();
+    let owner = fs::metadata(&b.project).unwrap();
+    let own = b.project.join("own");
+    assert!(
+        own.join("pub/byother").is_file(),
+        "the other guest user could not write: {guest_view}"
+    );
+    let mut seen = 0;
+    for dir in [own.clone(), own.join("pub")] {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            let what = format!("{} (guest saw:\n{guest_view})", e.path().display());
+            assert_eq!(
+                m.mode() & 0o6000,
+                0,
+                "set-uid/set-gid bit on the host: {what}"
+            );
+            assert_eq!(m.uid(), owner.uid(), "not the project owner's: {what}");
+            assert!(
+                !m.file_type().is_char_device() && !m.file_type().is_block_device(),
+                "a device node on the host: {what}"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 6, "{guest_view}");
+    // `vibebox explain` names the model in force.
+    let explain = ok(&b.vibebox(&["explain"])).to_string();
+    let model = if is_root() {
+        "although vibebox runs as root"
+    } else {
+        "the share server runs as you"
+    };
+    assert!(explain.contains(model), "{explain}");
 }
 
 fn kill9(pid: i32) {
@@ -275,10 +330,11 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     for path in ["\"$PWD\"", "'/mnt/ro data'", "~/scratch"] {
         assert_eq!(b.fstype(path), share_type, "{path}");
     }
+    guest_cannot_own_host_files(&b);
     if b.virtiofsd.is_some() {
         // (The namespace sandbox forks: two processes for one share.)
         assert!(
-            share_daemons(&b.project) > 0,
+            share_daemons(&b.session_dir()) > 0,
             "no virtiofsd for the project"
         );
     }
@@ -465,7 +521,11 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         std::thread::sleep(Duration::from_millis(200));
     }
     b.qemu_img_check();
-    assert_eq!(share_daemons(&b.project), 0, "a virtiofsd outlived its VM");
+    assert_eq!(
+        share_daemons(&b.session_dir()),
+        0,
+        "a virtiofsd outlived its VM"
+    );
 
     // The edited config is refused before anything boots, naming the change...
     let out = b.exec("true");
@@ -778,6 +838,7 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
     ok(&b.exec("echo before > /var/tmp/mark && sync"));
     assert_eq!(b.fstype("\"$PWD\""), "9p");
     assert_eq!(b.fstype("/mnt/ro"), "9p");
+    guest_cannot_own_host_files(&b);
     let out = b.exec("sudo touch /mnt/ro/nope 2>&1 || touch /mnt/ro/nope");
     assert_ne!(out.code, 0, "{}", out.stdout);
     assert!(!ro.path().join("nope").exists());

@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use super::fwcfg::{FsType, GuestConfig, GuestMount};
 use super::guest::GuestUser;
 use super::host::{self, Accelerator};
-use super::protect::Protection;
+use super::ownership::{self, Model, Owner};
+use super::pin::{self, Handoff, Root};
+use super::protect::{Guard, Protection};
 use super::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
 use super::virtiofsd;
 use crate::config::Config;
@@ -55,6 +57,18 @@ pub enum Error {
     Ssh(#[from] ssh::Error),
     #[error(transparent)]
     Virtiofsd(#[from] virtiofsd::Error),
+    #[error(transparent)]
+    Pin(#[from] pin::Error),
+    #[error(
+        "mount {}: vibebox runs as root and shares it over 9p, whose server (QEMU) creates files as root, but the directory belongs to uid {uid}; install virtiofsd (it gives the VM's files to the directory's owner), share it read-only, or run vibebox as that user",
+        host.display()
+    )]
+    NinePOwner { host: PathBuf, uid: u32 },
+    #[error(
+        "mount {}: vibebox runs as root and this host cannot keep the VM from creating set-uid or root-owned files in a read-write share; run vibebox as a user, or share it read-only",
+        host.display()
+    )]
+    Unconfined { host: PathBuf },
     #[error(transparent)]
     State(#[from] statefile::Error),
 }
@@ -295,6 +309,39 @@ pub fn shares(config: &Config, virtiofs: bool) -> Result<(Vec<Share>, Vec<GuestM
     Ok((shares, mounts))
 }
 
+/// Refuses what the ownership model cannot keep the owner's (see `ownership`): as
+/// root, a read-write 9p share of a directory root does not own (QEMU would create
+/// root's files in it), and any read-write share where no filter can be installed.
+pub fn check_ownership(model: Model, shares: &[Share], roots: &[Root]) -> Result<(), Error> {
+    for (share, root) in shares.iter().zip(roots) {
+        if share.access != crate::vm::mounts::Access::ReadWrite {
+            continue;
+        }
+        match model {
+            Model::User => {}
+            Model::RootUnconfined => {
+                return Err(Error::Unconfined {
+                    host: root.path().to_path_buf(),
+                });
+            }
+            Model::RootConfined => {
+                if share.kind == ShareKind::NineP && root.uid != 0 {
+                    return Err(Error::NinePOwner {
+                        host: root.path().to_path_buf(),
+                        uid: root.uid,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where share `tag`'s root is mounted in its server's namespace.
+fn mountpoint(s: &SessionDir, tag: &str) -> PathBuf {
+    s.dir().join("shares").join(tag)
+}
+
 pub struct Plan<'a> {
     pub session: &'a SessionDir,
     pub project: &'a Path,
@@ -330,7 +377,24 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     )?;
     let user = GuestUser::current();
     let virtiofsd = virtiofsd::find()?;
-    let (shares, mounts) = shares(plan.config, virtiofsd.is_some())?;
+    let (mut shares, mounts) = shares(plan.config, virtiofsd.is_some())?;
+    // Each root opened without following links and checked, before anything runs.
+    let roots = shares
+        .iter()
+        .map(|sh| Root::open(&sh.host))
+        .collect::<Result<Vec<_>, _>>()?;
+    let model = Model::detect();
+    check_ownership(model, &shares, &roots)?;
+    let how = Handoff::choose(plan.protection.guard == Guard::Enforced);
+    if how == Handoff::Namespace {
+        statefile::ensure_dir(&s.dir().join("shares"), 0o700)?;
+        for sh in &shares {
+            statefile::ensure_dir(&mountpoint(s, &sh.tag), 0o700)?;
+        }
+    }
+    for (sh, root) in shares.iter_mut().zip(&roots) {
+        sh.host = root.served_path(how, &mountpoint(s, &sh.tag));
+    }
     let guest = GuestConfig {
         user: user.name.clone(),
         uid: user.uid,
@@ -378,14 +442,19 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     };
     let mut daemons = Vec::new();
     if let Some(binary) = &virtiofsd {
-        for share in &shares {
+        for (share, root) in shares.iter().zip(&roots) {
             if let ShareKind::Virtiofs { socket } = &share.kind {
+                let served = virtiofsd::Served {
+                    root,
+                    how,
+                    mountpoint: &mountpoint(s, &share.tag),
+                    socket,
+                    access: share.access,
+                };
                 daemons.push(virtiofsd::start(
                     binary,
                     s.dir(),
-                    &share.host,
-                    socket,
-                    share.access,
+                    &served,
                     &s.logs().join("virtiofsd.log"),
                     plan.protection,
                 )?);
@@ -406,11 +475,41 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     })?;
     let child = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log(), |cmd| {
         if virtiofsd.is_none() {
-            // 9p: QEMU itself serves the files, so it gets the read-only `.git`.
+            // 9p: QEMU itself serves the files, so it gets the read-only `.git`,
+            // the pinned roots, and (as root) the ownership filter.
             plan.protection.confine(cmd);
+            for (share, root) in shares.iter().zip(&roots) {
+                root.hand_to(cmd, how, &mountpoint(s, &share.tag));
+            }
+            if model == Model::RootConfined {
+                // Only the writable shares' owners: a read-only share's owner is
+                // nobody the guest may give files to.
+                let owners: Vec<Owner> = shares
+                    .iter()
+                    .zip(&roots)
+                    .filter(|(sh, _)| sh.access == crate::vm::mounts::Access::ReadWrite)
+                    .map(|(_, r)| Owner {
+                        uid: r.uid,
+                        gid: r.gid,
+                    })
+                    .collect();
+                ownership::Filter::new(&owners).confine(cmd);
+            }
         }
     })
-    .map_err(Error::Spawn)?;
+    .map_err(|e| {
+        if e.raw_os_error() == Some(pin::CHANGED_ERRNO) {
+            let changed = roots
+                .iter()
+                .find(|r| !Root::open(r.path()).is_ok_and(|n| (n.dev, n.ino) == (r.dev, r.ino)))
+                .or(roots.first());
+            Error::Pin(pin::Error::Changed {
+                path: changed.map(|r| r.path().to_path_buf()).unwrap_or_default(),
+            })
+        } else {
+            Error::Spawn(e)
+        }
+    })?;
     console(console_socket, s.console_log());
     Ok(Started {
         child,
@@ -455,6 +554,42 @@ mod tests {
             .current_dir(dir)
             .output()
             .is_ok_and(|o| o.status.success())
+    }
+
+    #[test]
+    fn as_root_9p_serves_only_root_owned_writable_shares() {
+        use crate::vm::mounts::Access;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().canonicalize().unwrap();
+        let share = |access, kind| Share {
+            tag: "vbx0".into(),
+            host: dir.clone(),
+            access,
+            kind,
+        };
+        let vfs = ShareKind::Virtiofs {
+            socket: "vfs0.sock".into(),
+        };
+        let mut root = Root::open(&dir).unwrap();
+        root.uid = 1000;
+        let rw9p = [share(Access::ReadWrite, ShareKind::NineP)];
+        let err = check_ownership(Model::RootConfined, &rw9p, std::slice::from_ref(&root));
+        let msg = err.unwrap_err().to_string();
+        assert!(
+            msg.contains("uid 1000") && msg.contains("install virtiofsd"),
+            "{msg}"
+        );
+        for ok in [
+            share(Access::ReadOnly, ShareKind::NineP),
+            share(Access::ReadWrite, vfs.clone()),
+        ] {
+            check_ownership(Model::RootConfined, &[ok], std::slice::from_ref(&root)).unwrap();
+        }
+        check_ownership(Model::User, &rw9p, std::slice::from_ref(&root)).unwrap();
+        let err = check_ownership(Model::RootUnconfined, &rw9p, std::slice::from_ref(&root));
+        assert!(matches!(err, Err(Error::Unconfined { .. })));
+        root.uid = 0;
+        check_ownership(Model::RootConfined, &rw9p, std::slice::from_ref(&root)).unwrap();
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod guest;
 pub mod host;
 pub mod launch;
 pub mod mounts;
+pub mod ownership;
+pub mod pin;
 pub mod protect;
 pub mod qemu;
 pub mod qmp;

@@ -134,9 +134,11 @@ impl Protection {
     }
 
     /// Makes `cmd` (a share server) run with the protected paths read-only, when
-    /// enforced. Call it last: the closure runs after every earlier one.
+    /// enforced. Call it last: the closure runs after every earlier one. When
+    /// enforced it always gives `cmd` a mount namespace of its own, even with
+    /// nothing to protect: the share roots are bind-mounted there (`pin`).
     pub fn confine(&self, cmd: &mut Command) {
-        if self.guard == Guard::Enforced && !(self.paths.is_empty() && self.read_only.is_empty()) {
+        if self.guard == Guard::Enforced {
             let all: Vec<PathBuf> = self.paths.iter().chain(&self.read_only).cloned().collect();
             confine(cmd, &all, user_ids());
         }

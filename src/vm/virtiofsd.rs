@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::mounts::Access;
+use super::ownership::{self, Owner};
+use super::pin::{self, Handoff, Root};
 use super::protect::Protection;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +24,8 @@ pub enum Error {
         host: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Pin(#[from] pin::Error),
     #[error(
         "virtiofsd for {} did not start ({why}); see {}, or set VIBEBOX_VIRTIOFSD=off to share with 9p",
         host.display(),
@@ -80,12 +84,13 @@ pub fn is_rust_virtiofsd(help: &str) -> bool {
     help.contains("--shared-dir") && help.contains("--readonly")
 }
 
-/// The command line for one share. As root, virtiofsd's namespace sandbox
-/// (pivot_root into the share). As a user, it cannot make that sandbox without
-/// privileges, so it runs unsandboxed with the user's rights, like QEMU's 9p server:
-/// every file the guest creates is the user's, and a guest cannot plant a file owned
-/// by anyone else (a set-uid binary is harmless when it is set-uid to the user).
-pub fn argv(host: &Path, socket: &Path, access: Access, as_root: bool) -> Vec<OsString> {
+/// The command line for one share. As root (`owner` given: who owns the share),
+/// virtiofsd's namespace sandbox (pivot_root into the share), every guest uid and
+/// gid squashed to the owner's and no CAP_MKNOD (see `ownership`). As a user, it
+/// cannot make that sandbox without privileges, so it runs unsandboxed with the
+/// user's rights, like QEMU's 9p server: every file the guest creates is the user's.
+pub fn argv(host: &Path, socket: &Path, access: Access, owner: Option<Owner>) -> Vec<OsString> {
+    let as_root = owner.is_some();
     let mut a: Vec<OsString> = vec![
         "--shared-dir".into(),
         host.into(),
@@ -100,6 +105,13 @@ pub fn argv(host: &Path, socket: &Path, access: Access, as_root: bool) -> Vec<Os
     ];
     if access == Access::ReadOnly {
         a.push("--readonly".into());
+    }
+    if let Some(owner) = owner {
+        a.extend(
+            ownership::virtiofsd_args(owner)
+                .into_iter()
+                .map(OsString::from),
+        );
     }
     a
 }
@@ -116,20 +128,38 @@ impl Drop for Daemon {
     }
 }
 
+/// One share as its virtiofsd gets it.
+pub struct Served<'a> {
+    /// The pinned root (its path is the approved one, for messages).
+    pub root: &'a Root,
+    pub how: Handoff,
+    /// Where the root is mounted for [`Handoff::Namespace`].
+    pub mountpoint: &'a Path,
+    pub socket: &'a Path,
+    pub access: Access,
+}
+
 /// Starts virtiofsd for one share in `dir` (the session directory, so the socket
 /// path stays short) and waits until its socket exists, so QEMU can connect.
 pub fn start(
     binary: &Path,
     dir: &Path,
-    host: &Path,
-    socket: &Path,
-    access: Access,
+    share: &Served<'_>,
     log: &Path,
     protection: &Protection,
 ) -> Result<Daemon, Error> {
-    let spawn_err = |source| Error::Spawn {
-        host: host.to_path_buf(),
-        source,
+    let host = share.root.path();
+    let socket = share.socket;
+    let spawn_err = |source: std::io::Error| {
+        if source.raw_os_error() == Some(pin::CHANGED_ERRNO) {
+            return Error::Pin(pin::Error::Changed {
+                path: host.to_path_buf(),
+            });
+        }
+        Error::Spawn {
+            host: host.to_path_buf(),
+            source,
+        }
     };
     let _ = fs::remove_file(dir.join(socket));
     let out = fs::OpenOptions::new()
@@ -137,9 +167,13 @@ pub fn start(
         .append(true)
         .open(log)
         .map_err(spawn_err)?;
-    let as_root = nix::unistd::geteuid().is_root();
+    let owner = nix::unistd::geteuid().is_root().then_some(Owner {
+        uid: share.root.uid,
+        gid: share.root.gid,
+    });
+    let served = share.root.served_path(share.how, share.mountpoint);
     let mut cmd = Command::new(binary);
-    cmd.args(argv(host, socket, access, as_root))
+    cmd.args(argv(&served, socket, share.access, owner))
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(out.try_clone().map_err(spawn_err)?)
@@ -149,6 +183,12 @@ pub fn start(
     // Its own mount namespace with `.git` read-only; its namespace sandbox (as root)
     // starts from that view, so the guest cannot reach a writable `.git`.
     protection.confine(&mut cmd);
+    // The approved directory itself, opened in that namespace (so `.git` stays
+    // read-only in what it serves).
+    share.root.hand_to(&mut cmd, share.how, share.mountpoint);
+    if let Some(owner) = owner {
+        ownership::Filter::new(&[owner]).confine(&mut cmd);
+    }
     let mut daemon = Daemon {
         child: cmd.spawn().map_err(spawn_err)?,
     };
@@ -197,21 +237,18 @@ mod tests {
                 .join(" ")
         };
         let host = Path::new("/home/al/my proj, \"x\"");
-        let ro = s(&argv(host, Path::new("vfs0.sock"), Access::ReadOnly, true));
+        let owner = Some(Owner { uid: 0, gid: 5 });
+        let ro = s(&argv(host, Path::new("vfs0.sock"), Access::ReadOnly, owner));
         assert_eq!(
             ro,
-            "--shared-dir /home/al/my proj, \"x\" --socket-path vfs0.sock --sandbox namespace --cache auto --log-level warn --readonly"
+            "--shared-dir /home/al/my proj, \"x\" --socket-path vfs0.sock --sandbox namespace --cache auto --log-level warn --readonly --translate-uid squash-guest:0:0:4294967295 --translate-gid squash-guest:0:5:4294967295 --modcaps=-mknod"
         );
-        let rw = s(&argv(
-            host,
-            Path::new("vfs1.sock"),
-            Access::ReadWrite,
-            false,
-        ));
+        let rw = s(&argv(host, Path::new("vfs1.sock"), Access::ReadWrite, None));
         assert!(rw.contains("--sandbox none"), "{rw}");
         assert!(!rw.contains("--readonly"), "{rw}");
+        assert!(!rw.contains("--translate"), "{rw}");
         // The path is one argument, never split or escaped.
-        let a = argv(host, Path::new("s"), Access::ReadWrite, true);
+        let a = argv(host, Path::new("s"), Access::ReadWrite, owner);
         assert_eq!(a[1], OsString::from(host));
     }
 }
