@@ -729,7 +729,7 @@ fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_
         "kill $(cat /tmp/serve-{busy_port}.pid) $(cat /tmp/serve-{fixed_guest}.pid)"
     )));
     // Its guest command ends, so nothing in the guest keeps the VM up after it.
-    ok(&b.exec("pkill -f 'sleep 901'; true"));
+    ok(&b.exec("pkill -f 'sleep 90[1]'; true"));
     let _ = holder.wait();
 }
 
