@@ -121,21 +121,65 @@ pub async fn guest_output(
     script: &str,
 ) -> Result<String, Error> {
     let guest = guest_session(session).await?;
-    let out = guest
+    let out = tokio::time::timeout(GUEST_OUTPUT_WAIT, bounded_output(&guest, script))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Remote(format!(
+                "the guest did not answer within {GUEST_OUTPUT_WAIT:?}"
+            )))
+        });
+    // Closing the connection ends the command too, whatever it was doing.
+    let _ = guest.close().await;
+    out
+}
+
+/// The guest controls what runs as `sh` and what it prints: a supervisor question
+/// gets at most this much, and this long, before it gives up on the answer.
+const GUEST_OUTPUT_CAP: usize = 1 << 20;
+const GUEST_OUTPUT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn bounded_output(guest: &openssh::Session, script: &str) -> Result<String, Error> {
+    use tokio::io::AsyncReadExt;
+    let remote = |e: openssh::Error| Error::Remote(e.to_string());
+    let mut child = guest
         .command("sh")
         .arg("-c")
         .arg(script)
-        .output()
+        .stdin(openssh::Stdio::null())
+        .stdout(openssh::Stdio::piped())
+        .stderr(openssh::Stdio::null())
+        .spawn()
         .await
-        .map_err(|e| Error::Remote(e.to_string()));
-    let _ = guest.close().await;
-    let out = out?;
-    if !out.status.success() {
-        return Err(Error::Remote(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+        .map_err(remote)?;
+    let mut stdout = child
+        .stdout()
+        .take()
+        .ok_or_else(|| Error::Remote("no output".into()))?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = stdout
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::Remote(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        if out.len() + n > GUEST_OUTPUT_CAP {
+            return Err(Error::Remote(format!(
+                "the guest's answer is over {GUEST_OUTPUT_CAP} bytes"
+            )));
+        }
+        out.extend_from_slice(&buf[..n]);
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    drop(stdout);
+    let status = child.wait().await.map_err(remote)?;
+    if !status.success() {
+        return Err(Error::Remote(format!(
+            "the guest command failed ({status})"
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// The `Host` alias written in a session's ssh config.

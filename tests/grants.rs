@@ -161,10 +161,14 @@ fn guest_text_reaches_the_terminal_escaped() {
 
 /// A host service the VM may reach is a grant: the file alone does not give it.
 #[test]
-fn host_ports_need_approval() {
+fn host_ports_and_published_ports_need_approval() {
     let env = Env::new();
     let p = env.project("p");
-    fs::write(p.join("vibebox.toml"), "[ports]\nhost = [\"5432\"]\n").unwrap();
+    fs::write(
+        p.join("vibebox.toml"),
+        "[ports]\nauto = false\npublish = [\"5433:5432\"]\nhost = [\"5432\"]\n",
+    )
+    .unwrap();
     let mut c = env.cmd(&p);
     c.args(["exec", "--", "true"]);
     let out = run(c);
@@ -174,6 +178,11 @@ fn host_ports_need_approval() {
         "{}",
         out.stderr
     );
+    // Published host ports too: the VM taking 127.0.0.1:5433 (or turning `auto`
+    // back on) is the user's choice.
+    for line in ["+ publish 127.0.0.1:5433 -> VM:5432", "+ ports auto off"] {
+        assert!(out.stderr.contains(line), "{line}: {}", out.stderr);
+    }
     let digest = common::expected_digest(&out.stderr).unwrap();
     let mut c = env.cmd(&p);
     c.args(["approve", "--expect", &digest]);
@@ -184,4 +193,15 @@ fn host_ports_need_approval() {
         "{}",
         out.stdout
     );
+    // The guest turns `auto` back on: asked again.
+    fs::write(
+        p.join("vibebox.toml"),
+        "[ports]\npublish = [\"5433:5432\"]\nhost = [\"5432\"]\n",
+    )
+    .unwrap();
+    let mut c = env.cmd(&p);
+    c.args(["exec", "--", "true"]);
+    let out = run(c);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("- ports auto off"), "{}", out.stderr);
 }

@@ -64,6 +64,15 @@ pub fn grants(config: &Config) -> BTreeSet<String> {
     for port in &config.ports.host {
         out.insert(format!("host port 127.0.0.1:{port}"));
     }
+    // Host loopback ports the VM may take: a guest that publishes 5432 gets the
+    // connections meant for a host database that is down. Only what differs from
+    // the default is a line, so approvals made before ports existed still match.
+    if !config.ports.auto {
+        out.insert("ports auto off".to_string());
+    }
+    for p in &config.ports.publish {
+        out.insert(format!("publish 127.0.0.1:{} -> VM:{}", p.host, p.guest));
+    }
     out.insert(format!("image {}", config.image));
     // Resources are grants too: a guest that edits vibebox.toml must not give itself
     // all of the host's memory or disk at the next start.

@@ -28,6 +28,9 @@ const NOT_AUTO: &[u16] = &[22, 5355];
 const FIRST_AUTO_PORT: u16 = 1024;
 /// Host ports tried for one guest port when its own number is busy.
 const HOST_PORT_TRIES: u16 = 32;
+/// Guest listeners published automatically at once: each is a forward (an ssh
+/// process to set up and to close), and a guest can listen on thousands.
+const MAX_AUTO: usize = 64;
 /// How often a wanted port that could not be published is tried again.
 const RETRY: Duration = Duration::from_secs(5);
 /// A listing line longer than this is not one the kernel writes.
@@ -103,10 +106,15 @@ pub fn wanted(
         want.insert(p.guest, (p.host, "config"));
     }
     if ports.auto {
-        for &g in listening {
-            if g >= FIRST_AUTO_PORT && !NOT_AUTO.contains(&g) && !withheld.contains(&g) {
-                want.entry(g).or_insert((g, "auto"));
-            }
+        let auto = listening
+            .iter()
+            .filter(|&&g| g >= FIRST_AUTO_PORT && !NOT_AUTO.contains(&g) && !withheld.contains(&g))
+            .filter(|g| !want.contains_key(g))
+            .take(MAX_AUTO)
+            .copied()
+            .collect::<Vec<u16>>();
+        for g in auto {
+            want.insert(g, (g, "auto"));
         }
     }
     want
@@ -502,6 +510,9 @@ mod tests {
             host: vec![],
         };
         assert!(wanted(&off, &listening(PROC), &BTreeSet::new()).is_empty());
+        // At most MAX_AUTO automatic ones, however many the guest opens.
+        let many: BTreeSet<u16> = (2000..6000).collect();
+        assert_eq!(wanted(&off_auto(), &many, &BTreeSet::new()).len(), MAX_AUTO);
         // `rm` of an automatic port keeps it away while its listener stays.
         assert!(!wanted(&ports, &listening(PROC), &BTreeSet::from([5173])).contains_key(&5173));
     }
@@ -519,6 +530,14 @@ mod tests {
         l.push(&vec![b'x'; 100_000]);
         assert!(l.line.len() <= MAX_LINE + 1);
         assert_eq!(l.push(b"\n.\n"), vec![BTreeSet::new()]);
+    }
+
+    fn off_auto() -> Ports {
+        Ports {
+            auto: true,
+            publish: vec![],
+            host: vec![],
+        }
     }
 
     proptest! {
