@@ -16,7 +16,9 @@
 //!   network namespace, and the time of a small HTTP request on a new connection.
 //!
 //! The VM parts need `VIBEBOX_TEST_IMAGES` (a directory of built images, as for the
-//! tests); without it they are skipped and say so. `VIBEBOX_BENCH_BOOTS` sets how
+//! tests); without it they are skipped and say so. `VIBEBOX_BENCH_BASELINE_IMAGES`
+//! adds bare boots of another image (built before a recipe change) interleaved
+//! with the others, for a before/after on a shared host. `VIBEBOX_BENCH_BOOTS` sets how
 //! many cold boots each side gets (default 3); `VIBEBOX_BENCH_ONLY=network` (or a
 //! comma-separated list of list, create, vm, network, git) runs only those parts. Results are printed and written to
 //! `target/bench-results.txt`.
@@ -327,22 +329,40 @@ fn bench_vm(b: &mut Bench, images: &Path) {
     let disk = du(&sdir.join("disk.qcow2"));
     let state = du(&sdir);
 
+    // Another image's bare boot beside them (an image built before a change to
+    // the recipe): on a shared host only boots interleaved in one run compare.
+    let baseline =
+        std::env::var_os("VIBEBOX_BENCH_BASELINE_IMAGES").map(|d| find_image(Path::new(&d)));
+
     // Cold starts: vibebox, then the bare floor, interleaved so drift hits both.
     let mut ours = Vec::new();
     let mut bare = Vec::new();
+    let mut before = Vec::new();
     for _ in 0..boots {
         let t = Instant::now();
         exec_true(b);
         ours.push(t.elapsed());
         stop(b);
         bare.push(bare_boot(&image, &project, b.tmp.path(), None).0);
+        if let Some(old) = &baseline {
+            before.push(bare_boot(old, &project, b.tmp.path(), None).0);
+        }
     }
+    let (ours, bare) = (stats(ours), stats(bare));
     b.row(
         "stopped session to a command (`vibebox exec -- true`)",
-        stats(ours),
+        ours,
         "bare QEMU boot to ready + `ssh true`",
-        stats(bare),
+        bare,
     );
+    if let Some(old) = &baseline {
+        b.row(
+            &format!("bare QEMU boot to ready + `ssh true`, {}", image.id()),
+            bare,
+            &format!("the same, {} (VIBEBOX_BENCH_BASELINE_IMAGES)", old.id()),
+            stats(before),
+        );
+    }
 
     // Running: vibebox against plain ssh through the open control master.
     exec_true(b);
@@ -372,6 +392,8 @@ fn bench_vm(b: &mut Bench, images: &Path) {
         "`ssh true` through the control master",
         floor,
     );
+    // That VM's boot was a cold one from a stopped session, like the rows above.
+    boot_breakdown(b, &cfg, &alias);
     stop(b);
     b.line("");
     b.line(&format!(
@@ -380,6 +402,37 @@ fn bench_vm(b: &mut Bench, images: &Path) {
         state as f64 / 1048576.0,
         image.size() as f64 / 1048576.0
     ));
+}
+
+/// Where the last cold boot's time went, by the guest's own clock: systemd's
+/// kernel/initrd/userspace split, the chain of units "ready" waited for, and the
+/// slowest units. Under TCG these shares are what a change to the image moves.
+fn boot_breakdown(b: &mut Bench, cfg: &Path, alias: &str) {
+    // `systemd-analyze time` refuses while units are still starting; the boot
+    // settles within seconds of "ready".
+    let script = r"i=0; until systemd-analyze time >/dev/null 2>&1 || [ $i -ge 120 ]; do i=$((i+1)); sleep 0.5; done
+systemd-analyze time --no-pager 2>&1 | sed -n 1p
+echo '--- kernel log: initramfs, root mounted, systemd'
+{ sudo -n dmesg 2>/dev/null || dmesg; } | grep -E 'Run /init|Freeing unused kernel|EXT4-fs \(vd|Run /sbin/init|systemd\[1\]: systemd [0-9]' | head -n 6
+echo '--- critical chain to vibebox-ready.service'
+systemd-analyze critical-chain vibebox-ready.service --no-pager 2>&1 | sed '1,/^The time/d; /^$/d'
+echo '--- 10 slowest units'
+systemd-analyze blame --no-pager 2>&1 | head -n 10";
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(cfg)
+        .arg(alias)
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    b.line("");
+    b.line("boot of the stopped-to-command row, by the guest's clock (systemd-analyze):");
+    b.line("```");
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        b.line(l.trim_end());
+    }
+    b.line("```");
 }
 
 /// A boot of the image with the flags vibebox uses (same preset, CPUs, memory,

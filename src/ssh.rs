@@ -191,6 +191,12 @@ pub fn alias(id: &str) -> String {
 /// `command` is empty, else that command (already shell-quoted). Returns ssh's exit
 /// code (the remote command's, or 255 when ssh itself failed).
 pub fn run(config: &Path, alias: &str, command: Option<&str>, tty: bool) -> std::io::Result<i32> {
+    let status = self::command(config, alias, command, tty).status()?;
+    Ok(status.code().unwrap_or(255))
+}
+
+/// The ssh command [`run`] runs, for a caller that starts it and waits later.
+pub fn command(config: &Path, alias: &str, command: Option<&str>, tty: bool) -> Command {
     let mut cmd = Command::new("ssh");
     cmd.arg("-F").arg(config);
     cmd.arg(if tty { "-t" } else { "-T" });
@@ -198,8 +204,7 @@ pub fn run(config: &Path, alias: &str, command: Option<&str>, tty: bool) -> std:
     if let Some(c) = command {
         cmd.arg("--").arg(c);
     }
-    let status = cmd.status()?;
-    Ok(status.code().unwrap_or(255))
+    cmd
 }
 
 /// Quotes one word for a POSIX shell.

@@ -57,14 +57,20 @@ if ! grep -q 'profile.d/vibebox.sh' /etc/bash.bashrc; then
         >> /etc/bash.bashrc
 fi
 systemctl --no-reload enable vibebox-init.service vibebox-mounts.service vibebox-ready.service
-# fw_cfg and 9p: loaded early, in parallel with the rest, by systemd-modules-load.
-printf 'qemu_fw_cfg\n9pnet_virtio\n9p\n' > /etc/modules-load.d/vibebox.conf
+# fw_cfg: loaded by the initramfs; 9p or virtiofs: by vibebox-init when it
+# mounts a share (systemd-modules-load loading them took 5 s of a TCG boot).
+rm -f /etc/modules-load.d/vibebox.conf
 # The host client prints its own banner.
 : > /etc/motd
 rm -f /etc/update-motd.d/10-uname
 
-# --- network: systemd-networkd DHCP on every ethernet NIC ------------------------
+# --- network: from the host's plan, set by vibebox-init ---------------------------
 say "configuring network"
+# vibebox-init configures the NIC from the fw_cfg entry "network" at the start of
+# the boot (no DHCP round, no wait for udev) and writes /run/vibebox/resolv.conf.
+# systemd-networkd and resolved stay installed, not started: vibebox-init starts
+# them (DHCP) only for a host that passes no plan. The kernel's name for the NIC
+# (eth0) is kept, so udev never renames an interface that is already up.
 # Cloud images: cloud-init rendered the first boot's network for netplan or
 # ifupdown. netplan's generated 10-netplan-*.network would win over ours.
 rm -f /etc/netplan/*.yaml /etc/network/interfaces.d/50-cloud-init \
@@ -82,10 +88,14 @@ IPv6AcceptRA=no
 [DHCPv4]
 UseDomains=yes
 EOF
-systemctl --no-reload enable systemd-networkd.service systemd-resolved.service
+ln -sf /dev/null /etc/systemd/network/99-default.link
+for u in systemd-networkd.service systemd-networkd.socket \
+        systemd-network-generator.service systemd-resolved.service; do
+    systemctl --no-reload disable "$u" >/dev/null 2>&1 || true
+done
 # Nothing in the box should wait for "network online".
 systemctl --no-reload disable systemd-networkd-wait-online.service 2>/dev/null || true
-ln -sf ../run/systemd/resolve/stub-resolv.conf /etc/resolv.conf
+ln -sf ../run/vibebox/resolv.conf /etc/resolv.conf
 # vibebox-init sets the real hostname (fw_cfg) and adds it to /etc/hosts.
 printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts
 printf 'vibebox\n' > /etc/hostname
@@ -97,21 +107,40 @@ rm -f /etc/ssh/ssh_host_*
 # ssh.socket would race vibebox-ready's port check; use the plain service.
 systemctl --no-reload disable ssh.socket 2>/dev/null || true
 systemctl --no-reload enable ssh.service
+# sshd -t before every start re-reads the config and keys in a second sshd (an
+# exec that costs ~0.5 s under TCG); sshd itself refuses a bad config the same way.
+# sshd needs its host key (vibebox-init) and the journal, not the rest of
+# sysinit.target/basic.target (udev's coldplug, tmpfiles, ...): it starts in
+# parallel with them. Logins still wait for systemd-user-sessions, and the host
+# for vibebox-ready, which is ordered after that.
+mkdir -p /etc/systemd/system/ssh.service.d
+cat > /etc/systemd/system/ssh.service.d/10-vibebox.conf <<'EOF'
+[Unit]
+DefaultDependencies=no
+After=vibebox-init.service systemd-journald.socket local-fs.target
+Conflicts=shutdown.target
+Before=shutdown.target
+
+[Service]
+ExecStartPre=
+EOF
 
 # --- root filesystem ------------------------------------------------------------
 # Raw ext4 on /dev/vda (no partition table), or the root partition of a cloud
 # image (its ESP, /boot/efi, is not used by direct kernel boots). vibebox-init
-# grows it (and the partition) online.
+# grows it (and the partition) online. No fsck pass: the initramfs mounted it
+# rw already, and systemd-fsck-root would wait for udev to announce the disk
+# (dev-vda.device, ~10 s into a TCG boot) only to skip itself.
 if [ "$ROOT_DEV" = /dev/vda ]; then
     cat > /etc/fstab <<'EOF'
 # vibebox: raw ext4 on the whole virtio disk; grown to the disk size at boot.
-/dev/vda  /  ext4  rw,discard,errors=remount-ro  0  1
+/dev/vda  /  ext4  rw,discard,errors=remount-ro  0  0
 EOF
 else
     cat > /etc/fstab <<EOF
 # vibebox: ext4 on the last partition of the virtio disk (direct kernel boot,
 # root=$ROOT_DEV); partition and file system grown to the disk size at boot.
-$ROOT_DEV  /  ext4  rw,discard,errors=remount-ro  0  1
+$ROOT_DEV  /  ext4  rw,discard,errors=remount-ro  0  0
 EOF
 fi
 
@@ -169,6 +198,11 @@ virtio_blk
 virtio_mmio
 ext4
 crc32c_generic
+# What vibebox-init needs before udev's coldplug: its NIC, its port to the
+# host and the fw_cfg entries.
+virtio_net
+virtio_console
+qemu_fw_cfg
 EOF
 
 # --- boot speed: nothing a throwaway VM needs -------------------------------------
@@ -204,8 +238,15 @@ blacklist sg
 blacklist sr_mod
 EOF
 # The ssh generator probes AF_VSOCK (loads vsock/vmci) to offer sshd on vsock.
+# The others are for hardware and set-ups a VM booted from its host's kernel
+# never has (encrypted or verity disks, GPT auto-discovery, hibernation, boot
+# counting, TPMs, a login prompt on a console); PID 1 runs every generator
+# before it starts anything, each an exec of its own under TCG.
 mkdir -p /etc/systemd/system-generators
-ln -sf /dev/null /etc/systemd/system-generators/systemd-ssh-generator
+for g in ssh bless-boot cryptsetup gpt-auto hibernate-resume integritysetup \
+        veritysetup tpm2 getty system-update; do
+    ln -sf /dev/null "/etc/systemd/system-generators/systemd-$g-generator"
+done
 # Keep the per-user manager once started (vibebox-ready starts it right after
 # "ready"), so ssh logins do not wait for it.
 mkdir -p /etc/systemd/logind.conf.d
@@ -219,10 +260,32 @@ systemctl --no-reload mask \
     systemd-firstboot.service sshd-keygen.service \
     systemd-pstore.service modprobe@drm.service \
     apparmor.service \
+    dev-hugepages.mount sys-kernel-debug.mount sys-kernel-tracing.mount \
+    sys-fs-fuse-connections.mount sys-kernel-config.mount \
+    modprobe@configfs.service modprobe@dm_mod.service modprobe@efi_pstore.service \
+    modprobe@fuse.service modprobe@loop.service \
     >/dev/null
 # Not every unit exists in every release: masking a missing one is harmless.
+# The mounts are kernel debugging and control file systems nothing in a box
+# uses (a user can still mount them); the modprobe@ units load modules that load
+# themselves when their device node (made by kmod-static-nodes) is opened. Each
+# was a unit of ~2.7 s of the crowded start of a TCG boot.
 # apparmor.service: cloud images have AppArmor (the kernel's Recommends), the
 # built image does not; loading its profiles took 10 s per boot under TCG.
+
+# kmod-static-nodes heads the chain to sysinit.target (and so to sshd's logins):
+# at every boot it turns the kernel's modules.devname into device nodes that
+# load their module when opened (/dev/fuse, /dev/loop-control, /dev/net/tun).
+# A box always boots the image's own kernel, so that list is made here, once.
+for kdir in /lib/modules/*/; do
+    [ -r "${kdir}modules.devname" ] || continue
+    awk '/^#/ || NF != 3 { next }
+        { n = split($2, p, "/"); d = "/dev"
+          for (i = 1; i < n; i++) { d = d "/" p[i]; if (!(d in seen)) { seen[d]; print "d " d " 0755 - - -" } }
+          printf "%s! /dev/%s 0600 - - - %s\n", substr($3, 1, 1), $2, substr($3, 2) }' \
+        "${kdir}modules.devname" > /etc/tmpfiles.d/vibebox-static-nodes.conf
+    systemctl --no-reload mask kmod-static-nodes.service >/dev/null
+done
 
 systemctl --no-reload set-default multi-user.target
 

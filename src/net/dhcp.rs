@@ -167,6 +167,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The guest configures itself from the plan vibebox hands it (fw_cfg
+    /// `network`) and asks DHCP only without it: both must give the same answer.
+    #[test]
+    fn the_lease_is_the_plan_the_guest_is_given() {
+        let (lan, plan) = (Lan::default(), crate::vm::fwcfg::NETWORK);
+        assert_eq!(lan.guest, plan.address);
+        assert_eq!(lan.prefix_len, plan.prefix_len);
+        assert_eq!(lan.gateway, plan.gateway);
+        assert_eq!(lan.dns, plan.dns);
+    }
+
     const CLIENT: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 
     /// A client's DISCOVER or REQUEST, built with the same wire code.

@@ -2,6 +2,7 @@
 //! entries (`opt/org.vibebox/<key>`). The contract is documented at the top of
 //! `images/guest/vibebox-init`.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use super::mounts::Access;
@@ -35,6 +36,35 @@ pub struct GuestConfig {
     /// Guest paths of git directories the guest sees through an overlay on its own
     /// disk: the share beneath is read-only there, and guest git must still write.
     pub git_overlays: Vec<PathBuf>,
+}
+
+/// The guest's address plan, handed to it so `vibebox-init` configures the NIC at
+/// once instead of asking DHCP after udev has settled (seconds of every boot under
+/// TCG). Both networks a guest meets use this plan: vibebox's gateway (whose DHCP
+/// server still answers the same, see `net::dhcp::Lan`) and QEMU's user networking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestNetwork {
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub dns: Ipv4Addr,
+}
+
+pub const NETWORK: GuestNetwork = GuestNetwork {
+    address: Ipv4Addr::new(10, 0, 2, 15),
+    prefix_len: 24,
+    gateway: Ipv4Addr::new(10, 0, 2, 2),
+    dns: Ipv4Addr::new(10, 0, 2, 3),
+};
+
+impl GuestNetwork {
+    /// The `network` entry: `address A/P`, `gateway G`, `dns D`, one per line.
+    pub fn entry(&self) -> String {
+        format!(
+            "address {}/{}\ngateway {}\ndns {}\n",
+            self.address, self.prefix_len, self.gateway, self.dns
+        )
+    }
 }
 
 /// The mount table: `fstype<TAB>tag<TAB>mode<TAB>guest_path` per line. Paths with a
@@ -105,6 +135,7 @@ impl GuestConfig {
             ("explain", self.explain.clone().into_bytes()),
             ("mounts", mounts_table(&self.mounts).into_bytes()),
             ("git_overlay", lines(&self.git_overlays).into_bytes()),
+            ("network", NETWORK.entry().into_bytes()),
         ];
         if let Some(w) = &self.workdir {
             e.push(("workdir", w.display().to_string().into_bytes()));
@@ -155,6 +186,10 @@ mod tests {
             "vibebox-my-project-2"
         );
         assert_eq!(hostname_for(Path::new("/x/ééé")), "vibebox");
+        assert_eq!(
+            NETWORK.entry(),
+            "address 10.0.2.15/24\ngateway 10.0.2.2\ndns 10.0.2.3\n"
+        );
         assert!(hostname_for(Path::new(&format!("/x/{}", "a".repeat(100)))).len() <= 63);
     }
 }

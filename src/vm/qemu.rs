@@ -221,10 +221,19 @@ pub fn argv(spec: &Spec<'_>) -> Vec<OsString> {
             // kernel again) instead of leaving a dead VM: under multi-threaded TCG the
             // guest kernel now and then hits a spurious int3 oops while it patches its
             // own code early in boot, and a second boot gets past it.
+            // Under TCG nothing executes speculatively, so the kernel's Spectre and
+            // Meltdown mitigations protect nothing there, and cost the most there
+            // (page-table isolation switches page tables, so TCG flushes its TLB,
+            // at every system call).
+            let tcg = if spec.accel == Accelerator::Tcg {
+                " mitigations=off"
+            } else {
+                ""
+            };
             push(&[
                 "-append",
                 &format!(
-                    "{cmdline} console={} oops=panic panic=-1",
+                    "{cmdline} console={} oops=panic panic=-1{tcg}",
                     spec.preset.console
                 ),
             ]);
@@ -418,7 +427,7 @@ mod tests {
         assert_eq!(after(&argv, "-kernel"), ["/img/vmlinuz"]);
         assert_eq!(
             after(&argv, "-append"),
-            ["root=/dev/vda rw console=ttyS0 oops=panic panic=-1"]
+            ["root=/dev/vda rw console=ttyS0 oops=panic panic=-1 mitigations=off"]
         );
         assert_eq!(
             after(&argv, "-drive"),
@@ -438,6 +447,15 @@ mod tests {
         assert!(argv.iter().any(|a| a.contains("name=org.vibebox.guest")));
         assert_eq!(after(&argv, "-qmp"), ["unix:qmp.sock,server=on,wait=off"]);
         assert!(!argv.iter().any(|a| a.contains("memory-backend")));
+    }
+
+    #[test]
+    fn mitigations_off_only_under_tcg() {
+        let p = Preset::for_arch("x86_64").unwrap();
+        let mut spec = base(&p, &[], &[]);
+        spec.accel = Accelerator::Kvm;
+        let argv = strings(argv(&spec));
+        assert!(!after(&argv, "-append")[0].contains("mitigations"));
     }
 
     #[test]
