@@ -6,5 +6,6 @@ pub mod delete;
 pub mod fetch;
 pub mod open;
 pub mod project;
+pub mod tasks;
 
 pub use crate::store::SessionId;
