@@ -166,7 +166,7 @@ impl Box {
 
 impl Drop for Box {
     fn drop(&mut self) {
-        let _ = self.vibebox(&["stop"]);
+        let _ = self.vibebox(&["stop", "-y"]);
     }
 }
 
@@ -869,9 +869,8 @@ fn pids_of(argv: &[&str]) -> Vec<i32> {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
             let cmdline = fs::read(e.path().join("cmdline")).ok()?;
             let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            (words.len() >= argv.len()
-                && argv.iter().zip(&words).all(|(a, w)| a.as_bytes() == *w))
-            .then_some(pid)
+            (words.len() >= argv.len() && argv.iter().zip(&words).all(|(a, w)| a.as_bytes() == *w))
+                .then_some(pid)
         })
         .collect()
 }
@@ -906,7 +905,12 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         return;
     }
     let _vm = vm_lock();
-    let b = Box::new(&images, "tasks", "[supervisor]\nauto_shutdown_ms = 2000\n");
+    let mut b = Box::new(&images, "tasks", "[supervisor]\nauto_shutdown_ms = 2000\n");
+    // The supervisor's idle checks, in its log.
+    b.env_vars.push((
+        "VIBEBOX_LOG".into(),
+        "vibebox::supervisor::daemon=info".into(),
+    ));
     let counter = "i=0; while [ ! -e /tmp/stop-counter ]; do printf '\\033[1;31mtick-%d\\033]0;title\\007\\n' $i; i=$((i+1)); sleep 1; done";
     let out = b.vibebox(&["launch", "ctr", "--", "sh", "-c", counter]);
     assert!(ok(&out).contains("vibebox attach ctr"), "{}", out.stdout);
@@ -934,7 +938,17 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
             b.env.vibebox_home().display(),
             b.env.home().display()
         );
-        let o = tmux(&["new-session", "-d", "-s", t, "-x", "120", "-y", "30", &shell]);
+        let o = tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            t,
+            "-x",
+            "120",
+            "-y",
+            "30",
+            &shell,
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     let screen = |t: &str| {
@@ -966,7 +980,13 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
     let config = sd.join("ssh/config");
     let config = config.to_str().unwrap();
     let check = Command::new("ssh")
-        .args(["-F", config, "-O", "check", &format!("vibebox-{}", &b.id()[..8])])
+        .args([
+            "-F",
+            config,
+            "-O",
+            "check",
+            &format!("vibebox-{}", &b.id()[..8]),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&check.stderr).into_owned();
@@ -991,7 +1011,10 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let logs = ok(&b.vibebox(&["logs", "ctr"])).to_string();
-    assert!(!logs.contains('\u{1b}') && !logs.contains("title"), "{logs:?}");
+    assert!(
+        !logs.contains('\u{1b}') && !logs.contains("title"),
+        "{logs:?}"
+    );
 
     // Two terminals on one task both see its output go on, from before they came.
     term("two", "attach ctr");
@@ -1003,13 +1026,21 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         });
     }
     let later = last_tick(&screen("two")).unwrap();
-    wait_screen("three", "what terminal two saw", &|s| s.contains(&format!("tick-{later}")));
+    wait_screen("three", "what terminal two saw", &|s| {
+        s.contains(&format!("tick-{later}"))
+    });
     let tasks: serde_json::Value =
         serde_json::from_str(ok(&b.vibebox(&["tasks", "--json"]))).unwrap();
     assert_eq!(tasks[0]["name"], "ctr", "{tasks}");
     assert_eq!(tasks[0]["state"], "running", "{tasks}");
     assert_eq!(tasks[0]["attached"], 2, "{tasks}");
-    assert!(tasks[0]["last_output"].as_str().unwrap().starts_with("tick-"), "{tasks}");
+    assert!(
+        tasks[0]["last_output"]
+            .as_str()
+            .unwrap()
+            .starts_with("tick-"),
+        "{tasks}"
+    );
     // The detach key leaves the task running.
     tmux(&["send-keys", "-t", "two", "C-\\"]);
     wait_screen("two", "the detach", &|s| s.contains("two-EXIT=0"));
@@ -1036,7 +1067,10 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
     ok(&b.vibebox(&["launch", "sleeper", "--", "sleep", "1000"]));
     ok(&b.vibebox(&["kill", "sleeper"]));
     let tasks = ok(&b.vibebox(&["tasks", "--json"])).to_string();
-    assert!(tasks.contains("\"exited 7\"") && !tasks.contains("sleeper"), "{tasks}");
+    assert!(
+        tasks.contains("\"exited 7\"") && !tasks.contains("sleeper"),
+        "{tasks}"
+    );
     assert_eq!(b.vibebox(&["wait", "sleeper"]).code, 1);
 
     // No client left: the running task keeps the VM up past auto_shutdown_ms ...
@@ -1048,7 +1082,11 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         .unwrap_or_default()
         .contains("task(s) run in the guest; keeping the VM up")
     {
-        assert!(Instant::now() < deadline, "no idle check came; logs:\n{}", b.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no idle check came; logs:\n{}",
+            b.logs()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(b.status().0, "running");

@@ -50,6 +50,8 @@ pub enum Error {
     Fetch(#[from] crate::session::fetch::FetchError),
     #[error(transparent)]
     Task(#[from] crate::session::tasks::TaskError),
+    #[error(transparent)]
+    Agent(#[from] crate::session::agents::AgentError),
     /// A guest command's exit status, passed through.
     #[error("exit status {0}")]
     Exit(i32),
@@ -173,9 +175,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Image(cmd)) => image::run(&home, cmd),
         Some(Command::Exec { command }) => exec::run(&home, &start_dir(&cli)?, command),
-        Some(Command::Stop { id, yes }) => {
-            stop::run(&home, &start_dir(&cli)?, id.as_deref(), *yes)
-        }
+        Some(Command::Stop { id, yes }) => stop::run(&home, &start_dir(&cli)?, id.as_deref(), *yes),
         Some(Command::Launch {
             name,
             attach,

@@ -7,8 +7,8 @@ use std::path::Path;
 use super::{Error, up};
 use crate::escape::escape;
 use crate::paths::{Home, SessionDir};
-use crate::session::project;
 use crate::session::tasks::{self, Task, TaskError};
+use crate::session::{agents, project};
 use crate::supervisor::client::Attached;
 use crate::supervisor::{self, State};
 
@@ -41,7 +41,20 @@ pub fn launch(
         None => tasks::default_name(command)?,
     };
     tasks::detach_key()?;
+    // `vibebox launch claude [-- ARGS]`: a preset's name runs that agent (installed
+    // on first use), with ARGS as its arguments.
+    let agent = agents::find(&name)?;
     let (root, outcome, config) = up::open_project(home, start)?;
+    if let Some(a) = &agent {
+        let missing = a.missing_domains(&config);
+        if !missing.is_empty() {
+            eprintln!(
+                "vibebox: {} needs {}, which this project's [network] policy does not let through: add them to `entries` in vibebox.toml (the next start asks you to approve it)",
+                a.name,
+                missing.join(", ")
+            );
+        }
+    }
     up::approve(home, &root, outcome.id, &config, true)?;
     up::ensure_image(home, &config)?;
     let attached = up::attach(home, &root, outcome.id, false)?;
@@ -49,7 +62,18 @@ pub fn launch(
     let size = terminal_size::terminal_size()
         .map(|(w, h)| (w.0, h.0))
         .unwrap_or((160, 48));
-    tasks::launch(&sd, &name, &root.to_string_lossy(), size, command)?;
+    let dir = root.to_string_lossy();
+    match &agent {
+        Some(a) => tasks::launch(
+            &sd,
+            &name,
+            &dir,
+            size,
+            &a.task_command(command),
+            Some(&a.display(command)),
+        )?,
+        None => tasks::launch(&sd, &name, &dir, size, command, None)?,
+    }
     if attach_now {
         let code = tasks::attach(&sd, &name)?;
         return up::finish(attached, code);

@@ -2,6 +2,7 @@
 //! One path for each, so that every way of removing a session stops its VM first,
 //! outside every global lock, and removes state only once the VM is gone.
 
+pub mod agents;
 pub mod delete;
 pub mod fetch;
 pub mod open;

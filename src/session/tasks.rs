@@ -44,7 +44,9 @@ pub enum TaskError {
     NoTasks,
     #[error("more than one task runs ({0}): name one, e.g. `vibebox attach {1}`")]
     WhichTask(String, String),
-    #[error("task {0} is already running: attach with `vibebox attach {0}`, end it with `vibebox kill {0}`")]
+    #[error(
+        "task {0} is already running: attach with `vibebox attach {0}`, end it with `vibebox kill {0}`"
+    )]
     AlreadyRunning(String),
     #[error("the VM has no tmux (its image predates tasks): run `sudo apt-get install tmux` in it")]
     NoTmux,
@@ -191,16 +193,20 @@ fn failed(code: i32, name: &str, stderr: String) -> TaskError {
 }
 
 /// Starts `command` (the login shell when empty) as task `name` in `dir`, with a
-/// terminal of `size` (columns, rows) until a client attaches.
+/// terminal of `size` (columns, rows) until a client attaches; `vibebox tasks`
+/// shows it as `shown` (default: the command).
 pub fn launch(
     sd: &SessionDir,
     name: &str,
     dir: &str,
     size: (u16, u16),
     command: &[String],
+    shown: Option<&str>,
 ) -> Result<(), TaskError> {
     validate_name(name)?;
-    let text = if command.is_empty() {
+    let text = if let Some(s) = shown {
+        s.to_string()
+    } else if command.is_empty() {
         "(login shell)".to_string()
     } else {
         command
@@ -447,7 +453,17 @@ mod tests {
         for ok in ["claude", "a", "my-task_2", "X1"] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-x", "_x", "a.b", "a:b", "a b", "é", "a\n", &"x".repeat(33)] {
+        for bad in [
+            "",
+            "-x",
+            "_x",
+            "a.b",
+            "a:b",
+            "a b",
+            "é",
+            "a\n",
+            &"x".repeat(33),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
         let words = |s: &[&str]| s.iter().map(|w| w.to_string()).collect::<Vec<_>>();
