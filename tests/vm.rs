@@ -1073,6 +1073,85 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
     );
     assert_eq!(b.vibebox(&["wait", "sleeper"]).code, 1);
 
+    // An agent preset: installed from its registry on first use only, then run.
+    // The stand-in registry is a static server in the VM itself (no network).
+    let reg = b.project.join("registry");
+    let pkg = b.env.tmp.path().join("pkg/package");
+    fs::create_dir_all(reg.join("vbx-stand/-")).unwrap();
+    fs::create_dir_all(&pkg).unwrap();
+    fs::write(
+        pkg.join("package.json"),
+        r#"{"name":"vbx-stand","version":"1.0.0","bin":{"vbx-stand":"bin.js"}}"#,
+    )
+    .unwrap();
+    fs::write(
+        pkg.join("bin.js"),
+        "#!/usr/bin/env node\nconsole.log('STAND-IN-RAN ' + process.argv.slice(2).join(' '));\n",
+    )
+    .unwrap();
+    let tar = Command::new("tar")
+        .arg("czf")
+        .arg(reg.join("vbx-stand/-/vbx-stand-1.0.0.tgz"))
+        .arg("-C")
+        .arg(pkg.parent().unwrap())
+        .arg("package")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    fs::write(
+        reg.join("vbx-stand/index.html"),
+        r#"{"name":"vbx-stand","dist-tags":{"latest":"1.0.0"},"versions":{"1.0.0":{"name":"vbx-stand","version":"1.0.0","bin":{"vbx-stand":"bin.js"},"dist":{"tarball":"http://127.0.0.1:4873/vbx-stand/-/vbx-stand-1.0.0.tgz"}}}}"#,
+    )
+    .unwrap();
+    let agents = b.env.tmp.path().join("agents");
+    fs::create_dir_all(&agents).unwrap();
+    fs::write(
+        agents.join("stand.toml"),
+        "description = \"a stand-in agent\"\npackage = \"vbx-stand\"\nversion = \"latest\"\ncommand = [\"vbx-stand\", \"--from-preset\"]\ndomains = []\nlogin = [\"~/.stand\"]\nregistry = \"http://127.0.0.1:4873/\"\n",
+    )
+    .unwrap();
+    ok(&b.vibebox(&[
+        "launch",
+        "registry",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "4873",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        reg.to_str().unwrap(),
+    ]));
+    let agent = |b: &Box| {
+        let mut c = b.cmd();
+        c.env("VIBEBOX_AGENTS", &agents)
+            .args(["launch", "stand", "--", "hello"]);
+        let out = run(c);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let w = b.vibebox(&["wait", "stand"]);
+        let logs = ok(&b.vibebox(&["logs", "stand"])).to_string();
+        assert_eq!(w.code, 0, "{logs}");
+        assert!(logs.contains("STAND-IN-RAN --from-preset hello"), "{logs}");
+        logs
+    };
+    let first = agent(&b);
+    assert!(
+        first.contains("vibebox: installing vbx-stand@latest"),
+        "{first}"
+    );
+    let second = agent(&b);
+    assert!(!second.contains("installing"), "{second}");
+    let served = ok(&b.vibebox(&["logs", "registry"])).to_string();
+    assert_eq!(
+        served
+            .matches("GET /vbx-stand/-/vbx-stand-1.0.0.tgz")
+            .count(),
+        1,
+        "{served}"
+    );
+    ok(&b.vibebox(&["kill", "registry"]));
+
     // No client left: the running task keeps the VM up past auto_shutdown_ms ...
     tmux(&["kill-server"]);
     b.wait_status(60, |_, clients| clients == 0);

@@ -96,7 +96,7 @@ if [ "$(cat "$p/.vibebox-installed" 2>/dev/null)" != "$want" ] || [ ! -x "$p/bin
     command -v npm >/dev/null 2>&1 || { echo "vibebox: npm is not installed in the VM (sudo apt-get install npm)"; exit 127; }
     echo "vibebox: installing $want (first use; kept in $p)"
     mkdir -p "$p" || exit 1
-    npm install --global --no-fund --no-audit --prefix "$p" ${reg:+--registry "$reg"} "$pkg@$ver" ||
+    npm install --global --no-fund --no-audit --update-notifier=false --prefix "$p" ${reg:+--registry "$reg"} "$pkg@$ver" ||
         { echo "vibebox: installing $pkg failed"; exit 1; }
     printf '%s\n' "$want" > "$p/.vibebox-installed"
 fi
