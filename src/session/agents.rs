@@ -192,6 +192,6 @@ mod tests {
             !missing.contains(&"api.anthropic.com".to_string()),
             "{missing:?}"
         );
-        assert!(missing.contains(&"claude.ai".to_string()), "{missing:?}");
+        assert_eq!(missing, ["console.anthropic.com"]);
     }
 }

@@ -388,8 +388,9 @@ pub fn kill(sd: &SessionDir, name: &str) -> Result<(), TaskError> {
 }
 
 /// Text for the host terminal from a task's raw output: terminal control sequences
-/// (colours, cursor movement, titles, ...) removed, carriage returns dropped, other
-/// control and format characters shown escaped. Keeps newlines and tabs.
+/// (colours, cursor movement, titles, ...) removed, a line redrawn after a carriage
+/// return kept as last drawn, other control and format characters shown escaped.
+/// Keeps newlines and tabs.
 pub fn strip_terminal(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::with_capacity(text.len());
@@ -407,7 +408,14 @@ pub fn strip_terminal(bytes: &[u8]) -> String {
             },
             '\u{9b}' => skip_csi(&mut chars),
             '\u{9d}' | '\u{90}' | '\u{98}' | '\u{9e}' | '\u{9f}' => skip_string(&mut chars),
-            '\r' | '\x07' | '\x08' | '\x0e' | '\x0f' => {}
+            // A carriage return inside a line redraws it (progress bars, spinners):
+            // what it overwrote goes, as on a terminal.
+            '\r' => {
+                if !matches!(chars.peek(), None | Some('\n' | '\r')) {
+                    out.truncate(out.rfind('\n').map_or(0, |i| i + 1));
+                }
+            }
+            '\x07' | '\x08' | '\x0e' | '\x0f' => {}
             '\n' | '\t' => out.push(c),
             c if c.is_control() || crate::escape::is_format_char(c) => {
                 out.push_str(&format!("\\u{{{:x}}}", c as u32));
@@ -510,6 +518,7 @@ mod tests {
         assert_eq!(strip_terminal(b"\x1b(Bx\x1b=y"), "xy");
         assert_eq!(strip_terminal("x\u{202e}y".as_bytes()), "x\\u{202e}y");
         assert_eq!(strip_terminal(b"\x00\x7f"), "\\u{0}\\u{7f}");
+        assert_eq!(strip_terminal(b"a\n10%\r50%\r\x1b[Kdone\r\n"), "a\ndone\n");
     }
 
     proptest! {
