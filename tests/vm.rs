@@ -1052,6 +1052,21 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
     });
     tmux(&["send-keys", "-t", "shell", ":exit", "Enter"]);
     wait_screen("shell", "the shell's end", &|s| s.contains("shell-EXIT=0"));
+    // `launch -a` attaches at once; `:detach` in the task's shell leaves it running.
+    term("four", "launch -a");
+    tmux(&[
+        "send-keys",
+        "-t",
+        "four",
+        "echo TASK-IS-$VIBEBOX_TASK",
+        "Enter",
+    ]);
+    wait_screen("four", "the task's shell", &|s| s.contains("TASK-IS-shell"));
+    tmux(&["send-keys", "-t", "four", ":detach", "Enter"]);
+    wait_screen("four", "the detach", &|s| s.contains("four-EXIT=0"));
+    let tasks = ok(&b.vibebox(&["tasks", "--json"])).to_string();
+    assert!(tasks.contains("\"name\": \"shell\""), "{tasks}");
+    ok(&b.vibebox(&["kill", "shell"]));
     let stop = b.vibebox(&["stop"]);
     assert_eq!(stop.code, 1, "{}", stop.stderr);
     assert!(
