@@ -76,7 +76,8 @@ no_task() { echo "no task named $1" >&2; exit 4; }
 # wrapper writes it; tmux knows it when the wrapper itself was killed.
 code_of() {
     if [ -s "$D/logs/$1/status" ]; then
-        cat "$D/logs/$1/status"
+        read -r s < "$D/logs/$1/status"
+        echo "$s"
         return 0
     fi
     s=$(field "$1" '#{pane_dead_status}|#{pane_dead_signal}') || return 1
@@ -149,18 +150,24 @@ exit $rc'
     t wait-for -S "vibebox-go-$name"
     ;;
 list)
-    # Per task: "task NAME CREATED ATTACHED DEAD CODE", "command TEXT", "last TEXT"
-    # (tab-separated).
+    # One line per task, "task NAME CREATED ATTACHED DEAD CODE COMMAND" (tab
+    # separated), then its screen between "screen" and "end" lines (the host
+    # takes the last line of output). Few processes: each costs under TCG.
     command -v tmux >/dev/null 2>&1 || exit 0
-    t list-sessions -F '#{session_name}' 2>/dev/null | while IFS= read -r name; do
-        f=$(field "$name" '#{session_created}	#{session_attached}	#{pane_dead}') || continue
-        code=
-        [ "${f##*	}" = 1 ] && code=$(code_of "$name")
-        printf 'task\t%s\t%s\t%s\n' "$name" "$f" "$code"
-        printf 'command\t%s\n' "$(field "$name" '#{@vibebox_command}' | tr '\n\t' '  ')"
-        last=$(t capture-pane -p -J -t "=$name:" 2>/dev/null | grep -v '^\[vibebox: the task ended' |
-            grep -v '^[[:space:]]*$' | tail -n 1 | cut -c 1-300)
-        printf 'last\t%s\n' "$last"
+    t list-panes -a -F '#{session_name}	#{session_created}	#{session_attached}	#{pane_dead}	c#{pane_dead_status}#{?pane_dead_signal,|#{pane_dead_signal},}	#{@vibebox_command}' 2>/dev/null |
+    while IFS='	' read -r name created attached dead code command; do
+        code=${code#c}
+        if [ "$dead" = 1 ] && [ -s "$D/logs/$name/status" ]; then
+            read -r code < "$D/logs/$name/status"
+        fi
+        case ${code#*|} in
+            "$code" | '' | *[!0-9]*) ;;
+            *) code=$((128 + ${code#*|})) ;;
+        esac
+        printf 'task\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$created" "$attached" "$dead" "$code" "$command"
+        echo screen
+        t capture-pane -p -J -S -30 -t "=$name:" 2>/dev/null
+        echo end
     done
     ;;
 attach)
@@ -175,14 +182,11 @@ attach)
             *) echo "more than one task: $(printf '%s' "$names" | tr '\n' ' ')" >&2; exit 6 ;;
         esac
     fi
-    exists "$name" || no_task "$name"
-    setup
-    t attach-session -t "=$name"
-    rc=$?
-    if [ $rc -eq 0 ] && exists "$name" && ! running "$name"; then
+    t attach-session -t "=$name" || { exists "$name" || no_task "$name"; exit 1; }
+    if [ "$(field "$name" '#{pane_dead}')" = 1 ]; then
         echo "vibebox: task $name ended with status $(code_of "$name")"
     fi
-    exit $rc
+    exit 0
     ;;
 logs)
     # logs NAME [-f]: the output kept in the VM (the last 1-2 MiB), raw.

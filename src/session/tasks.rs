@@ -215,6 +215,8 @@ pub fn launch(
             .collect::<Vec<_>>()
             .join(" ")
     };
+    // One line in the guest's list.
+    let text = text.replace(['\n', '\t', '\r'], " ");
     let cols = size.0.clamp(20, 1000).to_string();
     let rows = size.1.clamp(5, 1000).to_string();
     let mut args = vec![name, dir, &cols, &rows, &text];
@@ -233,57 +235,61 @@ pub fn list(sd: &SessionDir) -> Result<Vec<Task>, TaskError> {
     }
 }
 
-/// Parses `tasks.sh list`: per task a `task`, a `command` and a `last` line, tab
-/// separated. Guest text: a malformed line is skipped, never trusted.
+/// Parses `tasks.sh list`: per task a tab-separated `task` line, then its screen
+/// between `screen` and `end` lines. Guest text: a malformed line is skipped,
+/// never trusted.
 pub fn parse_list(text: &str) -> Vec<Task> {
     let mut tasks: Vec<Task> = Vec::new();
-    // Whether the last `task` line was taken: the lines after a skipped one are not
-    // the task's before it.
+    // Whether the last `task` line was taken: a screen after a skipped one is not
+    // the screen of the task before it.
     let mut current = false;
+    let mut in_screen = false;
     for line in text.lines() {
-        let (kind, rest) = line.split_once('\t').unwrap_or((line, ""));
-        match kind {
-            "task" => {
-                let f: Vec<&str> = rest.split('\t').collect();
-                current = f.len() >= 4 && validate_name(f[0]).is_ok();
-                if !current {
-                    continue;
-                }
-                let dead = f[3] == "1";
-                let exit_code = if dead {
-                    Some(f.get(4).and_then(|c| c.trim().parse().ok()).unwrap_or(-1))
-                } else {
-                    None
-                };
-                tasks.push(Task {
-                    name: f[0].to_string(),
-                    command: String::new(),
-                    state: match exit_code {
-                        None => "running".into(),
-                        Some(-1) => "exited".into(),
-                        Some(c) => format!("exited {c}"),
-                    },
-                    exit_code,
-                    started: f[1]
-                        .parse::<i64>()
-                        .ok()
-                        .and_then(|s| DateTime::from_timestamp(s, 0)),
-                    attached: f[2].parse().unwrap_or(0),
-                    last_output: String::new(),
-                });
+        if in_screen {
+            if line == "end" {
+                in_screen = false;
+            } else if current
+                && !line.trim().is_empty()
+                && !line.starts_with("[vibebox: the task ended")
+                && let Some(t) = tasks.last_mut()
+            {
+                t.last_output = strip_terminal(line.trim_end().as_bytes());
             }
-            "command" if current => {
-                if let Some(t) = tasks.last_mut() {
-                    t.command = rest.trim().to_string();
-                }
-            }
-            "last" if current => {
-                if let Some(t) = tasks.last_mut() {
-                    t.last_output = strip_terminal(rest.trim_end().as_bytes());
-                }
-            }
-            _ => {}
+            continue;
         }
+        if line == "screen" {
+            in_screen = true;
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("task\t") else {
+            continue;
+        };
+        let f: Vec<&str> = rest.splitn(6, '\t').collect();
+        current = f.len() >= 5 && validate_name(f[0]).is_ok();
+        if !current {
+            continue;
+        }
+        let exit_code = if f[3] == "1" {
+            Some(f[4].trim().parse().unwrap_or(-1))
+        } else {
+            None
+        };
+        tasks.push(Task {
+            name: f[0].to_string(),
+            command: f.get(5).unwrap_or(&"").trim().to_string(),
+            state: match exit_code {
+                None => "running".into(),
+                Some(-1) => "exited".into(),
+                Some(c) => format!("exited {c}"),
+            },
+            exit_code,
+            started: f[1]
+                .parse::<i64>()
+                .ok()
+                .and_then(|s| DateTime::from_timestamp(s, 0)),
+            attached: f[2].parse().unwrap_or(0),
+            last_output: String::new(),
+        });
     }
     tasks
 }
@@ -488,10 +494,10 @@ mod tests {
 
     #[test]
     fn parses_the_guest_list() {
-        let out = "task\tclaude\t1796228741\t2\t0\t\ncommand\tclaude --resume \nlast\t\x1b[1mWorking\x1b[0m…\r\n\
-                   task\tdone\t1796228741\t0\t1\t3\ncommand\tmake\nlast\tok\n\
-                   task\tkilled\t1\t0\t1\t\ncommand\tx\n\
-                   task\tbad name\t1\t0\t0\t\ncommand\tevil\nlast\tevil\n\
+        let out = "task\tclaude\t1796228741\t2\t0\t\tclaude --resume \nscreen\n\x1b[1mWorking\x1b[0m…\r\n\n\nend\n\
+                   task\tdone\t1796228741\t0\t1\t3\tmake\tx\nscreen\nok\n[vibebox: the task ended (status 3)]\nend\n\
+                   task\tkilled\t1\t0\t1\t\tx\n\
+                   task\tbad name\t1\t0\t0\t\tevil\nscreen\nevil\nend\n\
                    garbage line\n";
         let t = parse_list(out);
         assert_eq!(t.len(), 3, "{t:?}");
@@ -504,9 +510,11 @@ mod tests {
         assert_eq!(t[0].started.unwrap().timestamp(), 1796228741);
         assert_eq!(t[1].state, "exited 3");
         assert_eq!(t[1].exit_code, Some(3));
+        assert_eq!(t[1].command, "make\tx");
+        assert_eq!(t[1].last_output, "ok");
         assert_eq!(t[2].state, "exited");
-        // The bad name's lines are not attached to the task before it.
-        assert_eq!(t[2].command, "x");
+        // The bad name's screen is not given to the task before it.
+        assert_eq!(t[2].last_output, "");
     }
 
     #[test]
