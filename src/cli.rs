@@ -57,7 +57,44 @@ pub enum Command {
     Stop {
         /// A session id or unique prefix; default: this project's session.
         id: Option<String>,
+        /// Stop even while tasks run in the VM (they end).
+        #[arg(short = 'y', long = "yes")]
+        yes: bool,
     },
+    /// Start a command (default: your login shell) as a task in the project's VM:
+    /// a terminal session that outlives this terminal, ssh and the connection.
+    Launch {
+        /// The task's name (default: the command's name).
+        name: Option<String>,
+        /// Attach this terminal to the task at once.
+        #[arg(short = 'a', long = "attach")]
+        attach: bool,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Attach this terminal to a task (detach with Ctrl-\; the task keeps running).
+    Attach {
+        /// The task (default: the only one).
+        name: Option<String>,
+    },
+    /// List the tasks in the project's VM.
+    Tasks {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's output (the last 1 to 2 MiB, kept in the VM).
+    Logs {
+        name: String,
+        /// Keep printing while the task runs.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Wait until a task ends; exits with its exit status.
+    Wait { name: String },
+    /// End a task and forget it.
+    Kill { name: String },
     /// Print an ssh config block for this project's VM (for editors, scp, rsync).
     SshConfig,
     /// Manage base images (`~/.vibebox/images/`).

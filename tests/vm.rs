@@ -166,7 +166,7 @@ impl Box {
 
 impl Drop for Box {
     fn drop(&mut self) {
-        let _ = self.vibebox(&["stop"]);
+        let _ = self.vibebox(&["stop", "-y"]);
     }
 }
 
@@ -1188,6 +1188,338 @@ fn interactive_shell_and_vibebox_commands() {
     keys(":exit");
     wait_for("VIBEBOX-EXIT=0", 30);
     tmux(&["kill-server"]);
+}
+
+// ---- tasks: terminal sessions in the VM that outlive every client ----
+
+/// The pids of processes whose command line starts with `argv` (as given).
+fn pids_of(argv: &[&str]) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            (words.len() >= argv.len() && argv.iter().zip(&words).all(|(a, w)| a.as_bytes() == *w))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// The highest `tick-N` in `text`.
+fn last_tick(text: &str) -> Option<u64> {
+    text.split("tick-")
+        .skip(1)
+        .filter_map(|r| {
+            r.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
+/// A task printing a counter survives `kill -9` of its attached client, of that
+/// client's ssh and of the ssh control master; attaching again shows the output
+/// that went on meanwhile; two terminals attached to one task both see it; logs
+/// come without terminal control sequences; `wait` gives the exit status; `stop`
+/// refuses without `-y` while a task runs; `vibebox` names the running tasks; and
+/// the idle shutdown waits for running tasks, then comes once they end.
+#[test]
+fn tasks_outlive_their_clients_and_keep_the_vm_up() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    if which::which("tmux").is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install tmux");
+        return;
+    }
+    let _vm = vm_lock();
+    let mut b = Box::new(&images, "tasks", "[supervisor]\nauto_shutdown_ms = 2000\n");
+    // The supervisor's idle checks, in its log.
+    b.env_vars.push((
+        "VIBEBOX_LOG".into(),
+        "vibebox::supervisor::daemon=info".into(),
+    ));
+    let counter = "i=0; while [ ! -e /tmp/stop-counter ]; do printf '\\033[1;31mtick-%d\\033]0;title\\007\\n' $i; i=$((i+1)); sleep 1; done";
+    let out = b.vibebox(&["launch", "ctr", "--", "sh", "-c", counter]);
+    assert!(ok(&out).contains("vibebox attach ctr"), "{}", out.stdout);
+    // Launching a running task's name again is refused.
+    let again = b.vibebox(&["launch", "ctr", "--", "true"]);
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(again.stderr.contains("already running"), "{}", again.stderr);
+    assert_eq!(b.vibebox(&["launch", "a.b"]).code, 2);
+
+    // Terminals on the host: tmux sessions running `vibebox attach`.
+    let socket = b.env.tmp.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let bin = env!("CARGO_BIN_EXE_vibebox");
+    let term = |t: &str, args: &str| {
+        let shell = format!(
+            "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}' VIBEBOX_VIRTIOFSD=off; '{bin}' {args}; echo {t}-EXIT=$?; sleep 600",
+            b.project.display(),
+            b.env.vibebox_home().display(),
+            b.env.home().display()
+        );
+        let o = tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            t,
+            "-x",
+            "120",
+            "-y",
+            "30",
+            &shell,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let screen = |t: &str| {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-100", "-t", t]).stdout)
+            .into_owned()
+    };
+    let wait_screen = |t: &str, what: &str, pred: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = screen(t);
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "terminal {t} never showed {what}; screen:\n{s}\nlogs:\n{}",
+                b.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let logs_tick = || last_tick(ok(&b.vibebox(&["logs", "ctr"]))).unwrap_or(0);
+
+    term("one", "attach ctr");
+    let s = wait_screen("one", "ticks", &|s| last_tick(s).is_some());
+    let seen = last_tick(&s).unwrap();
+    // Kill -9 the attached client, its ssh and the control master.
+    let sd = b.session_dir();
+    let config = sd.join("ssh/config");
+    let config = config.to_str().unwrap();
+    let check = Command::new("ssh")
+        .args([
+            "-F",
+            config,
+            "-O",
+            "check",
+            &format!("vibebox-{}", &b.id()[..8]),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stderr).into_owned();
+    let master: i32 = text
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no control master: {text}"));
+    let clients = pids_of(&[bin, "attach", "ctr"]);
+    let sshs = pids_of(&["ssh", "-F", config, "-t"]);
+    assert_eq!(clients.len(), 1, "{clients:?}");
+    assert_eq!(sshs.len(), 1, "{sshs:?}");
+    for pid in clients.iter().chain(&sshs).chain([&master]) {
+        kill9(*pid);
+    }
+    wait_screen("one", "the client's end", &|s| s.contains("one-EXIT="));
+    // The task went on without anyone attached.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while logs_tick() < seen + 3 {
+        assert!(Instant::now() < deadline, "the counter stopped at {seen}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let logs = ok(&b.vibebox(&["logs", "ctr"])).to_string();
+    assert!(
+        !logs.contains('\u{1b}') && !logs.contains("title"),
+        "{logs:?}"
+    );
+
+    // Two terminals on one task both see its output go on, from before they came.
+    term("two", "attach ctr");
+    term("three", "attach");
+    let now = logs_tick();
+    for t in ["two", "three"] {
+        wait_screen(t, "the counter going on", &|s| {
+            last_tick(s).is_some_and(|n| n >= now + 2)
+        });
+    }
+    let later = last_tick(&screen("two")).unwrap();
+    wait_screen("three", "what terminal two saw", &|s| {
+        s.contains(&format!("tick-{later}"))
+    });
+    let tasks: serde_json::Value =
+        serde_json::from_str(ok(&b.vibebox(&["tasks", "--json"]))).unwrap();
+    assert_eq!(tasks[0]["name"], "ctr", "{tasks}");
+    assert_eq!(tasks[0]["state"], "running", "{tasks}");
+    assert_eq!(tasks[0]["attached"], 2, "{tasks}");
+    assert!(
+        tasks[0]["last_output"]
+            .as_str()
+            .unwrap()
+            .starts_with("tick-"),
+        "{tasks}"
+    );
+    // The detach key leaves the task running.
+    tmux(&["send-keys", "-t", "two", "C-\\"]);
+    wait_screen("two", "the detach", &|s| s.contains("two-EXIT=0"));
+
+    // `vibebox` tells which tasks run; `stop` without a terminal refuses without -y.
+    term("shell", "");
+    wait_screen("shell", "the task summary", &|s| {
+        s.contains("1 task running: ctr (vibebox attach ctr)")
+    });
+    tmux(&["send-keys", "-t", "shell", ":exit", "Enter"]);
+    wait_screen("shell", "the shell's end", &|s| s.contains("shell-EXIT=0"));
+    // `launch -a` attaches at once; `:detach` in the task's shell leaves it running.
+    term("four", "launch -a");
+    tmux(&[
+        "send-keys",
+        "-t",
+        "four",
+        "echo TASK-IS-$VIBEBOX_TASK",
+        "Enter",
+    ]);
+    wait_screen("four", "the task's shell", &|s| s.contains("TASK-IS-shell"));
+    tmux(&["send-keys", "-t", "four", ":detach", "Enter"]);
+    wait_screen("four", "the detach", &|s| s.contains("four-EXIT=0"));
+    let tasks = ok(&b.vibebox(&["tasks", "--json"])).to_string();
+    assert!(tasks.contains("\"name\": \"shell\""), "{tasks}");
+    ok(&b.vibebox(&["kill", "shell"]));
+    let stop = b.vibebox(&["stop"]);
+    assert_eq!(stop.code, 1, "{}", stop.stderr);
+    assert!(
+        stop.stderr.contains("1 task running: ctr") && stop.stderr.contains("stop -y"),
+        "{}",
+        stop.stderr
+    );
+    assert_eq!(b.status().0, "running");
+
+    // `wait` exits with the task's status; `kill` ends a task.
+    ok(&b.vibebox(&["launch", "--", "sh", "-c", "sleep 2; exit 7"]));
+    assert_eq!(b.vibebox(&["wait", "sh"]).code, 7);
+    ok(&b.vibebox(&["launch", "sleeper", "--", "sleep", "1000"]));
+    ok(&b.vibebox(&["kill", "sleeper"]));
+    let tasks = ok(&b.vibebox(&["tasks", "--json"])).to_string();
+    assert!(
+        tasks.contains("\"exited 7\"") && !tasks.contains("sleeper"),
+        "{tasks}"
+    );
+    assert_eq!(b.vibebox(&["wait", "sleeper"]).code, 1);
+
+    // An agent preset: installed from its registry on first use only, then run.
+    // The stand-in registry is a static server in the VM itself (no network).
+    let reg = b.project.join("registry");
+    let pkg = b.env.tmp.path().join("pkg/package");
+    fs::create_dir_all(reg.join("vbx-stand/-")).unwrap();
+    fs::create_dir_all(&pkg).unwrap();
+    fs::write(
+        pkg.join("package.json"),
+        r#"{"name":"vbx-stand","version":"1.0.0","bin":{"vbx-stand":"bin.js"}}"#,
+    )
+    .unwrap();
+    fs::write(
+        pkg.join("bin.js"),
+        "#!/usr/bin/env node\nconsole.log('STAND-IN-RAN ' + process.argv.slice(2).join(' '));\n",
+    )
+    .unwrap();
+    let tar = Command::new("tar")
+        .arg("czf")
+        .arg(reg.join("vbx-stand/-/vbx-stand-1.0.0.tgz"))
+        .arg("-C")
+        .arg(pkg.parent().unwrap())
+        .arg("package")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    fs::write(
+        reg.join("vbx-stand/index.html"),
+        r#"{"name":"vbx-stand","dist-tags":{"latest":"1.0.0"},"versions":{"1.0.0":{"name":"vbx-stand","version":"1.0.0","bin":{"vbx-stand":"bin.js"},"dist":{"tarball":"http://127.0.0.1:4873/vbx-stand/-/vbx-stand-1.0.0.tgz"}}}}"#,
+    )
+    .unwrap();
+    let agents = b.env.tmp.path().join("agents");
+    fs::create_dir_all(&agents).unwrap();
+    fs::write(
+        agents.join("stand.toml"),
+        "description = \"a stand-in agent\"\npackage = \"vbx-stand\"\nversion = \"latest\"\ncommand = [\"vbx-stand\", \"--from-preset\"]\ndomains = []\nlogin = [\"~/.stand\"]\nregistry = \"http://127.0.0.1:4873/\"\n",
+    )
+    .unwrap();
+    ok(&b.vibebox(&[
+        "launch",
+        "registry",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "4873",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        reg.to_str().unwrap(),
+    ]));
+    let agent = |b: &Box| {
+        let mut c = b.cmd();
+        c.env("VIBEBOX_AGENTS", &agents)
+            .args(["launch", "stand", "--", "hello"]);
+        let out = run(c);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let w = b.vibebox(&["wait", "stand"]);
+        let logs = ok(&b.vibebox(&["logs", "stand"])).to_string();
+        assert_eq!(w.code, 0, "{logs}");
+        assert!(logs.contains("STAND-IN-RAN --from-preset hello"), "{logs}");
+        logs
+    };
+    let first = agent(&b);
+    assert!(
+        first.contains("vibebox: installing vbx-stand@latest"),
+        "{first}"
+    );
+    let second = agent(&b);
+    assert!(!second.contains("installing"), "{second}");
+    let served = ok(&b.vibebox(&["logs", "registry"])).to_string();
+    assert_eq!(
+        served
+            .matches("GET /vbx-stand/-/vbx-stand-1.0.0.tgz")
+            .count(),
+        1,
+        "{served}"
+    );
+    ok(&b.vibebox(&["kill", "registry"]));
+
+    // No client left: the running task keeps the VM up past auto_shutdown_ms ...
+    tmux(&["kill-server"]);
+    b.wait_status(60, |_, clients| clients == 0);
+    let log = sd.join("logs/supervisor.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("task(s) run in the guest; keeping the VM up")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no idle check came; logs:\n{}",
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(b.status().0, "running");
+    // ... and once it ends, the VM shuts down by itself.
+    let stopper = b.spawn_exec("touch /tmp/stop-counter");
+    assert!(stopper.wait_with_output().unwrap().status.success());
+    b.wait_status(180, |state, _| state == "stopped");
 }
 
 // ---- the network policy, from inside a real VM ----

@@ -9,6 +9,9 @@
 #   - :help     lists the vibebox commands
 #   - :explain  prints the host's explain text (/run/vibebox/explain)
 #   - :exit     leaves the VM shell; ssh exits with status 0, the client detaches
+#   - :detach   in a task's shell (vibebox launch; VIBEBOX_TASK and
+#               VIBEBOX_TASKS_SOCKET set by tasks.sh): detaches the terminals
+#               attached to the task, which keeps running
 #   - :new      asks the host for a fresh session: the shell exits with
 #               status 75 (VIBEBOX_NEW_STATUS) and writes the marker file
 #               /run/vibebox/requests/new (one line: "<unix time> <user> <tty>").
@@ -71,6 +74,7 @@ vibebox commands (type them in this shell):
   :explain   what this box is: mounts, network, how it was started
   :exit      leave the VM shell (the VM keeps running while other terminals use it)
   :new       throw this session away and start a fresh VM (the host asks you to confirm)
+  :detach    in a task (vibebox launch): leave it running and detach this terminal
 Everything else is an ordinary Linux command in the VM. You have passwordless sudo.
 __VIBEBOX_HELP__
 }
@@ -91,6 +95,14 @@ __VIBEBOX_HELP__
     fi
     __vibebox_request=exit
     exit 0
+}
+
+:detach() {
+    if [ -z "${VIBEBOX_TASK:-}" ] || [ -z "${VIBEBOX_TASKS_SOCKET:-}" ]; then
+        echo "vibebox: :detach works in a task (vibebox launch); leave this shell with :exit" >&2
+        return 1
+    fi
+    tmux -S "$VIBEBOX_TASKS_SOCKET" detach-client -s "=$VIBEBOX_TASK"
 }
 
 :new() {

@@ -14,6 +14,7 @@ pub mod prune;
 pub mod ssh_config;
 pub mod stop;
 pub mod table;
+pub mod tasks;
 pub mod up;
 
 use std::path::PathBuf;
@@ -51,6 +52,10 @@ pub enum Error {
     Fetch(#[from] crate::session::fetch::FetchError),
     #[error(transparent)]
     Protected(#[from] crate::session::protected::ProtectedError),
+    #[error(transparent)]
+    Task(#[from] crate::session::tasks::TaskError),
+    #[error(transparent)]
+    Agent(#[from] crate::session::agents::AgentError),
     /// A guest command's exit status, passed through.
     #[error("exit status {0}")]
     Exit(i32),
@@ -98,6 +103,7 @@ impl Error {
             )) => 130,
             Error::Delete(e) => e.exit_code(),
             Error::Protected(e) => e.exit_code(),
+            Error::Task(e) => e.exit_code(),
             Error::Build(crate::image::build::BuildError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Interrupted)
             | Error::Pull(crate::image::pull::PullError::Download(
@@ -174,7 +180,19 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Image(cmd)) => image::run(&home, cmd),
         Some(Command::Exec { command }) => exec::run(&home, &start_dir(&cli)?, command),
-        Some(Command::Stop { id }) => stop::run(&home, &start_dir(&cli)?, id.as_deref()),
+        Some(Command::Stop { id, yes }) => stop::run(&home, &start_dir(&cli)?, id.as_deref(), *yes),
+        Some(Command::Launch {
+            name,
+            attach,
+            command,
+        }) => tasks::launch(&home, &start_dir(&cli)?, name.as_deref(), *attach, command),
+        Some(Command::Attach { name }) => tasks::attach(&home, &start_dir(&cli)?, name.as_deref()),
+        Some(Command::Tasks { json }) => tasks::list(&home, &start_dir(&cli)?, *json),
+        Some(Command::Logs { name, follow }) => {
+            tasks::logs(&home, &start_dir(&cli)?, name, *follow)
+        }
+        Some(Command::Wait { name }) => tasks::wait(&home, &start_dir(&cli)?, name),
+        Some(Command::Kill { name }) => tasks::kill(&home, &start_dir(&cli)?, name),
         Some(Command::SshConfig) => ssh_config::run(&home, &start_dir(&cli)?),
         Some(Command::Supervise { id, project }) => {
             let id = id.parse().map_err(|e: String| Error::Usage(e))?;

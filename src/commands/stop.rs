@@ -1,5 +1,6 @@
 //! `vibebox stop [id]`: shut a session's VM down now.
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use super::Error;
@@ -8,7 +9,7 @@ use crate::session::project;
 use crate::store::index::Index;
 use crate::supervisor::client;
 
-pub fn run(home: &Home, start: &Path, id: Option<&str>) -> Result<(), Error> {
+pub fn run(home: &Home, start: &Path, id: Option<&str>, yes: bool) -> Result<(), Error> {
     let id = match id {
         Some(q) => super::delete::resolve(Index::snapshot(home)?.entries(), q)?.id,
         // Through the index, never the project's marker: the guest can write that.
@@ -18,7 +19,23 @@ pub fn run(home: &Home, start: &Path, id: Option<&str>) -> Result<(), Error> {
                 .ok_or_else(|| Error::Usage(format!("{} has no vibebox session", root.display())))?
         }
     };
-    if client::stop(&home.session(id))? {
+    let sd = home.session(id);
+    // Running tasks end with the VM: named, and asked about (or `-y`).
+    if !yes && crate::supervisor::status(&sd).state == crate::supervisor::State::Running {
+        let running = super::tasks::running_tasks(&sd);
+        if !running.is_empty() {
+            let what = super::tasks::summary(&running);
+            if !std::io::stdin().is_terminal() {
+                return Err(Error::InUse(format!(
+                    "{what}; stopping the VM ends them: `vibebox stop -y` to stop anyway"
+                )));
+            }
+            if !super::ask(&format!("{what}. Stop the VM and end them? [y/N] "))? {
+                return Err(Error::Declined("not stopped".into()));
+            }
+        }
+    }
+    if client::stop(&sd)? {
         println!("stopped session {id}");
     } else {
         println!("session {id} is not running");

@@ -116,8 +116,16 @@ pub fn run(home: &Home, start: &Path) -> Result<(), Error> {
         // the terminal; what it grants beyond the approval then needs a deliberate
         // `vibebox approve` (or a fresh `vibebox`), not a keystroke in this flow.
         approve(home, &root, id, &config, !renewed)?;
-        let attached = attach(home, &root, id, false)?;
         let sd = home.session(id);
+        let was_running = crate::supervisor::status(&sd).state == crate::supervisor::State::Running;
+        let attached = attach(home, &root, id, false)?;
+        // Only a VM that was running can have tasks: a fresh boot costs nothing here.
+        if was_running {
+            let running = super::tasks::running_tasks(&sd);
+            if !running.is_empty() {
+                eprintln!("vibebox: {}", super::tasks::summary(&running));
+            }
+        }
         let code = ssh::run(
             &sd.ssh_dir().join("config"),
             &ssh::alias(&id.to_string()),

@@ -450,6 +450,15 @@ async fn idle(shared: &Arc<Shared>, sd: &SessionDir, grace: Duration) {
             _ = clients.changed() => continue,
             _ = tokio::time::sleep(grace) => {}
         }
+        // Running tasks (`vibebox launch`) keep the VM up like clients do.
+        if let Some(n) = guest_running_tasks(sd).await.filter(|n| *n > 0) {
+            tracing::info!("idle, but {n} task(s) run in the guest; keeping the VM up");
+            tokio::select! {
+                _ = clients.changed() => {}
+                _ = tokio::time::sleep(LOGIN_RECHECK) => {}
+            }
+            continue;
+        }
         match guest_login_sessions(sd).await {
             Some(0) | None => {
                 if let Some(delay) = idle_decide_delay() {
@@ -482,6 +491,17 @@ async fn guest_login_sessions(sd: &SessionDir) -> Option<usize> {
     let script = "echo \"self $$\"; cat /proc/[0-9]*/stat 2>/dev/null; true";
     let out = ssh::guest_output(sd, script).await.ok()?;
     count_ssh_sessions(&out)
+}
+
+/// The guest side of tasks (`session::tasks` sends the same script).
+const TASKS_SCRIPT: &str = include_str!("../../images/guest/tasks.sh");
+
+/// Tasks running in the guest, from the task script's `count`: a probe of its own,
+/// apart from the login sessions. `None` when the guest cannot be asked.
+async fn guest_running_tasks(sd: &SessionDir) -> Option<usize> {
+    let script = format!("set -- count\n{TASKS_SCRIPT}");
+    let out = ssh::guest_output(sd, &script).await.ok()?;
+    out.trim().parse().ok()
 }
 
 /// Counts processes whose parent is an `sshd*` process and which are not one
