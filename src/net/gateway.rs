@@ -433,11 +433,17 @@ impl Engine {
                 None,
             ),
         };
+        self.accept_guest(src, (dst, port), name, phase);
+    }
+
+    /// A listener for the guest's SYN to `dst`, decided already: the stack completes
+    /// the handshake on it, and `phase` goes on from there.
+    fn accept_guest(&mut self, src: Addr, dst: Addr, name: Option<String>, phase: Phase) {
         let mut sock = tcp_socket(&self.s.limits);
         if sock
             .listen(IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(dst)),
-                port,
+                addr: Some(IpAddress::Ipv4(dst.0)),
+                port: dst.1,
             })
             .is_err()
         {
@@ -450,7 +456,7 @@ impl Engine {
             Conn {
                 handle,
                 src,
-                dst: (dst, port),
+                dst,
                 name,
                 phase,
                 ssh: false,
@@ -475,29 +481,12 @@ impl Engine {
             ));
             return;
         }
-        let mut sock = tcp_socket(&self.s.limits);
-        if sock
-            .listen(IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(HOST_ALIAS)),
-                port,
-            })
-            .is_err()
-        {
-            return;
-        }
-        let handle = self.sockets.add(sock);
-        let id = self.new_id();
-        self.conns.insert(
-            id,
-            Conn {
-                handle,
-                src,
-                dst: (HOST_ALIAS, port),
-                name: Some(HOST_NAME.to_string()),
-                phase: Phase::Handshake {
-                    deadline: now() + FLIGHT_TIMEOUT.into(),
-                },
-                ssh: false,
+        self.accept_guest(
+            src,
+            (HOST_ALIAS, port),
+            Some(HOST_NAME.to_string()),
+            Phase::Handshake {
+                deadline: now() + FLIGHT_TIMEOUT.into(),
             },
         );
     }
