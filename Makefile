@@ -10,9 +10,11 @@ build:
 test:
 	$(CARGO) test --all-targets
 
+# macOS is type-checked from Linux (needs `rustup target add aarch64-apple-darwin`).
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --target aarch64-apple-darwin --all-targets -- -D warnings
 
 # The daily loop against floors measured in the same run (benches/vibebox.rs); the
 # VM parts need VIBEBOX_TEST_IMAGES, as the VM tests do.

@@ -161,7 +161,11 @@ impl Host {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let memory_mb = host_memory_mb().unwrap_or(u64::MAX);
         let disk_gb = nix::sys::statvfs::statvfs(&home)
-            .map(|s| s.blocks() * s.fragment_size() / (1 << 30))
+            .map(|s| {
+                #[allow(clippy::unnecessary_cast)] // u32 on macOS
+                let blocks = s.blocks() as u64;
+                blocks * s.fragment_size() / (1 << 30)
+            })
             .unwrap_or(u64::MAX);
         Ok(Host {
             cpus,

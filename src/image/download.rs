@@ -369,6 +369,16 @@ fn agent(host: &str) -> ureq::Agent {
         .timeout_per_read(Some(READ_TIMEOUT))
         .timeout_per_write(Some(READ_TIMEOUT))
         .user_agent(concat!("vibebox/", env!("CARGO_PKG_VERSION")));
+    // macOS: the system's TLS and the roots its keychain trusts (see Cargo.toml).
+    #[cfg(target_os = "macos")]
+    {
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::NativeTls)
+                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                .build(),
+        );
+    }
     let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
     if matches!(bare, "localhost" | "127.0.0.1" | "[::1]") {
         config = config.proxy(None);

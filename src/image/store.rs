@@ -287,6 +287,7 @@ pub fn remove_tree(dir: &Path) {
 }
 
 /// /proc/self/mounts writes space, tab, newline and backslash as octal escapes.
+#[cfg(target_os = "linux")]
 fn unescape_mount_path(s: &str) -> PathBuf {
     use std::os::unix::ffi::OsStringExt;
     let b = s.as_bytes();
@@ -307,7 +308,7 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 

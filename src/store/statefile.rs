@@ -392,7 +392,11 @@ impl Lock {
 /// counts as plenty: the write itself then reports a full disk).
 pub fn free_bytes(path: &Path) -> u64 {
     nix::sys::statvfs::statvfs(path)
-        .map(|s| s.blocks_available() * s.fragment_size())
+        .map(|s| {
+            #[allow(clippy::unnecessary_cast)] // u32 on macOS
+            let blocks = s.blocks_available() as u64;
+            blocks * s.fragment_size()
+        })
         .unwrap_or(u64::MAX)
 }
 

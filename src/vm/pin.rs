@@ -107,7 +107,11 @@ fn components(path: &Path) -> Option<Vec<CString>> {
 /// file) anywhere on the way fails. On failure, how many components were walked.
 /// Allocation-free, so a child can run it between fork and exec.
 fn walk(components: &[CString]) -> Result<OwnedFd, (usize, Errno)> {
+    #[cfg(target_os = "linux")]
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    // No O_PATH: each directory on the way must be readable.
+    #[cfg(not(target_os = "linux"))]
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
     let mut dir = nix::fcntl::open(c"/", flags, Mode::empty()).map_err(|e| (0, e))?;
     for (i, c) in components.iter().enumerate() {
         dir = nix::fcntl::openat(&dir, c.as_c_str(), flags | OFlag::O_NOFOLLOW, Mode::empty())
@@ -210,6 +214,7 @@ impl Root {
 /// In the server's mount namespace: opens the root again the same way, checks it
 /// is the pinned directory, and bind-mounts it (with what is mounted below it)
 /// from that descriptor on `target`.
+#[cfg(target_os = "linux")]
 fn bind_pinned(
     components: &[CString],
     id: (u64, u64),
@@ -234,7 +239,15 @@ fn bind_pinned(
     Ok(())
 }
 
+/// No mount namespaces off Linux (`Handoff::choose` never picks one there): a
+/// server asked to get its root that way does not start.
+#[cfg(not(target_os = "linux"))]
+fn bind_pinned(_: &[CString], _: (u64, u64), _: &std::ffi::CStr) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
 /// `/proc/self/fd/<fd>` written into `buf`, without allocating.
+#[cfg(target_os = "linux")]
 fn proc_fd_path(fd: i32, buf: &mut [u8; 40]) -> &std::ffi::CStr {
     const PREFIX: &[u8] = b"/proc/self/fd/";
     buf[..PREFIX.len()].copy_from_slice(PREFIX);
@@ -263,6 +276,7 @@ mod tests {
     use std::fs;
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn proc_paths_without_allocation() {
         let mut buf = [0u8; 40];
         assert_eq!(proc_fd_path(0, &mut buf), c"/proc/self/fd/0");
@@ -362,6 +376,7 @@ mod tests {
     /// mount point shows the pinned directory; a directory put in its place after
     /// the pin (same path, no link) makes the start fail.
     #[test]
+    #[cfg(target_os = "linux")]
     fn the_server_gets_the_pinned_directory_or_does_not_start() {
         if !cfg!(target_os = "linux") || !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root on Linux");

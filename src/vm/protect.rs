@@ -7,8 +7,10 @@
 //! commits into an overlay on its disk (see `vibebox-init`), and `vibebox fetch`
 //! brings them back for review.
 
+#[cfg(target_os = "linux")]
 use std::ffi::CString;
 use std::fs;
+#[cfg(target_os = "linux")]
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -69,12 +71,15 @@ impl Protection {
     /// The project's protection on this host. `as_root`: namespaces need no user
     /// namespace; otherwise they need unprivileged user namespaces.
     pub fn detect(project: &Path) -> Protection {
-        let as_root = nix::unistd::geteuid().is_root();
-        let guard = if cfg!(target_os = "linux") && (as_root || user_namespaces_work()) {
+        #[cfg(target_os = "linux")]
+        let guard = if nix::unistd::geteuid().is_root() || user_namespaces_work() {
             Guard::Enforced
         } else {
             Guard::NotEnforced
         };
+        // No mount namespaces: nothing on the host can keep the guest from writing.
+        #[cfg(not(target_os = "linux"))]
+        let guard = Guard::NotEnforced;
         Protection::new(project, guard)
     }
 
@@ -138,9 +143,19 @@ impl Protection {
     /// enforced it always gives `cmd` a mount namespace of its own, even with
     /// nothing to protect: the share roots are bind-mounted there (`pin`).
     pub fn confine(&self, cmd: &mut Command) {
+        #[cfg(target_os = "linux")]
         if self.guard == Guard::Enforced {
             let all: Vec<PathBuf> = self.paths.iter().chain(&self.read_only).cloned().collect();
             confine(cmd, &all, user_ids());
+        }
+        // Only Linux enforces (`detect`); anything else claiming to must not start.
+        #[cfg(not(target_os = "linux"))]
+        if self.guard == Guard::Enforced {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure makes no system call.
+            unsafe {
+                cmd.pre_exec(|| Err(std::io::ErrorKind::Unsupported.into()));
+            }
         }
     }
 }
@@ -231,6 +246,7 @@ pub fn parse_gitdir(text: &str) -> Option<PathBuf> {
 /// Whether this host lets an unprivileged process make a user and mount namespace
 /// (Debian allows it by default; some hardened kernels do not). Tried in a child,
 /// since a threaded process cannot unshare a user namespace.
+#[cfg(target_os = "linux")]
 fn user_namespaces_work() -> bool {
     let Ok(sh) = which::which("true") else {
         return false;
@@ -245,6 +261,7 @@ fn user_namespaces_work() -> bool {
 }
 
 /// Who the share server runs as, when that needs a user namespace: None as root.
+#[cfg(target_os = "linux")]
 fn user_ids() -> Option<(u32, u32)> {
     let uid = nix::unistd::geteuid();
     (!uid.is_root()).then(|| (uid.as_raw(), nix::unistd::getegid().as_raw()))
@@ -256,6 +273,7 @@ fn user_ids() -> Option<(u32, u32)> {
 /// process loses every capability in that namespace at exec, so neither it nor
 /// anything that drives it can undo the read-only mounts. A failure makes the spawn
 /// fail: the share never starts unprotected.
+#[cfg(target_os = "linux")]
 fn confine(cmd: &mut Command, paths: &[PathBuf], user: Option<(u32, u32)>) {
     use nix::mount::{MsFlags, mount};
     use nix::sched::{CloneFlags, unshare};
@@ -323,6 +341,7 @@ fn confine(cmd: &mut Command, paths: &[PathBuf], user: Option<(u32, u32)>) {
 /// The flags of the mount holding `path` that a remount must keep: in a user
 /// namespace the kernel refuses to clear them (they are locked), so the read-only
 /// remount restates them.
+#[cfg(target_os = "linux")]
 fn locked_flags(path: &Path) -> nix::mount::MsFlags {
     use nix::mount::MsFlags;
     use nix::sys::statvfs::{FsFlags, statvfs};
@@ -448,6 +467,7 @@ mod tests {
     /// parent can still write next to it. As root, and (when the host allows user
     /// namespaces) as an unprivileged user.
     #[test]
+    #[cfg(target_os = "linux")]
     fn a_confined_process_cannot_write_git() {
         if !cfg!(target_os = "linux") || !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root on Linux");
