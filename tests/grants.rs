@@ -166,7 +166,7 @@ fn host_ports_and_published_ports_need_approval() {
     let p = env.project("p");
     fs::write(
         p.join("vibebox.toml"),
-        "[ports]\nauto = false\npublish = [\"5433:5432\"]\nhost = [\"5432\"]\n",
+        "[ports]\nauto = false\npublish = [\"5433:5432\", \"0.0.0.0:8080:80\"]\nhost = [\"5432\"]\n",
     )
     .unwrap();
     let mut c = env.cmd(&p);
@@ -180,7 +180,11 @@ fn host_ports_and_published_ports_need_approval() {
     );
     // Published host ports too: the VM taking 127.0.0.1:5433 (or turning `auto`
     // back on) is the user's choice.
-    for line in ["+ publish 127.0.0.1:5433 -> VM:5432", "+ ports auto off"] {
+    for line in [
+        "+ publish 127.0.0.1:5433 -> VM:5432",
+        "+ publish 0.0.0.0:8080 -> VM:80 (reachable from your network)",
+        "+ ports auto off",
+    ] {
         assert!(out.stderr.contains(line), "{line}: {}", out.stderr);
     }
     let digest = common::expected_digest(&out.stderr).unwrap();
@@ -196,7 +200,7 @@ fn host_ports_and_published_ports_need_approval() {
     // The guest turns `auto` back on: asked again.
     fs::write(
         p.join("vibebox.toml"),
-        "[ports]\npublish = [\"5433:5432\"]\nhost = [\"5432\"]\n",
+        "[ports]\npublish = [\"5433:5432\", \"0.0.0.0:8080:80\"]\nhost = [\"5432\"]\n",
     )
     .unwrap();
     let mut c = env.cmd(&p);

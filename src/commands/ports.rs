@@ -29,6 +29,7 @@ pub fn run(
                 Op::Publish {
                     host: p.host,
                     guest: p.guest,
+                    addr: Some(p.addr),
                 }
             }
             PortsCommand::Rm { mapping } => {
@@ -65,7 +66,7 @@ pub fn run(
         .iter()
         .map(|p| {
             vec![
-                format!("localhost:{}", p.host),
+                format!("{}:{}", p.addr, p.host),
                 format!("VM:{}", p.guest),
                 p.how.clone(),
             ]

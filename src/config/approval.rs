@@ -71,7 +71,15 @@ pub fn grants(config: &Config) -> BTreeSet<String> {
         out.insert("ports auto off".to_string());
     }
     for p in &config.ports.publish {
-        out.insert(format!("publish 127.0.0.1:{} -> VM:{}", p.host, p.guest));
+        let reach = if p.is_loopback() {
+            ""
+        } else {
+            " (reachable from your network)"
+        };
+        out.insert(format!(
+            "publish {}:{} -> VM:{}{reach}",
+            p.addr, p.host, p.guest
+        ));
     }
     out.insert(format!("image {}", config.image));
     // Resources are grants too: a guest that edits vibebox.toml must not give itself

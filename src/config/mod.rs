@@ -92,16 +92,19 @@ pub struct Ports {
     pub host: Vec<u16>,
 }
 
-/// One `publish` entry: host loopback port -> guest port.
+/// One `publish` entry: a host port (on 127.0.0.1 unless another address is
+/// given) -> a guest port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Publish {
+    pub addr: std::net::Ipv4Addr,
     pub host: u16,
     pub guest: u16,
 }
 
 impl Publish {
-    /// `"3000"`, `"8080:80"` (host:guest) or `"127.0.0.1:8080:80"`. Only loopback:
-    /// anything else would expose the VM to the network around the host.
+    /// `"3000"`, `"8080:80"` (host:guest) or `"ADDRESS:8080:80"`. An address other
+    /// than loopback exposes the VM to the network around the host: the approval
+    /// prompt names it.
     pub fn parse(s: &str) -> Result<Publish, String> {
         let parts: Vec<&str> = s.split(':').collect();
         let port = |p: &str| -> Result<u16, String> {
@@ -112,22 +115,29 @@ impl Publish {
                 )),
             }
         };
+        let loopback = std::net::Ipv4Addr::LOCALHOST;
         match parts[..] {
             [g] => Ok(Publish {
+                addr: loopback,
                 host: port(g)?,
                 guest: port(g)?,
             }),
             [h, g] => Ok(Publish {
+                addr: loopback,
                 host: port(h)?,
                 guest: port(g)?,
             }),
             [addr, h, g] => {
-                if addr != "127.0.0.1" && addr != "localhost" {
-                    return Err(format!(
-                        "publish {s:?}: vibebox publishes on the host's loopback only (127.0.0.1); binding {addr:?} would expose the VM to your network"
-                    ));
-                }
+                let addr = match addr {
+                    "localhost" => loopback,
+                    a => a.parse().map_err(|_| {
+                        format!(
+                            "publish {s:?}: {a:?} is not an IPv4 address of this machine; write \"127.0.0.1:8080:80\" (or \"0.0.0.0:8080:80\" to expose the VM's port to your network)"
+                        )
+                    })?,
+                };
                 Ok(Publish {
+                    addr,
                     host: port(h)?,
                     guest: port(g)?,
                 })
@@ -136,6 +146,11 @@ impl Publish {
                 "publish {s:?} is not a mapping; write \"3000\" or \"8080:80\" (host:guest)"
             )),
         }
+    }
+
+    /// Whether only this machine can reach it.
+    pub fn is_loopback(&self) -> bool {
+        self.addr.is_loopback()
     }
 }
 
@@ -655,7 +670,8 @@ entries = [
 # A port a process in the VM listens on (1024 and up) appears on this machine's
 # 127.0.0.1 at the same port, or the next free one (`vibebox ports` lists them).
 # auto = true
-# Fixed mappings, "host:guest" or "port"; published on 127.0.0.1 only.
+# Fixed mappings, "host:guest" or "port", on 127.0.0.1; "0.0.0.0:8080:80" would expose
+# the VM's port to your network.
 # publish = ["8080:80"]
 # Services on this machine's 127.0.0.1 the VM may use, at host.vibebox.internal:<port>
 # (a database, an MCP server). Nothing else on this machine is reachable.
@@ -712,22 +728,30 @@ mod tests {
             c.ports.publish,
             vec![
                 Publish {
+                    addr: std::net::Ipv4Addr::LOCALHOST,
                     host: 3000,
                     guest: 3000
                 },
                 Publish {
+                    addr: std::net::Ipv4Addr::LOCALHOST,
                     host: 8080,
                     guest: 80
                 },
                 Publish {
+                    addr: std::net::Ipv4Addr::LOCALHOST,
                     host: 9000,
                     guest: 9001
                 },
             ]
         );
         assert!(load_text("").unwrap().ports.auto);
-        let e = err("[ports]\npublish = [\"0.0.0.0:8080:80\"]\n");
-        assert!(e.contains(":2:12:") && e.contains("loopback only"), "{e}");
+        let c = load_text("[ports]\npublish = [\"0.0.0.0:8080:80\"]\n").unwrap();
+        assert!(!c.ports.publish[0].is_loopback());
+        let e = err("[ports]\npublish = [\"example.com:8080:80\"]\n");
+        assert!(
+            e.contains(":2:12:") && e.contains("not an IPv4 address"),
+            "{e}"
+        );
         for bad in ["0", "70000", "a:b", "1:2:3:4", ""] {
             let e = err(&format!("[ports]\npublish = [{bad:?}]\n"));
             assert!(e.contains("publish"), "{bad}: {e}");

@@ -622,8 +622,12 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 .write_all(protocol::encode(&Message::Status { vm, clients }).as_bytes())
                 .await;
         }
-        Op::Publish { host, guest } => {
-            let change = super::ports::Change::Publish(crate::config::Publish { host, guest });
+        Op::Publish { host, guest, addr } => {
+            let change = super::ports::Change::Publish(crate::config::Publish {
+                addr: addr.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+                host,
+                guest,
+            });
             port_change(&shared, change, &mut write).await;
         }
         Op::Unpublish { guest } => {

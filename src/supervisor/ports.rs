@@ -44,11 +44,21 @@ pub const WATCHER_NAME: &str = "vibebox-ports";
 /// One published port, as `vibebox ports` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
+    /// The host address it listens on (127.0.0.1 unless a `publish` entry said).
+    #[serde(default = "loopback_addr")]
+    pub addr: std::net::Ipv4Addr,
     pub host: u16,
     pub guest: u16,
     /// `auto` (a guest listener) or `config` (`[ports] publish`).
     pub how: String,
 }
+
+fn loopback_addr() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::LOCALHOST
+}
+
+/// Where a guest port is wanted on the host: address, port, and why.
+pub type Want = (std::net::Ipv4Addr, u16, &'static str);
 
 /// The file the supervisor keeps current for `vibebox ports`.
 pub fn state_file(sd: &SessionDir) -> PathBuf {
@@ -100,10 +110,10 @@ pub fn wanted(
     ports: &Ports,
     listening: &BTreeSet<u16>,
     withheld: &BTreeSet<u16>,
-) -> BTreeMap<u16, (u16, &'static str)> {
+) -> BTreeMap<u16, Want> {
     let mut want = BTreeMap::new();
     for p in &ports.publish {
-        want.insert(p.guest, (p.host, "config"));
+        want.insert(p.guest, (p.addr, p.host, "config"));
     }
     if ports.auto {
         let auto = listening
@@ -114,7 +124,7 @@ pub fn wanted(
             .copied()
             .collect::<Vec<u16>>();
         for g in auto {
-            want.insert(g, (g, "auto"));
+            want.insert(g, (loopback_addr(), g, "auto"));
         }
     }
     want
@@ -341,11 +351,7 @@ struct Guest<'a> {
 
 impl Guest<'_> {
     /// Brings the forwards in line with what is wanted now.
-    async fn sync(
-        &mut self,
-        want: &BTreeMap<u16, (u16, &'static str)>,
-        published: &mut BTreeMap<u16, Published>,
-    ) {
+    async fn sync(&mut self, want: &BTreeMap<u16, Want>, published: &mut BTreeMap<u16, Published>) {
         let gone: Vec<u16> = published
             .keys()
             .filter(|g| !want.contains_key(g))
@@ -360,7 +366,7 @@ impl Guest<'_> {
             ));
         }
         let mut taken: BTreeSet<u16> = published.values().map(|p| p.host).collect();
-        for (&g, &(host, how)) in want {
+        for (&g, &(addr, host, how)) in want {
             if published.contains_key(&g) {
                 continue;
             }
@@ -373,7 +379,11 @@ impl Guest<'_> {
                 }
                 match self
                     .session
-                    .request_port_forward(openssh::ForwardType::Local, loopback(h), guest_end(g))
+                    .request_port_forward(
+                        openssh::ForwardType::Local,
+                        listen(addr, h),
+                        guest_end(g),
+                    )
                     .await
                 {
                     Ok(()) => {
@@ -389,12 +399,15 @@ impl Guest<'_> {
                     published.insert(
                         g,
                         Published {
+                            addr,
                             host: h,
                             guest: g,
                             how: how.to_string(),
                         },
                     );
-                    if h == host {
+                    if !addr.is_loopback() {
+                        format!("{addr}:{h} -> VM:{g} (reachable from your network)")
+                    } else if h == host {
                         format!("localhost:{h} -> VM:{g}")
                     } else {
                         format!(
@@ -427,7 +440,7 @@ impl Guest<'_> {
             .session
             .close_port_forward(
                 openssh::ForwardType::Local,
-                loopback(p.host),
+                listen(p.addr, p.host),
                 guest_end(p.guest),
             )
             .await;
@@ -435,9 +448,9 @@ impl Guest<'_> {
     }
 }
 
-fn loopback(port: u16) -> openssh::Socket<'static> {
+fn listen(addr: std::net::Ipv4Addr, port: u16) -> openssh::Socket<'static> {
     openssh::Socket::TcpSocket {
-        host: "127.0.0.1".into(),
+        host: addr.to_string().into(),
         port,
     }
 }
@@ -494,6 +507,7 @@ mod tests {
         let ports = Ports {
             auto: true,
             publish: vec![Publish {
+                addr: std::net::Ipv4Addr::LOCALHOST,
                 host: 9000,
                 guest: 8000,
             }],
@@ -502,7 +516,10 @@ mod tests {
         let want = wanted(&ports, &listening(PROC), &BTreeSet::new());
         assert_eq!(
             want,
-            BTreeMap::from([(8000, (9000, "config")), (5173, (5173, "auto"))])
+            BTreeMap::from([
+                (8000, (loopback_addr(), 9000, "config")),
+                (5173, (loopback_addr(), 5173, "auto"))
+            ])
         );
         let off = Ports {
             auto: false,

@@ -18,7 +18,13 @@ pub enum Op {
     Stop,
     /// Publish a guest port on the host's loopback until the VM stops (or it is
     /// removed); one `Notice` reply saying what was done, or an `Error`.
-    Publish { host: u16, guest: u16 },
+    Publish {
+        host: u16,
+        guest: u16,
+        /// The host address to listen on; 127.0.0.1 when absent.
+        #[serde(default)]
+        addr: Option<std::net::Ipv4Addr>,
+    },
     /// Stop publishing a guest port (until the VM stops); one reply as `Publish`.
     Unpublish { guest: u16 },
 }
