@@ -20,9 +20,19 @@ use crate::config::{Ports, Publish};
 use crate::paths::SessionDir;
 use crate::statefile;
 
-/// Guest listeners never published automatically: SSH (the session's own way in)
-/// and the guest's name service (systemd-resolved's LLMNR).
-const NOT_AUTO: &[u16] = &[22, 5355];
+/// Guest listeners never published automatically: SSH (the session's own way in),
+/// the guest's name service (systemd-resolved's LLMNR), and the usual ports of
+/// databases, caches, brokers and local model servers: while the host's own service
+/// is down, a VM holding its port would get the host clients' connections (and
+/// their passwords). A `publish` entry, which is approved, still publishes them.
+const NOT_AUTO: &[u16] = &[
+    22, 5355, // ssh, LLMNR
+    1433, 1521, 3306, 5432, 5984, 6379, 7474, 7687, 8529, 9042, 9200, 9300, 11211, 26257, 27017,
+    28015, // databases, caches, search
+    1883, 4222, 5672, 9092, 15672, 61616, // brokers
+    2181, 2379, 8500, 6443,  // coordination, Kubernetes
+    11434, // ollama
+];
 /// Auto-published guest ports start here: lower ones are system services, and on
 /// the host they would need root.
 const FIRST_AUTO_PORT: u16 = 1024;
