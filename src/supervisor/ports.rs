@@ -537,6 +537,12 @@ mod tests {
             host: vec![],
         };
         assert!(wanted(&off, &listening(PROC), &BTreeSet::new()).is_empty());
+        // A database's port is not taken over automatically.
+        assert!(
+            wanted(&off_auto(), &BTreeSet::from([5432, 3000]), &BTreeSet::new())
+                .keys()
+                .eq([3000].iter())
+        );
         // At most MAX_AUTO automatic ones, however many the guest opens.
         let many: BTreeSet<u16> = (2000..6000).collect();
         assert_eq!(wanted(&off_auto(), &many, &BTreeSet::new()).len(), MAX_AUTO);
