@@ -75,10 +75,27 @@ pub fn short(p: &Pending) -> Vec<String> {
     for c in &p.changes {
         out.push(format!("  {}", summary(c)));
     }
-    if p.now.truncated {
-        out.push("  (some protected directories hold too many entries, or are too deep: vibebox looked at part of them only)".into());
+    if let Some(line) = unchecked(p) {
+        out.push(format!("  {line}"));
     }
     out
+}
+
+/// The line naming the starting points a limit stopped, if any.
+fn unchecked(p: &Pending) -> Option<String> {
+    if !p.now.truncated {
+        return None;
+    }
+    let names: Vec<&str> = p
+        .now
+        .unchecked
+        .iter()
+        .map(|s| if s.is_empty() { "." } else { s.as_str() })
+        .collect();
+    Some(format!(
+        "not checked in full (too many entries, or too deep): {}; a change there past the limit is not named, and accepting keeps what you accepted before for what was not looked at",
+        names.join(", ")
+    ))
 }
 
 fn cut(s: &str) -> String {
@@ -185,8 +202,8 @@ pub fn full(p: &Pending) -> Vec<String> {
             }
         }
     }
-    if p.now.truncated {
-        out.push("(some protected directories hold too many entries, or are too deep: vibebox looked at part of them only)".into());
+    if let Some(line) = unchecked(p) {
+        out.push(line);
     }
     out
 }
@@ -290,6 +307,7 @@ mod tests {
         let p = Pending {
             changes: vec![c],
             now: Default::default(),
+            record: Default::default(),
             globs: vec![],
         };
         assert_eq!(
@@ -352,7 +370,7 @@ mod tests {
         fn reports_are_total(a in any::<String>(), b in any::<String>()) {
             let c = Change { path: "p".into(), was: file(&a), now: file(&b) };
             let _ = summary(&c);
-            let _ = full(&Pending { changes: vec![c], now: Default::default(), globs: vec![] });
+            let _ = full(&Pending { changes: vec![c], now: Default::default(), record: Default::default(), globs: vec![] });
         }
     }
 }

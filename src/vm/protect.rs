@@ -149,21 +149,34 @@ impl Protection {
 /// link is left to the watch: a bind mount would follow it), outermost first, none
 /// inside another, at most `MAX_READ_ONLY`.
 fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
-    let snap = protect::take(project, globs);
+    // A literal glob is looked up directly, not through the capped walk: a
+    // directory the guest filled cannot keep another path writable.
+    let mut found: Vec<PathBuf> = globs
+        .iter()
+        .filter(|g| g.is_literal())
+        .filter_map(|g| literal_path(project, &g.literal_prefix()))
+        .collect();
+    let wild: Vec<Glob> = globs.iter().filter(|g| !g.is_literal()).cloned().collect();
+    if !wild.is_empty() {
+        let snap = protect::take(project, &wild);
+        for (rel, entry) in &snap.entries {
+            let parts: Vec<&str> = rel.split('/').collect();
+            if !wild.iter().any(|g| g.matches(&parts)) {
+                continue;
+            }
+            if !matches!(entry, Entry::Dir | Entry::File { .. } | Entry::Large { .. }) {
+                continue;
+            }
+            // Only names that are plain text: the key of any other is escaped.
+            if rel.contains('\\') {
+                continue;
+            }
+            found.push(project.join(rel));
+        }
+    }
+    found.sort();
     let mut out: Vec<PathBuf> = Vec::new();
-    for (rel, entry) in &snap.entries {
-        let parts: Vec<&str> = rel.split('/').collect();
-        if !globs.iter().any(|g| g.matches(&parts)) {
-            continue;
-        }
-        if !matches!(entry, Entry::Dir | Entry::File { .. } | Entry::Large { .. }) {
-            continue;
-        }
-        // Only names that are plain text: the key of any other is escaped.
-        if rel.contains('\\') {
-            continue;
-        }
-        let p = project.join(rel);
+    for p in found {
         if out.iter().any(|k| p.starts_with(k)) {
             continue;
         }
@@ -173,6 +186,21 @@ fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
         out.push(p);
     }
     out
+}
+
+/// `project/parts` when each directory on the way is a directory (no link) and it
+/// is a directory or a regular file.
+fn literal_path(project: &Path, parts: &[&str]) -> Option<PathBuf> {
+    let mut p = project.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        p.push(part);
+        let meta = fs::symlink_metadata(&p).ok()?;
+        let last = i + 1 == parts.len();
+        if !(meta.is_dir() || (last && meta.is_file())) {
+            return None;
+        }
+    }
+    Some(p)
 }
 
 /// `<project>/.git`, and for a worktree or submodule (`.git` is a file `gitdir: X`)
@@ -349,6 +377,29 @@ fn locked_flags(path: &Path) -> nix::mount::MsFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory the guest filled past the walk's limits does not keep the
+    /// literal paths after it writable.
+    #[test]
+    fn read_only_paths_do_not_depend_on_the_walk() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path();
+        let mut d = p.join(".claude");
+        for _ in 0..40 {
+            d = d.join("a");
+        }
+        fs::create_dir_all(&d).unwrap();
+        fs::create_dir_all(p.join(".vscode")).unwrap();
+        fs::write(p.join(".envrc"), "x").unwrap();
+        fs::write(p.join(".mcp.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("/etc", p.join(".idea")).unwrap();
+        let ro = read_only_paths(p, &protect::default_globs());
+        let names: Vec<&str> = ro
+            .iter()
+            .map(|x| x.strip_prefix(p).unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, [".claude", ".envrc", ".mcp.json", ".vscode"]);
+    }
 
     #[test]
     fn gitdir_lines() {
