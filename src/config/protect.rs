@@ -436,6 +436,41 @@ mod tests {
         assert_eq!(paths(&sd), [".claude/settings.json", ".vscode/tasks.json"]);
     }
 
+    /// Replacing a directory on the way to a watched path is named as what it
+    /// became, not only as the watched paths gone.
+    #[test]
+    fn a_replaced_directory_on_the_way_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let (sd, p) = (t.path().join("s"), t.path().join("p"));
+        std::fs::create_dir_all(&sd).unwrap();
+        std::fs::create_dir_all(p.join(".git/hooks")).unwrap();
+        std::fs::write(p.join(".git/config"), "[core]\n").unwrap();
+        std::fs::create_dir_all(p.join("tools")).unwrap();
+        std::fs::write(p.join("tools/x.sh"), "x\n").unwrap();
+        let mut globs = git_globs();
+        globs.push(g("tools/*.sh"));
+        record_at_start(&sd, &p, &globs).unwrap();
+        std::fs::rename(p.join(".git"), p.join("evil")).unwrap();
+        std::fs::write(p.join(".git"), "gitdir: evil\n").unwrap();
+        std::fs::rename(p.join("tools"), p.join("tools2")).unwrap();
+        std::os::unix::fs::symlink("tools2", p.join("tools")).unwrap();
+        let pending = changes(&sd, &p).unwrap().unwrap();
+        let find = |path: &str| pending.changes.iter().find(|c| c.path == path).cloned();
+        let git = find(".git").expect(".git named");
+        assert_eq!(git.was, Some(Entry::Dir));
+        assert!(
+            matches!(&git.now, Some(Entry::File { text: Some(t), .. }) if t == "gitdir: evil\n"),
+            "{git:?}"
+        );
+        let tools = find("tools").expect("tools named");
+        assert_eq!(
+            tools.now,
+            Some(Entry::Link {
+                target: "tools2".into()
+            })
+        );
+    }
+
     /// The obvious exponential matcher, as the reference.
     fn naive(p: &[&str], s: &[&str]) -> bool {
         fn comp(p: &[char], n: &[char]) -> bool {

@@ -147,6 +147,13 @@ pub fn summary(c: &Change) -> String {
                 out.push_str(" …");
             }
         }
+    } else if let (Some(_), Some(Entry::File { text: Some(t), .. })) = (&c.was, &c.now) {
+        // Something else became a text file (`.git` a `gitdir:` file): say what it holds.
+        let mut lines = t.lines();
+        out.push_str(&format!(": {}", cut(lines.next().unwrap_or(""))));
+        if lines.next().is_some() {
+            out.push_str(" …");
+        }
     } else if let (Some(Entry::File { executable: a, .. }), Some(Entry::File { executable: b, .. })) =
         (&c.was, &c.now)
         && a != b
@@ -193,6 +200,9 @@ pub fn full(p: &Pending) -> Vec<String> {
                 for (label, e) in [("was", &c.was), ("now", &c.now)] {
                     let d = e.as_ref().map_or("(absent)".to_string(), Entry::describe);
                     out.push(format!("    {label}: {d}"));
+                }
+                if let Some(Entry::File { text: Some(t), .. }) = &c.now {
+                    out.extend(t.lines().map(|l| format!("    +{l}")));
                 }
                 if matches!(c.now, Some(Entry::File { text: None, .. }))
                     || matches!(c.now, Some(Entry::Large { .. }))
@@ -339,6 +349,34 @@ mod tests {
         assert_eq!(
             summary(&l),
             ".claude: was directory, now symbolic link to /home/u/.ssh"
+        );
+    }
+
+    #[test]
+    fn a_directory_become_a_file_says_what_the_file_holds() {
+        let c = Change {
+            path: ".git".into(),
+            was: Some(Entry::Dir),
+            now: file("gitdir: evil\n"),
+        };
+        assert_eq!(
+            summary(&c),
+            ".git: was directory, now file, 13 bytes: gitdir: evil"
+        );
+        let p = Pending {
+            changes: vec![c],
+            now: Default::default(),
+            record: Default::default(),
+            globs: vec![],
+        };
+        assert_eq!(
+            full(&p),
+            [
+                ".git: was directory, now file, 13 bytes",
+                "    was: directory",
+                "    now: file, 13 bytes",
+                "    +gitdir: evil"
+            ]
         );
     }
 
