@@ -10,6 +10,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -57,6 +58,10 @@ pub struct Protection {
     /// With `protect_mode = "ro"` and `guard` enforced: the watched paths that
     /// existed at the start, read-only to the guest like `.git`.
     pub read_only: Vec<PathBuf>,
+    /// With `protect_mode = "ro"`: files left watched because they have other hard
+    /// links (a bind makes a path read-only, not the file: the VM could write it
+    /// through another of its names).
+    pub linked: Vec<PathBuf>,
     /// `protect_mode` as configured (what it achieved is in `read_only`).
     pub mode: protect::Mode,
 }
@@ -90,6 +95,7 @@ impl Protection {
             overlay,
             watched: Vec::new(),
             read_only: Vec::new(),
+            linked: Vec::new(),
             mode: protect::Mode::Watch,
         }
     }
@@ -106,13 +112,22 @@ impl Protection {
         self.watched = protect::watch_set(config, self.guard == Guard::Enforced);
         self.mode = config.protect_mode;
         if config.protect_mode == protect::Mode::Ro && self.guard == Guard::Enforced {
-            self.read_only = read_only_paths(project, &self.watched);
+            (self.read_only, self.linked) = read_only_paths(project, &self.watched);
         }
         self
     }
 
     /// How `glob` is protected, for the explain text.
     pub fn how(&self, project: &Path, glob: &Glob) -> Vec<PathBuf> {
+        Protection::matching(project, glob, &self.read_only)
+    }
+
+    /// The files `glob` matches that were left watched for their other hard links.
+    pub fn linked(&self, project: &Path, glob: &Glob) -> Vec<PathBuf> {
+        Protection::matching(project, glob, &self.linked)
+    }
+
+    fn matching(project: &Path, glob: &Glob, paths: &[PathBuf]) -> Vec<PathBuf> {
         let parts = |p: &Path| -> Option<Vec<String>> {
             let rel = p.strip_prefix(project).ok()?;
             Some(
@@ -121,7 +136,7 @@ impl Protection {
                     .collect(),
             )
         };
-        self.read_only
+        paths
             .iter()
             .filter(|p| {
                 parts(p).is_some_and(|v| {
@@ -148,7 +163,7 @@ impl Protection {
 /// The paths the globs match that exist now as directories or regular files (a
 /// link is left to the watch: a bind mount would follow it), outermost first, none
 /// inside another, at most `MAX_READ_ONLY`.
-fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
+fn read_only_paths(project: &Path, globs: &[Glob]) -> (Vec<PathBuf>, Vec<PathBuf>) {
     // A literal glob is looked up directly, not through the capped walk: a
     // directory the guest filled cannot keep another path writable.
     let mut found: Vec<PathBuf> = globs
@@ -175,6 +190,9 @@ fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
         }
     }
     found.sort();
+    let (found, linked): (Vec<PathBuf>, Vec<PathBuf>) = found
+        .into_iter()
+        .partition(|p| fs::symlink_metadata(p).is_ok_and(|m| !(m.is_file() && m.nlink() > 1)));
     let mut out: Vec<PathBuf> = Vec::new();
     for p in found {
         if out.iter().any(|k| p.starts_with(k)) {
@@ -185,7 +203,7 @@ fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
         }
         out.push(p);
     }
-    out
+    (out, linked)
 }
 
 /// `project/parts` when each directory on the way is a directory (no link) and it
@@ -393,7 +411,7 @@ mod tests {
         fs::write(p.join(".envrc"), "x").unwrap();
         fs::write(p.join(".mcp.json"), "{}").unwrap();
         std::os::unix::fs::symlink("/etc", p.join(".idea")).unwrap();
-        let ro = read_only_paths(p, &protect::default_globs());
+        let (ro, _) = read_only_paths(p, &protect::default_globs());
         let names: Vec<&str> = ro
             .iter()
             .map(|x| x.strip_prefix(p).unwrap().to_str().unwrap())
@@ -483,6 +501,18 @@ mod tests {
             vec![p.join("tools/a.sh")]
         );
         assert!(prot.how(&p, &glob(".claude/")).is_empty());
+        // A file with another hard link is not bound: the VM could write it
+        // through the other name. It stays watched, and explain says why.
+        fs::write(p.join(".envrc"), "x").unwrap();
+        fs::hard_link(p.join(".envrc"), p.join("other")).unwrap();
+        fs::hard_link(p.join("tools/a.sh"), p.join("other2")).unwrap();
+        let linked = Protection::new(&p, Guard::Enforced).watching(&p, &ro);
+        assert_eq!(linked.read_only, vec![p.join(".vscode")]);
+        assert_eq!(linked.linked, vec![p.join(".envrc"), p.join("tools/a.sh")]);
+        assert_eq!(linked.linked(&p, &glob(".envrc")), vec![p.join(".envrc")]);
+        fs::remove_file(p.join("other")).unwrap();
+        fs::remove_file(p.join("other2")).unwrap();
+        fs::remove_file(p.join(".envrc")).unwrap();
         assert!(!prot.watched.iter().any(|g| g.as_str() == ".git/config"));
         // Where the host cannot enforce, nothing is bound and .git is watched.
         let prot = Protection::new(&p, Guard::NotEnforced).watching(&p, &ro);
