@@ -9,6 +9,7 @@
 //! protected with everything it holds.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::store::watched::{self, Accepted, Entry, Snapshot, WatchedError};
 
@@ -669,6 +670,19 @@ pub fn changes(
         record,
         globs: accepted.globs,
     }))
+}
+
+impl Pending {
+    /// A digest of what accepting records (128 bits, like the approval digest:
+    /// the guest writes what is digested, so a short one would let it search for
+    /// a collision). The user names it to accept exactly what they reviewed.
+    pub fn digest(&self) -> String {
+        let text = serde_json::to_vec(&(&self.globs, &self.record)).expect("snapshots serialize");
+        Sha256::digest(&text)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// The protected paths against what was accepted.

@@ -39,9 +39,9 @@ pub fn pending(home: &Home, root: &Path, id: SessionId) -> Result<Option<Pending
     Ok(protect::changes(home.session(id).dir(), root)?)
 }
 
-/// Accepts the protected paths as they are now; returns what that accepted.
-pub fn accept(home: &Home, root: &Path, id: SessionId) -> Result<Vec<Change>, ProtectedError> {
-    let p = pending(home, root, id)?.ok_or(ProtectedError::NothingRecorded)?;
+/// Accepts `p`, what the user reviewed (not what is on disk by now); returns
+/// what that accepted.
+pub fn accept(home: &Home, id: SessionId, p: Pending) -> Result<Vec<Change>, ProtectedError> {
     let changes = p.changes.clone();
     protect::accept(home.session(id).dir(), p)?;
     Ok(changes)
