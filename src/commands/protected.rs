@@ -59,8 +59,8 @@ pub fn run(home: &Home, start: &Path, accept: bool, expect: Option<&str>) -> Res
                 accepted.len(),
                 if accepted.len() == 1 { "" } else { "s" }
             )?;
-            for c in &accepted {
-                writeln!(out, "  {}", escape(&protected::summary(c)))?;
+            for line in protected::summaries(&accepted) {
+                writeln!(out, "  {}", escape(&line))?;
             }
         }
         return Ok(());

@@ -72,8 +72,8 @@ pub fn short(p: &Pending) -> Vec<String> {
             if p.changes.len() == 1 { "" } else { "s" }
         ));
     }
-    for c in &p.changes {
-        out.push(format!("  {}", summary(c)));
+    for line in summaries(&p.changes) {
+        out.push(format!("  {line}"));
     }
     if let Some(line) = unchecked(p) {
         out.push(format!("  {line}"));
@@ -128,11 +128,21 @@ fn headline(c: &Change) -> String {
     format!("{}: {what}", c.path)
 }
 
+/// One summary per change, all diffed from one budget.
+pub fn summaries(changes: &[Change]) -> Vec<String> {
+    let mut budget = DIFF_CELLS;
+    changes.iter().map(|c| summary_in(c, &mut budget)).collect()
+}
+
 /// The headline with the first changed lines of a text file.
 pub fn summary(c: &Change) -> String {
+    summary_in(c, &mut DIFF_CELLS.clone())
+}
+
+fn summary_in(c: &Change, budget: &mut usize) -> String {
     let mut out = headline(c);
     if let (Some(a), Some(b)) = (text(&c.was), text(&c.now)) {
-        let ops = line_diff(a, b);
+        let ops = line_diff_in(a, b, budget);
         let (add, del) = ops.iter().fold((0, 0), |(a, d), (op, _)| match op {
             Op::Add => (a + 1, d),
             Op::Del => (a, d + 1),
@@ -173,11 +183,12 @@ const CONTEXT: usize = 2;
 /// The full report for `vibebox protected`: each changed path with its diff.
 pub fn full(p: &Pending) -> Vec<String> {
     let mut out = Vec::new();
+    let mut budget = DIFF_CELLS;
     for c in &p.changes {
         out.push(headline(c));
         match (text(&c.was), text(&c.now)) {
             (Some(a), Some(b)) => {
-                let ops = line_diff(a, b);
+                let ops = line_diff_in(a, b, &mut budget);
                 let near = |i: usize| {
                     let lo = i.saturating_sub(CONTEXT);
                     let hi = (i + CONTEXT + 1).min(ops.len());
@@ -235,13 +246,19 @@ impl Op {
     }
 }
 
-/// Past this many cells the middle of a diff is shown as all removed, then all
-/// added: the guest chooses the file sizes, the host's time must stay bounded.
+/// The cells one report may spend on diffs, over all its files: past it, the
+/// middle of a diff is shown as all removed, then all added. The guest chooses the
+/// file sizes and how many files change; the host's time must stay bounded.
 const DIFF_CELLS: usize = 4_000_000;
 
-/// A line diff of `a` to `b`: the common start and end are kept, the middle by a
-/// longest common subsequence while it is small enough.
+/// A line diff of `a` to `b` with a budget of its own.
 pub fn line_diff<'a>(a: &'a str, b: &'a str) -> Vec<(Op, &'a str)> {
+    line_diff_in(a, b, &mut DIFF_CELLS.clone())
+}
+
+/// A line diff of `a` to `b`: the common start and end are kept, the middle by a
+/// longest common subsequence while `budget` (cells left) allows.
+fn line_diff_in<'a>(a: &'a str, b: &'a str, budget: &mut usize) -> Vec<(Op, &'a str)> {
     let a: Vec<&str> = a.lines().collect();
     let b: Vec<&str> = b.lines().collect();
     let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
@@ -253,10 +270,12 @@ pub fn line_diff<'a>(a: &'a str, b: &'a str) -> Vec<(Op, &'a str)> {
         .count();
     let (am, bm) = (&a[pre..a.len() - suf], &b[pre..b.len() - suf]);
     let mut out: Vec<(Op, &str)> = a[..pre].iter().map(|l| (Op::Keep, *l)).collect();
-    if am.len().saturating_mul(bm.len()) > DIFF_CELLS {
+    let cells = am.len().saturating_mul(bm.len());
+    if cells > *budget {
         out.extend(am.iter().map(|l| (Op::Del, *l)));
         out.extend(bm.iter().map(|l| (Op::Add, *l)));
     } else {
+        *budget -= cells;
         // lcs[i][j]: the longest common subsequence of am[i..] and bm[j..].
         let w = bm.len() + 1;
         let mut lcs = vec![0u32; (am.len() + 1) * w];
@@ -377,6 +396,35 @@ mod tests {
                 "    now: file, 13 bytes",
                 "    +gitdir: evil"
             ]
+        );
+    }
+
+    /// Many big rewrites in one report: the first is diffed line by line, the
+    /// ones past the shared budget are shown whole (removed, then added).
+    #[test]
+    fn the_diff_budget_is_shared_by_all_files() {
+        let body: String = (0..1500).map(|i| format!("c{i}\n")).collect();
+        let c = Change {
+            path: "x".into(),
+            was: file(&format!("a\n{body}a\n")),
+            now: file(&format!("b\n{body}b\n")),
+        };
+        let changes = vec![c.clone(), c.clone(), c];
+        let lines = summaries(&changes);
+        assert!(lines[0].starts_with("x: changed (+2 -2):"), "{}", lines[0]);
+        for l in &lines[1..] {
+            assert!(l.starts_with("x: changed (+1502 -1502):"), "{l}");
+        }
+        let p = Pending {
+            changes,
+            now: Default::default(),
+            record: Default::default(),
+            globs: vec![],
+        };
+        let shown = full(&p);
+        assert_eq!(
+            shown.iter().filter(|l| l.starts_with("    +")).count(),
+            2 + 1502 * 2
         );
     }
 
