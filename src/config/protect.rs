@@ -513,6 +513,21 @@ mod tests {
             prop_assert_eq!(glob.matches(&s), naive(&p, &s));
         }
 
+        /// The walk enters every directory above a path a glob matches.
+        #[test]
+        fn could_hold_every_directory_above_a_match(
+            pat in prop::collection::vec("(\\*\\*|[ab*?]{1,3})", 1..5),
+            path in prop::collection::vec("[ab]{1,3}", 1..6),
+        ) {
+            let Ok(glob) = Glob::parse(&pat.join("/")) else { return Ok(()) };
+            let s: Vec<&str> = path.iter().map(String::as_str).collect();
+            if glob.matches(&s) {
+                for n in 0..s.len() {
+                    prop_assert!(glob.could_hold(&s[..n]), "{:?} {:?}", pat, &s[..n]);
+                }
+            }
+        }
+
         /// Hostile text never panics the parser, and what it accepts stays
         /// inside the project.
         #[test]
