@@ -131,9 +131,13 @@ pub enum Command {
     /// themselves: .envrc, .vscode/, ...) since you last accepted them, with the
     /// full diff; `--accept` accepts them as they are now.
     Protected {
-        /// Accept the protected paths as they are now.
+        /// Accept the protected paths as they are now (asks on a terminal).
         #[arg(long)]
         accept: bool,
+        /// Without a terminal: accept only if what would be recorded has this
+        /// digest (printed by `vibebox protected`).
+        #[arg(long, requires = "accept", value_name = "DIGEST")]
+        expect: Option<String>,
     },
     /// The supervisor of one session (started by vibebox itself, detached).
     #[command(name = "__supervise", hide = true)]

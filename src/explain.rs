@@ -155,6 +155,10 @@ fn watched_lines(project: &Path, p: &Protection) -> Vec<(String, String)> {
                     "read-only (enforced on the host) for what matched at the start ({}); anything new is {WATCHED}",
                     ro.len()
                 )
+            } else if asked && !p.linked(project, g).is_empty() {
+                format!(
+                    "{WATCHED} (it has other hard links: a read-only bind would leave it writable through them)"
+                )
             } else if asked && p.guard == Guard::NotEnforced {
                 format!("{WATCHED} (protect_mode = \"ro\" cannot be enforced on this host)")
             } else if asked {
@@ -294,6 +298,7 @@ mod tests {
                 overlay: Some("/p/.git".into()),
                 watched: vec![crate::config::protect::Glob::parse(".envrc").unwrap()],
                 read_only: vec![],
+                linked: vec![],
                 mode: crate::config::protect::Mode::Watch,
             },
         });
@@ -321,6 +326,7 @@ mod tests {
                     crate::config::protect::Glob::parse(".vscode/").unwrap(),
                 ],
                 read_only: vec!["/p/.vscode".into()],
+                linked: vec!["/p/.envrc".into()],
                 mode: crate::config::protect::Mode::Ro,
             },
         });
@@ -337,6 +343,7 @@ mod tests {
             t.contains("\n  .envrc  watched: the VM can change it"),
             "{t}"
         );
+        assert!(t.contains("(it has other hard links"), "{t}");
         assert_eq!(j["watched"][0]["glob"], ".envrc");
         assert_eq!(j["watched"][0]["enforced"], false);
         assert!(t.contains("\nFiles the VM writes: "), "{t}");

@@ -161,10 +161,38 @@ fn a_changed_protected_file_is_named_shown_and_accepted() {
     assert!(o.contains("\n       \"label\": \"build\",\n"), "{o}");
     assert!(!o.contains('\u{1b}'), "{o:?}");
 
+    // What is accepted is what was shown: without a terminal, only by its digest.
+    let digest = o
+        .split("--expect ")
+        .nth(1)
+        .and_then(|r| r.get(..32))
+        .expect("the digest is printed")
+        .to_string();
+    assert_eq!(digest.len(), 32, "{o}");
     let out = protected(&["--accept"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("vibebox protected --accept --expect {digest}")),
+        "{}",
+        out.stderr
+    );
+    // The guest changes a file after the review: the reviewed digest is refused.
+    fs::write(p.join(".envrc"), "export PATH=/tmp/worse:$PATH\n").unwrap();
+    let out = protected(&["--accept", "--expect", &digest]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("nothing accepted"), "{}", out.stderr);
+    assert!(
+        protected(&[])
+            .stdout
+            .contains("+export PATH=/tmp/worse:$PATH")
+    );
+    fs::write(p.join(".envrc"), "export PATH=/tmp/evil:$PATH\n").unwrap();
+    let out = protected(&["--accept", "--expect", &digest]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
-        out.stdout.starts_with("accepted 4 changes:"),
+        out.stdout
+            .starts_with(&format!("accepted 4 changes (digest {digest}):")),
         "{}",
         out.stdout
     );

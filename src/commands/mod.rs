@@ -203,6 +203,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Some(Command::Ports { json, change }) => {
             ports::run(&home, &start_dir(&cli)?, *json, change.as_ref())
         }
-        Some(Command::Protected { accept }) => protected::run(&home, &start_dir(&cli)?, *accept),
+        Some(Command::Protected { accept, expect }) => {
+            protected::run(&home, &start_dir(&cli)?, *accept, expect.as_deref())
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! protected with everything it holds.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::store::watched::{self, Accepted, Entry, Snapshot, WatchedError};
 
@@ -175,6 +176,18 @@ impl Glob {
         match_parts(&pat, path)
     }
 
+    /// Whether something below `path` could match (so a walk must enter it).
+    pub fn could_hold(&self, path: &[&str]) -> bool {
+        let pat: Vec<&str> = self.parts().collect();
+        match_below(&pat, path)
+    }
+
+    /// Whether `path` is a directory on the way to the glob's literal prefix.
+    pub fn on_the_way(&self, path: &[&str]) -> bool {
+        let pre = self.literal_prefix();
+        path.len() < pre.len() && pre.starts_with(path)
+    }
+
     /// Whether `path` is protected by this glob: it matches the path or a
     /// directory above it.
     pub fn covers(&self, path: &[&str]) -> bool {
@@ -199,6 +212,26 @@ fn match_parts(pat: &[&str], path: &[&str]) -> bool {
                 ok[j] || (j < path.len() && next[j + 1])
             } else {
                 j < path.len() && ok[j + 1] && match_component(p, path[j])
+            };
+        }
+        ok = next;
+    }
+    ok[0]
+}
+
+/// Whether `pat` matches some path strictly below `path` (or `path` itself: the
+/// answer only decides whether a walk enters it).
+fn match_below(pat: &[&str], path: &[&str]) -> bool {
+    // ok[j] = pat[i..] matches path[j..] followed by anything.
+    let mut ok: Vec<bool> = (0..=path.len()).map(|j| j == path.len()).collect();
+    for p in pat.iter().rev() {
+        let mut next = vec![false; path.len() + 1];
+        next[path.len()] = true;
+        for j in (0..path.len()).rev() {
+            next[j] = if *p == "**" {
+                ok[j] || next[j + 1]
+            } else {
+                ok[j + 1] && match_component(p, path[j])
             };
         }
         ok = next;
@@ -303,7 +336,7 @@ mod tests {
         };
         let snap = |e: &[(&str, Entry)]| Snapshot {
             entries: e.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-            truncated: false,
+            ..Default::default()
         };
         let was = snap(&[
             (".claude", Entry::Dir),
@@ -350,6 +383,95 @@ mod tests {
         assert!(changes(&sd, &p).unwrap().unwrap().changes.is_empty());
     }
 
+    /// The guest fills one protected directory past the limits: the others are
+    /// still watched, what the walk did not reach is not "removed", and accepting
+    /// keeps it recorded.
+    #[test]
+    fn a_filled_directory_hides_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let (sd, p) = (t.path().join("s"), t.path().join("p"));
+        std::fs::create_dir_all(&sd).unwrap();
+        std::fs::create_dir_all(p.join(".vscode")).unwrap();
+        std::fs::create_dir_all(p.join(".claude")).unwrap();
+        std::fs::write(p.join(".vscode/tasks.json"), "a\n").unwrap();
+        std::fs::write(p.join(".claude/settings.json"), "s\n").unwrap();
+        let globs = default_globs();
+        record_at_start(&sd, &p, &globs).unwrap();
+        // Deeper than the depth limit, and more entries than the entry limit,
+        // all sorting before settings.json.
+        let mut d = p.join(".claude/a");
+        for _ in 0..40 {
+            d = d.join("a");
+        }
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..=watched::LIMITS.entries {
+            std::fs::create_dir(p.join(format!(".claude/d{i:05}"))).unwrap();
+        }
+        std::fs::write(p.join(".envrc"), "evil\n").unwrap();
+        std::fs::write(p.join(".vscode/tasks.json"), "b\n").unwrap();
+        let pending = changes(&sd, &p).unwrap().unwrap();
+        let got: Vec<(&str, bool)> = pending
+            .changes
+            .iter()
+            .map(|c| (c.path.as_str(), c.now.is_some()))
+            .collect();
+        assert_eq!(got, [(".envrc", true), (".vscode/tasks.json", true)]);
+        assert_eq!(pending.now.unchecked, [".claude"]);
+        accept(&sd, pending).unwrap();
+        // Later edits are still seen, in and out of the filled directory.
+        std::fs::write(p.join(".vscode/tasks.json"), "c\n").unwrap();
+        let paths = |sd: &std::path::Path| -> Vec<String> {
+            changes(sd, &p)
+                .unwrap()
+                .unwrap()
+                .changes
+                .into_iter()
+                .map(|c| c.path)
+                .collect()
+        };
+        assert_eq!(paths(&sd), [".vscode/tasks.json"]);
+        for i in 0..=watched::LIMITS.entries {
+            std::fs::remove_dir(p.join(format!(".claude/d{i:05}"))).unwrap();
+        }
+        std::fs::write(p.join(".claude/settings.json"), "evil\n").unwrap();
+        assert_eq!(paths(&sd), [".claude/settings.json", ".vscode/tasks.json"]);
+    }
+
+    /// Replacing a directory on the way to a watched path is named as what it
+    /// became, not only as the watched paths gone.
+    #[test]
+    fn a_replaced_directory_on_the_way_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let (sd, p) = (t.path().join("s"), t.path().join("p"));
+        std::fs::create_dir_all(&sd).unwrap();
+        std::fs::create_dir_all(p.join(".git/hooks")).unwrap();
+        std::fs::write(p.join(".git/config"), "[core]\n").unwrap();
+        std::fs::create_dir_all(p.join("tools")).unwrap();
+        std::fs::write(p.join("tools/x.sh"), "x\n").unwrap();
+        let mut globs = git_globs();
+        globs.push(g("tools/*.sh"));
+        record_at_start(&sd, &p, &globs).unwrap();
+        std::fs::rename(p.join(".git"), p.join("evil")).unwrap();
+        std::fs::write(p.join(".git"), "gitdir: evil\n").unwrap();
+        std::fs::rename(p.join("tools"), p.join("tools2")).unwrap();
+        std::os::unix::fs::symlink("tools2", p.join("tools")).unwrap();
+        let pending = changes(&sd, &p).unwrap().unwrap();
+        let find = |path: &str| pending.changes.iter().find(|c| c.path == path).cloned();
+        let git = find(".git").expect(".git named");
+        assert_eq!(git.was, Some(Entry::Dir));
+        assert!(
+            matches!(&git.now, Some(Entry::File { text: Some(t), .. }) if t == "gitdir: evil\n"),
+            "{git:?}"
+        );
+        let tools = find("tools").expect("tools named");
+        assert_eq!(
+            tools.now,
+            Some(Entry::Link {
+                target: "tools2".into()
+            })
+        );
+    }
+
     /// The obvious exponential matcher, as the reference.
     fn naive(p: &[&str], s: &[&str]) -> bool {
         fn comp(p: &[char], n: &[char]) -> bool {
@@ -389,6 +511,21 @@ mod tests {
             let p: Vec<&str> = pat.iter().map(String::as_str).collect();
             let s: Vec<&str> = path.iter().map(String::as_str).collect();
             prop_assert_eq!(glob.matches(&s), naive(&p, &s));
+        }
+
+        /// The walk enters every directory above a path a glob matches.
+        #[test]
+        fn could_hold_every_directory_above_a_match(
+            pat in prop::collection::vec("(\\*\\*|[ab*?]{1,3})", 1..5),
+            path in prop::collection::vec("[ab]{1,3}", 1..6),
+        ) {
+            let Ok(glob) = Glob::parse(&pat.join("/")) else { return Ok(()) };
+            let s: Vec<&str> = path.iter().map(String::as_str).collect();
+            if glob.matches(&s) {
+                for n in 0..s.len() {
+                    prop_assert!(glob.could_hold(&s[..n]), "{:?} {:?}", pat, &s[..n]);
+                }
+            }
         }
 
         /// Hostile text never panics the parser, and what it accepts stays
@@ -434,14 +571,27 @@ pub fn covered(globs: &[Glob], path: &str) -> bool {
     globs.iter().any(|g| g.covers(&parts))
 }
 
-/// What `globs` cover in `project` now.
+/// Whether `path` is recorded for `globs`: protected by one, or a directory on
+/// the way to one's literal prefix (replacing it is a change).
+pub fn recorded(globs: &[Glob], path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    globs
+        .iter()
+        .any(|g| g.covers(&parts) || g.on_the_way(&parts))
+}
+
+/// What `globs` cover in `project` now. The literal globs are walked first (the
+/// hashing and text budgets are shared), each starting point with its own limits.
 pub fn take(project: &std::path::Path, globs: &[Glob]) -> Snapshot {
-    let starts: Vec<Vec<String>> = globs
+    let mut ordered: Vec<&Glob> = globs.iter().filter(|g| g.is_literal()).collect();
+    ordered.extend(globs.iter().filter(|g| !g.is_literal()));
+    let starts: Vec<Vec<String>> = ordered
         .iter()
         .map(|g| g.literal_prefix().into_iter().map(String::from).collect())
         .collect();
     let covers = |parts: &[&str]| globs.iter().any(|g| g.covers(parts));
-    watched::snapshot(project, &starts, &covers, watched::LIMITS)
+    let holds = |parts: &[&str]| globs.iter().any(|g| g.could_hold(parts));
+    watched::snapshot(project, &starts, &covers, &holds, watched::LIMITS)
 }
 
 /// At a VM's start: the accepted snapshot, made from what is there now if there is
@@ -475,10 +625,10 @@ pub fn record_at_start(
                 .snapshot
                 .entries
                 .into_iter()
-                .filter(|(p, _)| covered(globs, p))
+                .filter(|(p, _)| recorded(globs, p))
                 .collect();
             for (path, entry) in now.entries {
-                if !covered(&before, &path) {
+                if !recorded(&before, &path) {
                     entries.insert(path, entry);
                 }
             }
@@ -486,7 +636,9 @@ pub fn record_at_start(
                 globs: names,
                 snapshot: Snapshot {
                     entries,
-                    truncated: old.snapshot.truncated || now.truncated,
+                    truncated: now.truncated,
+                    unchecked: now.unchecked,
+                    checked: now.checked,
                 },
             }
         }
@@ -519,29 +671,55 @@ pub fn changes(
         .filter_map(|g| Glob::parse(g).ok())
         .collect();
     let now = take(project, &globs);
+    // What accepting records: what was checked as it is now, and for what a
+    // limit kept the walk from, what was accepted before.
+    let mut record = now.clone();
+    for (path, entry) in &accepted.snapshot.entries {
+        if !now.reached(path) && !record.entries.contains_key(path) {
+            record.entries.insert(path.clone(), entry.clone());
+        }
+    }
     Ok(Some(Pending {
         changes: compare(&accepted.snapshot, &now),
         now,
+        record,
         globs: accepted.globs,
     }))
+}
+
+impl Pending {
+    /// A digest of what accepting records (128 bits, like the approval digest:
+    /// the guest writes what is digested, so a short one would let it search for
+    /// a collision). The user names it to accept exactly what they reviewed.
+    pub fn digest(&self) -> String {
+        let text = serde_json::to_vec(&(&self.globs, &self.record)).expect("snapshots serialize");
+        Sha256::digest(&text)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// The protected paths against what was accepted.
 pub struct Pending {
     pub changes: Vec<Change>,
-    /// The paths as they are now (what `accept` records).
+    /// The paths as they are now.
     pub now: Snapshot,
+    /// What `accept` records: `now`, and the accepted entries `now` did not reach.
+    pub record: Snapshot,
     pub globs: Vec<String>,
 }
 
 /// Every path added, removed or changed between two snapshots, in path order. A
 /// directory that appears or goes is no change by itself (what it holds is named);
-/// one that becomes a link or a file is.
+/// one that becomes a link or a file is. A path `now` did not reach (a limit
+/// stopped the walk) is not checked, so not named as removed.
 pub fn compare(was: &Snapshot, now: &Snapshot) -> Vec<Change> {
     let mut out = Vec::new();
     for (path, w) in &was.entries {
         match now.entries.get(path) {
             Some(n) if n.same(w) => {}
+            None if !now.reached(path) => {}
             n => out.push(Change {
                 path: path.clone(),
                 was: Some(w.clone()),
@@ -574,7 +752,7 @@ pub fn accept(session_dir: &std::path::Path, pending: Pending) -> Result<(), Wat
         session_dir,
         &Accepted {
             globs: pending.globs,
-            snapshot: pending.now,
+            snapshot: pending.record,
         },
     )
 }

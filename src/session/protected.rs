@@ -39,9 +39,9 @@ pub fn pending(home: &Home, root: &Path, id: SessionId) -> Result<Option<Pending
     Ok(protect::changes(home.session(id).dir(), root)?)
 }
 
-/// Accepts the protected paths as they are now; returns what that accepted.
-pub fn accept(home: &Home, root: &Path, id: SessionId) -> Result<Vec<Change>, ProtectedError> {
-    let p = pending(home, root, id)?.ok_or(ProtectedError::NothingRecorded)?;
+/// Accepts `p`, what the user reviewed (not what is on disk by now); returns
+/// what that accepted.
+pub fn accept(home: &Home, id: SessionId, p: Pending) -> Result<Vec<Change>, ProtectedError> {
     let changes = p.changes.clone();
     protect::accept(home.session(id).dir(), p)?;
     Ok(changes)
@@ -72,13 +72,30 @@ pub fn short(p: &Pending) -> Vec<String> {
             if p.changes.len() == 1 { "" } else { "s" }
         ));
     }
-    for c in &p.changes {
-        out.push(format!("  {}", summary(c)));
+    for line in summaries(&p.changes) {
+        out.push(format!("  {line}"));
     }
-    if p.now.truncated {
-        out.push("  (some protected directories hold too many entries, or are too deep: vibebox looked at part of them only)".into());
+    if let Some(line) = unchecked(p) {
+        out.push(format!("  {line}"));
     }
     out
+}
+
+/// The line naming the starting points a limit stopped, if any.
+fn unchecked(p: &Pending) -> Option<String> {
+    if !p.now.truncated {
+        return None;
+    }
+    let names: Vec<&str> = p
+        .now
+        .unchecked
+        .iter()
+        .map(|s| if s.is_empty() { "." } else { s.as_str() })
+        .collect();
+    Some(format!(
+        "not checked in full (too many entries, or too deep): {}; a change there past the limit is not named, and accepting keeps what you accepted before for what was not looked at",
+        names.join(", ")
+    ))
 }
 
 fn cut(s: &str) -> String {
@@ -111,11 +128,21 @@ fn headline(c: &Change) -> String {
     format!("{}: {what}", c.path)
 }
 
+/// One summary per change, all diffed from one budget.
+pub fn summaries(changes: &[Change]) -> Vec<String> {
+    let mut budget = DIFF_CELLS;
+    changes.iter().map(|c| summary_in(c, &mut budget)).collect()
+}
+
 /// The headline with the first changed lines of a text file.
 pub fn summary(c: &Change) -> String {
+    summary_in(c, &mut DIFF_CELLS.clone())
+}
+
+fn summary_in(c: &Change, budget: &mut usize) -> String {
     let mut out = headline(c);
     if let (Some(a), Some(b)) = (text(&c.was), text(&c.now)) {
-        let ops = line_diff(a, b);
+        let ops = line_diff_in(a, b, budget);
         let (add, del) = ops.iter().fold((0, 0), |(a, d), (op, _)| match op {
             Op::Add => (a + 1, d),
             Op::Del => (a, d + 1),
@@ -129,6 +156,13 @@ pub fn summary(c: &Change) -> String {
             if add + del > NOTE_LINES {
                 out.push_str(" …");
             }
+        }
+    } else if let (Some(_), Some(Entry::File { text: Some(t), .. })) = (&c.was, &c.now) {
+        // Something else became a text file (`.git` a `gitdir:` file): say what it holds.
+        let mut lines = t.lines();
+        out.push_str(&format!(": {}", cut(lines.next().unwrap_or(""))));
+        if lines.next().is_some() {
+            out.push_str(" …");
         }
     } else if let (Some(Entry::File { executable: a, .. }), Some(Entry::File { executable: b, .. })) =
         (&c.was, &c.now)
@@ -149,11 +183,12 @@ const CONTEXT: usize = 2;
 /// The full report for `vibebox protected`: each changed path with its diff.
 pub fn full(p: &Pending) -> Vec<String> {
     let mut out = Vec::new();
+    let mut budget = DIFF_CELLS;
     for c in &p.changes {
         out.push(headline(c));
         match (text(&c.was), text(&c.now)) {
             (Some(a), Some(b)) => {
-                let ops = line_diff(a, b);
+                let ops = line_diff_in(a, b, &mut budget);
                 let near = |i: usize| {
                     let lo = i.saturating_sub(CONTEXT);
                     let hi = (i + CONTEXT + 1).min(ops.len());
@@ -177,6 +212,9 @@ pub fn full(p: &Pending) -> Vec<String> {
                     let d = e.as_ref().map_or("(absent)".to_string(), Entry::describe);
                     out.push(format!("    {label}: {d}"));
                 }
+                if let Some(Entry::File { text: Some(t), .. }) = &c.now {
+                    out.extend(t.lines().map(|l| format!("    +{l}")));
+                }
                 if matches!(c.now, Some(Entry::File { text: None, .. }))
                     || matches!(c.now, Some(Entry::Large { .. }))
                 {
@@ -185,8 +223,8 @@ pub fn full(p: &Pending) -> Vec<String> {
             }
         }
     }
-    if p.now.truncated {
-        out.push("(some protected directories hold too many entries, or are too deep: vibebox looked at part of them only)".into());
+    if let Some(line) = unchecked(p) {
+        out.push(line);
     }
     out
 }
@@ -208,13 +246,19 @@ impl Op {
     }
 }
 
-/// Past this many cells the middle of a diff is shown as all removed, then all
-/// added: the guest chooses the file sizes, the host's time must stay bounded.
+/// The cells one report may spend on diffs, over all its files: past it, the
+/// middle of a diff is shown as all removed, then all added. The guest chooses the
+/// file sizes and how many files change; the host's time must stay bounded.
 const DIFF_CELLS: usize = 4_000_000;
 
-/// A line diff of `a` to `b`: the common start and end are kept, the middle by a
-/// longest common subsequence while it is small enough.
+/// A line diff of `a` to `b` with a budget of its own.
 pub fn line_diff<'a>(a: &'a str, b: &'a str) -> Vec<(Op, &'a str)> {
+    line_diff_in(a, b, &mut DIFF_CELLS.clone())
+}
+
+/// A line diff of `a` to `b`: the common start and end are kept, the middle by a
+/// longest common subsequence while `budget` (cells left) allows.
+fn line_diff_in<'a>(a: &'a str, b: &'a str, budget: &mut usize) -> Vec<(Op, &'a str)> {
     let a: Vec<&str> = a.lines().collect();
     let b: Vec<&str> = b.lines().collect();
     let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
@@ -226,10 +270,12 @@ pub fn line_diff<'a>(a: &'a str, b: &'a str) -> Vec<(Op, &'a str)> {
         .count();
     let (am, bm) = (&a[pre..a.len() - suf], &b[pre..b.len() - suf]);
     let mut out: Vec<(Op, &str)> = a[..pre].iter().map(|l| (Op::Keep, *l)).collect();
-    if am.len().saturating_mul(bm.len()) > DIFF_CELLS {
+    let cells = am.len().saturating_mul(bm.len());
+    if cells > *budget {
         out.extend(am.iter().map(|l| (Op::Del, *l)));
         out.extend(bm.iter().map(|l| (Op::Add, *l)));
     } else {
+        *budget -= cells;
         // lcs[i][j]: the longest common subsequence of am[i..] and bm[j..].
         let w = bm.len() + 1;
         let mut lcs = vec![0u32; (am.len() + 1) * w];
@@ -290,6 +336,7 @@ mod tests {
         let p = Pending {
             changes: vec![c],
             now: Default::default(),
+            record: Default::default(),
             globs: vec![],
         };
         assert_eq!(
@@ -325,6 +372,63 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_become_a_file_says_what_the_file_holds() {
+        let c = Change {
+            path: ".git".into(),
+            was: Some(Entry::Dir),
+            now: file("gitdir: evil\n"),
+        };
+        assert_eq!(
+            summary(&c),
+            ".git: was directory, now file, 13 bytes: gitdir: evil"
+        );
+        let p = Pending {
+            changes: vec![c],
+            now: Default::default(),
+            record: Default::default(),
+            globs: vec![],
+        };
+        assert_eq!(
+            full(&p),
+            [
+                ".git: was directory, now file, 13 bytes",
+                "    was: directory",
+                "    now: file, 13 bytes",
+                "    +gitdir: evil"
+            ]
+        );
+    }
+
+    /// Many big rewrites in one report: the first is diffed line by line, the
+    /// ones past the shared budget are shown whole (removed, then added).
+    #[test]
+    fn the_diff_budget_is_shared_by_all_files() {
+        let body: String = (0..1500).map(|i| format!("c{i}\n")).collect();
+        let c = Change {
+            path: "x".into(),
+            was: file(&format!("a\n{body}a\n")),
+            now: file(&format!("b\n{body}b\n")),
+        };
+        let changes = vec![c.clone(), c.clone(), c];
+        let lines = summaries(&changes);
+        assert!(lines[0].starts_with("x: changed (+2 -2):"), "{}", lines[0]);
+        for l in &lines[1..] {
+            assert!(l.starts_with("x: changed (+1502 -1502):"), "{l}");
+        }
+        let p = Pending {
+            changes,
+            now: Default::default(),
+            record: Default::default(),
+            globs: vec![],
+        };
+        let shown = full(&p);
+        assert_eq!(
+            shown.iter().filter(|l| l.starts_with("    +")).count(),
+            2 + 1502 * 2
+        );
+    }
+
+    #[test]
     fn a_huge_change_stays_cheap() {
         let a: String = (0..5000).map(|i| format!("a{i}\n")).collect();
         let b: String = (0..5000).map(|i| format!("b{i}\n")).collect();
@@ -352,7 +456,7 @@ mod tests {
         fn reports_are_total(a in any::<String>(), b in any::<String>()) {
             let c = Change { path: "p".into(), was: file(&a), now: file(&b) };
             let _ = summary(&c);
-            let _ = full(&Pending { changes: vec![c], now: Default::default(), globs: vec![] });
+            let _ = full(&Pending { changes: vec![c], now: Default::default(), record: Default::default(), globs: vec![] });
         }
     }
 }

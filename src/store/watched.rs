@@ -4,8 +4,10 @@
 //! The project is guest-writable, so the walk treats it as hostile: it follows no
 //! link (each directory is opened relative to its parent with `O_NOFOLLOW`), never
 //! opens anything but a regular file (a FIFO would block, a device could act on
-//! open), and caps what it visits, how deep it goes and how much it hashes. Past a
-//! cap it says so (`truncated`) instead of quietly watching less.
+//! open), and caps what it visits, how deep it goes and how much it hashes. Each
+//! starting point has its own caps, so one the guest fills cannot hide another;
+//! past a cap the snapshot names the starting point (`unchecked`) instead of
+//! quietly watching less, and what it did not reach is "not checked", never gone.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -24,8 +26,11 @@ use crate::statefile;
 /// The bounds of one snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Entries looked at, over all globs.
+    /// Entries the globs cover, per starting point.
     pub entries: usize,
+    /// Entries looked at, covered or not, per starting point (a walk from a
+    /// wildcard's prefix reads what no glob covers to find what one does).
+    pub looked: usize,
     /// Directory levels below the project.
     pub depth: usize,
     /// A bigger file is fingerprinted by size and times instead of hashed.
@@ -40,6 +45,7 @@ pub struct Limits {
 
 pub const LIMITS: Limits = Limits {
     entries: 10_000,
+    looked: 100_000,
     depth: 32,
     hash_file: 16 << 20,
     hash_total: 256 << 20,
@@ -126,6 +132,28 @@ pub struct Snapshot {
     /// A limit stopped the walk: some paths were not looked at.
     #[serde(default)]
     pub truncated: bool,
+    /// The starting points a limit stopped (relative paths, `""` for the project).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchecked: Vec<String>,
+    /// The starting points walked whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checked: Vec<String>,
+}
+
+/// Whether `path` is `start` or below it.
+fn under(path: &str, start: &str) -> bool {
+    start.is_empty()
+        || path == start
+        || (path.starts_with(start) && path.as_bytes().get(start.len()) == Some(&b'/'))
+}
+
+impl Snapshot {
+    /// Whether the walk looked everywhere `path` could be: when it did not, the
+    /// path missing from the snapshot says nothing about it.
+    pub fn reached(&self, path: &str) -> bool {
+        self.checked.iter().any(|s| under(path, s))
+            || !self.unchecked.iter().any(|s| under(path, s))
+    }
 }
 
 /// A file name as text, reversibly: UTF-8 stays as it is, a backslash becomes
@@ -151,7 +179,14 @@ pub fn name(bytes: &[u8]) -> String {
 struct Walk<'a> {
     limits: Limits,
     covers: &'a dyn Fn(&[&str]) -> bool,
+    /// Whether something below this directory could be covered.
+    holds: &'a dyn Fn(&[&str]) -> bool,
+    /// Covered entries and entries looked at, for the current starting point.
     seen: usize,
+    looked: usize,
+    /// The current starting point stopped at a limit (`full`: it stops now).
+    partial: bool,
+    full: bool,
     hashed: u64,
     kept: u64,
     out: Snapshot,
@@ -176,14 +211,29 @@ fn open_dir(dir: &impl AsFd, name: &OsStr) -> nix::Result<OwnedFd> {
 }
 
 impl Walk<'_> {
-    /// Counts one entry; false once the limit is reached.
+    /// Counts one covered entry; false once the limit is reached.
     fn count(&mut self) -> bool {
         self.seen += 1;
         if self.seen > self.limits.entries {
-            self.out.truncated = true;
+            self.stop();
             return false;
         }
         true
+    }
+
+    /// Counts one entry looked at; false once the limit is reached.
+    fn look(&mut self) -> bool {
+        self.looked += 1;
+        if self.looked > self.limits.looked {
+            self.stop();
+            return false;
+        }
+        true
+    }
+
+    fn stop(&mut self) {
+        self.partial = true;
+        self.full = true;
     }
 
     fn entry(&mut self, dir: &OwnedFd, name: &OsStr, st: &FileStat) -> Entry {
@@ -269,8 +319,9 @@ impl Walk<'_> {
         })
     }
 
-    /// Walks `start` (literal components below the project), recording what the
-    /// globs cover.
+    /// Walks `start` (literal components below the project), recording each
+    /// component on the way (a directory there swapped for a file or a link is a
+    /// change of its own) and what the globs cover below.
     fn from(&mut self, root: &Path, start: &[String]) {
         let Ok(mut dir) = nix::fcntl::open(
             root,
@@ -280,22 +331,18 @@ impl Walk<'_> {
             return;
         };
         let mut rel: Vec<String> = Vec::new();
-        for (i, part) in start.iter().enumerate() {
+        for part in start {
             let os = OsStr::new(part);
             let Ok(st) = stat_at(&dir, os) else {
                 return;
             };
             rel.push(part.clone());
-            let last = i + 1 == start.len();
             let is_dir = kind(&st) == SFlag::S_IFDIR;
-            let parts: Vec<&str> = rel.iter().map(String::as_str).collect();
-            if (last || !is_dir) && (self.covers)(&parts) {
-                if !self.count() {
-                    return;
-                }
-                let e = self.entry(&dir, os, &st);
-                self.out.entries.insert(rel.join("/"), e);
+            if !self.count() {
+                return;
             }
+            let e = self.entry(&dir, os, &st);
+            self.out.entries.insert(rel.join("/"), e);
             if !is_dir {
                 return;
             }
@@ -310,7 +357,7 @@ impl Walk<'_> {
     /// Everything below `dir` that the globs cover, depth first, in name order.
     fn below(&mut self, dir: OwnedFd, rel: Vec<String>, depth: usize) {
         if depth >= self.limits.depth {
-            self.out.truncated = true;
+            self.partial = true;
             return;
         }
         let names: Vec<Vec<u8>> = {
@@ -324,8 +371,8 @@ impl Walk<'_> {
                 if n == b"." || n == b".." {
                     continue;
                 }
-                if names.len() > self.limits.entries {
-                    self.out.truncated = true;
+                if names.len() > self.limits.looked {
+                    self.partial = true;
                     break;
                 }
                 names.push(n.to_vec());
@@ -334,7 +381,7 @@ impl Walk<'_> {
             names
         };
         for raw in names {
-            if !self.count() {
+            if !self.look() {
                 return;
             }
             let os = OsStr::from_bytes(&raw);
@@ -344,16 +391,21 @@ impl Walk<'_> {
             let mut path = rel.clone();
             path.push(name(&raw));
             let parts: Vec<&str> = path.iter().map(String::as_str).collect();
-            if (self.covers)(&parts) {
+            let covered = (self.covers)(&parts);
+            if covered {
+                if !self.count() {
+                    return;
+                }
                 let e = self.entry(&dir, os, &st);
                 self.out.entries.insert(path.join("/"), e);
             }
             if kind(&st) == SFlag::S_IFDIR
+                && (covered || (self.holds)(&parts))
                 && let Ok(sub) = open_dir(&dir, os)
             {
                 self.below(sub, path, depth + 1);
             }
-            if self.out.truncated && self.seen > self.limits.entries {
+            if self.full {
                 return;
             }
         }
@@ -364,35 +416,44 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A snapshot of what `covers` protects under `root`, walking only from `starts`
-/// (each a list of literal components; an empty list walks the whole project).
+/// A snapshot of what `covers` protects under `root`, walking from each of
+/// `starts` in order (each a list of literal components; an empty list walks the
+/// whole project), each with its own limits; `holds` says whether a directory
+/// could hold something covered (the walk enters no other).
 pub fn snapshot(
     root: &Path,
     starts: &[Vec<String>],
     covers: &dyn Fn(&[&str]) -> bool,
+    holds: &dyn Fn(&[&str]) -> bool,
     limits: Limits,
 ) -> Snapshot {
     let mut w = Walk {
         limits,
         covers,
+        holds,
         seen: 0,
+        looked: 0,
+        partial: false,
+        full: false,
         hashed: 0,
         kept: 0,
         out: Snapshot::default(),
     };
-    let mut starts = starts.to_vec();
-    starts.sort();
-    starts.dedup();
-    // A start below another is walked with it.
-    let kept: Vec<&Vec<String>> = starts
-        .iter()
-        .filter(|s| !starts.iter().any(|o| o.len() < s.len() && s.starts_with(o)))
-        .collect();
-    for s in kept {
-        if w.out.truncated {
-            break;
+    let mut done: Vec<&Vec<String>> = Vec::new();
+    for s in starts {
+        if done.contains(&s) {
+            continue;
         }
+        done.push(s);
+        (w.seen, w.looked, w.partial, w.full) = (0, 0, false, false);
         w.from(root, s);
+        let key = s.join("/");
+        if w.partial {
+            w.out.truncated = true;
+            w.out.unchecked.push(key);
+        } else {
+            w.out.checked.push(key);
+        }
     }
     w.out
 }
@@ -473,6 +534,7 @@ mod tests {
                 vec![".envrc".into()],
             ],
             &everything,
+            &everything,
             LIMITS,
         );
         let keys: Vec<&str> = s.entries.keys().map(String::as_str).collect();
@@ -517,7 +579,13 @@ mod tests {
             entries: 20,
             ..LIMITS
         };
-        let s = snapshot(t.path(), &[vec![".idea".into()]], &everything, small);
+        let s = snapshot(
+            t.path(),
+            &[vec![".idea".into()]],
+            &everything,
+            &everything,
+            small,
+        );
         assert!(s.truncated);
         assert!(s.entries.len() <= 20);
         // Deep trees stop at the depth limit, also said.
@@ -530,6 +598,7 @@ mod tests {
             t.path(),
             &[vec![".deep".into()]],
             &everything,
+            &everything,
             Limits { depth: 4, ..LIMITS },
         );
         assert!(s.truncated);
@@ -538,6 +607,7 @@ mod tests {
         let s = snapshot(
             t.path(),
             &[vec![".envrc".into()]],
+            &everything,
             &everything,
             Limits {
                 hash_file: 1000,

@@ -12,6 +12,7 @@ use std::ffi::CString;
 use std::fs;
 #[cfg(target_os = "linux")]
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -59,6 +60,10 @@ pub struct Protection {
     /// With `protect_mode = "ro"` and `guard` enforced: the watched paths that
     /// existed at the start, read-only to the guest like `.git`.
     pub read_only: Vec<PathBuf>,
+    /// With `protect_mode = "ro"`: files left watched because they have other hard
+    /// links (a bind makes a path read-only, not the file: the VM could write it
+    /// through another of its names).
+    pub linked: Vec<PathBuf>,
     /// `protect_mode` as configured (what it achieved is in `read_only`).
     pub mode: protect::Mode,
 }
@@ -95,6 +100,7 @@ impl Protection {
             overlay,
             watched: Vec::new(),
             read_only: Vec::new(),
+            linked: Vec::new(),
             mode: protect::Mode::Watch,
         }
     }
@@ -111,13 +117,22 @@ impl Protection {
         self.watched = protect::watch_set(config, self.guard == Guard::Enforced);
         self.mode = config.protect_mode;
         if config.protect_mode == protect::Mode::Ro && self.guard == Guard::Enforced {
-            self.read_only = read_only_paths(project, &self.watched);
+            (self.read_only, self.linked) = read_only_paths(project, &self.watched);
         }
         self
     }
 
     /// How `glob` is protected, for the explain text.
     pub fn how(&self, project: &Path, glob: &Glob) -> Vec<PathBuf> {
+        Protection::matching(project, glob, &self.read_only)
+    }
+
+    /// The files `glob` matches that were left watched for their other hard links.
+    pub fn linked(&self, project: &Path, glob: &Glob) -> Vec<PathBuf> {
+        Protection::matching(project, glob, &self.linked)
+    }
+
+    fn matching(project: &Path, glob: &Glob, paths: &[PathBuf]) -> Vec<PathBuf> {
         let parts = |p: &Path| -> Option<Vec<String>> {
             let rel = p.strip_prefix(project).ok()?;
             Some(
@@ -126,7 +141,7 @@ impl Protection {
                     .collect(),
             )
         };
-        self.read_only
+        paths
             .iter()
             .filter(|p| {
                 parts(p).is_some_and(|v| {
@@ -163,22 +178,38 @@ impl Protection {
 /// The paths the globs match that exist now as directories or regular files (a
 /// link is left to the watch: a bind mount would follow it), outermost first, none
 /// inside another, at most `MAX_READ_ONLY`.
-fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
-    let snap = protect::take(project, globs);
+fn read_only_paths(project: &Path, globs: &[Glob]) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    // A literal glob is looked up directly, not through the capped walk: a
+    // directory the guest filled cannot keep another path writable.
+    let mut found: Vec<PathBuf> = globs
+        .iter()
+        .filter(|g| g.is_literal())
+        .filter_map(|g| literal_path(project, &g.literal_prefix()))
+        .collect();
+    let wild: Vec<Glob> = globs.iter().filter(|g| !g.is_literal()).cloned().collect();
+    if !wild.is_empty() {
+        let snap = protect::take(project, &wild);
+        for (rel, entry) in &snap.entries {
+            let parts: Vec<&str> = rel.split('/').collect();
+            if !wild.iter().any(|g| g.matches(&parts)) {
+                continue;
+            }
+            if !matches!(entry, Entry::Dir | Entry::File { .. } | Entry::Large { .. }) {
+                continue;
+            }
+            // Only names that are plain text: the key of any other is escaped.
+            if rel.contains('\\') {
+                continue;
+            }
+            found.push(project.join(rel));
+        }
+    }
+    found.sort();
+    let (found, linked): (Vec<PathBuf>, Vec<PathBuf>) = found
+        .into_iter()
+        .partition(|p| fs::symlink_metadata(p).is_ok_and(|m| !(m.is_file() && m.nlink() > 1)));
     let mut out: Vec<PathBuf> = Vec::new();
-    for (rel, entry) in &snap.entries {
-        let parts: Vec<&str> = rel.split('/').collect();
-        if !globs.iter().any(|g| g.matches(&parts)) {
-            continue;
-        }
-        if !matches!(entry, Entry::Dir | Entry::File { .. } | Entry::Large { .. }) {
-            continue;
-        }
-        // Only names that are plain text: the key of any other is escaped.
-        if rel.contains('\\') {
-            continue;
-        }
-        let p = project.join(rel);
+    for p in found {
         if out.iter().any(|k| p.starts_with(k)) {
             continue;
         }
@@ -187,7 +218,22 @@ fn read_only_paths(project: &Path, globs: &[Glob]) -> Vec<PathBuf> {
         }
         out.push(p);
     }
-    out
+    (out, linked)
+}
+
+/// `project/parts` when each directory on the way is a directory (no link) and it
+/// is a directory or a regular file.
+fn literal_path(project: &Path, parts: &[&str]) -> Option<PathBuf> {
+    let mut p = project.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        p.push(part);
+        let meta = fs::symlink_metadata(&p).ok()?;
+        let last = i + 1 == parts.len();
+        if !(meta.is_dir() || (last && meta.is_file())) {
+            return None;
+        }
+    }
+    Some(p)
 }
 
 /// `<project>/.git`, and for a worktree or submodule (`.git` is a file `gitdir: X`)
@@ -369,6 +415,29 @@ fn locked_flags(path: &Path) -> nix::mount::MsFlags {
 mod tests {
     use super::*;
 
+    /// A directory the guest filled past the walk's limits does not keep the
+    /// literal paths after it writable.
+    #[test]
+    fn read_only_paths_do_not_depend_on_the_walk() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path();
+        let mut d = p.join(".claude");
+        for _ in 0..40 {
+            d = d.join("a");
+        }
+        fs::create_dir_all(&d).unwrap();
+        fs::create_dir_all(p.join(".vscode")).unwrap();
+        fs::write(p.join(".envrc"), "x").unwrap();
+        fs::write(p.join(".mcp.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("/etc", p.join(".idea")).unwrap();
+        let (ro, _) = read_only_paths(p, &protect::default_globs());
+        let names: Vec<&str> = ro
+            .iter()
+            .map(|x| x.strip_prefix(p).unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, [".claude", ".envrc", ".mcp.json", ".vscode"]);
+    }
+
     #[test]
     fn gitdir_lines() {
         assert_eq!(
@@ -451,6 +520,18 @@ mod tests {
             vec![p.join("tools/a.sh")]
         );
         assert!(prot.how(&p, &glob(".claude/")).is_empty());
+        // A file with another hard link is not bound: the VM could write it
+        // through the other name. It stays watched, and explain says why.
+        fs::write(p.join(".envrc"), "x").unwrap();
+        fs::hard_link(p.join(".envrc"), p.join("other")).unwrap();
+        fs::hard_link(p.join("tools/a.sh"), p.join("other2")).unwrap();
+        let linked = Protection::new(&p, Guard::Enforced).watching(&p, &ro);
+        assert_eq!(linked.read_only, vec![p.join(".vscode")]);
+        assert_eq!(linked.linked, vec![p.join(".envrc"), p.join("tools/a.sh")]);
+        assert_eq!(linked.linked(&p, &glob(".envrc")), vec![p.join(".envrc")]);
+        fs::remove_file(p.join("other")).unwrap();
+        fs::remove_file(p.join("other2")).unwrap();
+        fs::remove_file(p.join(".envrc")).unwrap();
         assert!(!prot.watched.iter().any(|g| g.as_str() == ".git/config"));
         // Where the host cannot enforce, nothing is bound and .git is watched.
         let prot = Protection::new(&p, Guard::NotEnforced).watching(&p, &ro);
