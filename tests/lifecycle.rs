@@ -93,6 +93,24 @@ fn ctrl_c_ends_the_wait_after_an_automatic_pull() {
     let listener = UnixListener::bind(sd.join(vibebox::paths::CONTROL_SOCKET)).unwrap();
 
     let mut c = env.cmd(&project);
+    // A runner started in the background by a shell without job control hands its
+    // children SIGINT ignored; the user's Ctrl-C is what this test is about.
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: sigaction is async-signal-safe.
+        unsafe {
+            c.pre_exec(|| {
+                let dfl = nix::sys::signal::SigAction::new(
+                    nix::sys::signal::SigHandler::SigDfl,
+                    nix::sys::signal::SaFlags::empty(),
+                    nix::sys::signal::SigSet::empty(),
+                );
+                nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGINT, &dfl)
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
     c.args(["exec", "--", "true"])
         .env("VIBEBOX_CATALOG", &catalog)
         .stdin(Stdio::null())
