@@ -1159,7 +1159,7 @@ fn interactive_shell_and_vibebox_commands() {
     // A dev server started in the shell: the terminal says where the host sees it.
     let [port] = free_ports();
     keys(&format!(
-        "perl -MIO::Socket::INET -e 'IO::Socket::INET->new(LocalPort => {port}, Listen => 1, ReuseAddr => 1) or die; sleep 600' &"
+        "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalPort => {port}, Listen => 1, ReuseAddr => 1) or die; sleep 600' &"
     ));
     wait_for(&format!("vibebox: localhost:{port} -> VM:{port}"), 60);
     keys("kill %1");
