@@ -775,7 +775,7 @@ fn bench_ports(b: &mut Bench, images: &Path) {
             .unwrap()
             .port()
     };
-    let (guest, by_hand) = (free(), free());
+    let (guest, by_hand, sink, sink_by_hand) = (free(), free(), free(), free());
     // Each connection gets 64 MiB, then the end of the stream.
     let mut c = b.cmd(&project);
     c.args([
@@ -788,6 +788,29 @@ fn bench_ports(b: &mut Bench, images: &Path) {
         ),
     ]);
     must(c);
+    // And one that takes whatever comes, then says how much.
+    let mut c = b.cmd(&project);
+    c.args([
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {sink}, Listen => 16, ReuseAddr => 1) or die; while ($c = $s->accept) {{ $n = 0; while (($k = sysread($c, $b, 1048576)) > 0) {{ $n += $k }} print $c \"$n\\n\"; close $c }}' > /dev/null 2>&1 < /dev/null &"
+        ),
+    ]);
+    must(c);
+    let send_all = |port: u16| -> usize {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            std::io::Write::write_all(&mut s, &chunk).unwrap();
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut s, &mut got).unwrap();
+        got.trim().parse().unwrap_or(0)
+    };
     let read_all = |port: u16| -> usize {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let mut buf = vec![0u8; 1 << 20];
@@ -805,6 +828,10 @@ fn bench_ports(b: &mut Bench, images: &Path) {
     while std::net::TcpStream::connect(("127.0.0.1", guest)).is_err() || read_all(guest) != 64 << 20
     {
         assert!(Instant::now() < deadline, "VM:{guest} was never published");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    while std::net::TcpStream::connect(("127.0.0.1", sink)).is_err() || send_all(sink) != 64 << 20 {
+        assert!(Instant::now() < deadline, "VM:{sink} was never published");
         std::thread::sleep(Duration::from_millis(250));
     }
     let id = fs::read_to_string(project.join(".vibebox/session.toml")).unwrap();
@@ -826,6 +853,16 @@ fn bench_ports(b: &mut Bench, images: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(read_all(by_hand), 64 << 20);
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-O", "forward", "-L"])
+        .arg(format!("127.0.0.1:{sink_by_hand}:localhost:{sink}"))
+        .arg(&alias)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(send_all(sink_by_hand), 64 << 20);
     let mut published = Vec::new();
     let mut forwarded = Vec::new();
     for _ in 0..5 {
@@ -838,6 +875,22 @@ fn bench_ports(b: &mut Bench, images: &Path) {
     }
     b.row(
         "64 MiB guest -> host through a published port",
+        stats(published),
+        "the same through `ssh -L` on the control master",
+        stats(forwarded),
+    );
+    let mut published = Vec::new();
+    let mut forwarded = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(send_all(sink), 64 << 20);
+        published.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(send_all(sink_by_hand), 64 << 20);
+        forwarded.push(t.elapsed());
+    }
+    b.row(
+        "64 MiB host -> guest through a published port",
         stats(published),
         "the same through `ssh -L` on the control master",
         stats(forwarded),
