@@ -827,7 +827,17 @@ fn bench_ports(b: &mut Bench, images: &Path) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while std::net::TcpStream::connect(("127.0.0.1", guest)).is_err() || read_all(guest) != 64 << 20
     {
-        assert!(Instant::now() < deadline, "VM:{guest} was never published");
+        if Instant::now() > deadline {
+            let logs = fs::read_dir(b.home().join("sessions"))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| {
+                    fs::read_to_string(e.path().join("logs/supervisor.log")).unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+                .join("\n---\n");
+            panic!("VM:{guest} was never published:\n{logs}");
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
     while std::net::TcpStream::connect(("127.0.0.1", sink)).is_err() || send_all(sink) != 64 << 20 {
