@@ -784,7 +784,7 @@ fn bench_ports(b: &mut Bench, images: &Path) {
         "sh",
         "-c",
         &format!(
-            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {guest}, Listen => 16, ReuseAddr => 1) or die; $b = \"\\0\" x 1048576; while ($c = $s->accept) {{ print $c $b for 1..64; close $c }}' > /dev/null 2>&1 < /dev/null &"
+            "setsid nohup perl -MIO::Socket::INET -e '$SIG{{PIPE}} = q(IGNORE); $s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {guest}, Listen => 16, ReuseAddr => 1) or die; $b = \"\\0\" x 1048576; while ($c = $s->accept) {{ print $c $b for 1..64; close $c }}' > /dev/null 2>&1 < /dev/null &"
         ),
     ]);
     must(c);
@@ -796,7 +796,7 @@ fn bench_ports(b: &mut Bench, images: &Path) {
         "sh",
         "-c",
         &format!(
-            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {sink}, Listen => 16, ReuseAddr => 1) or die; while ($c = $s->accept) {{ $n = 0; while (($k = sysread($c, $b, 1048576)) > 0) {{ $n += $k }} print $c \"$n\\n\"; close $c }}' > /dev/null 2>&1 < /dev/null &"
+            "setsid nohup perl -MIO::Socket::INET -e '$SIG{{PIPE}} = q(IGNORE); $s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {sink}, Listen => 16, ReuseAddr => 1) or die; while ($c = $s->accept) {{ $n = 0; while (($k = sysread($c, $b, 1048576)) > 0) {{ $n += $k }} print $c \"$n\\n\"; close $c }}' > /dev/null 2>&1 < /dev/null &"
         ),
     ]);
     must(c);
