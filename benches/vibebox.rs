@@ -849,61 +849,55 @@ fn bench_ports(b: &mut Bench, images: &Path) {
     let cfg = b.home().join("sessions").join(&id).join("ssh/config");
     let alias = ssh::alias(&id);
     // The control master is up (the exec above made it, ControlPersist keeps it).
-    let out = Command::new("ssh")
-        .arg("-F")
-        .arg(&cfg)
-        .args(["-O", "forward", "-L"])
-        .arg(format!("127.0.0.1:{by_hand}:localhost:{guest}"))
-        .arg(&alias)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ssh -O forward: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let forward = |local: u16, to: u16| {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .args(["-O", "forward", "-L"])
+            .arg(format!("127.0.0.1:{local}:localhost:{to}"))
+            .arg(&alias)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ssh -O forward: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    forward(by_hand, guest);
     assert_eq!(read_all(by_hand), 64 << 20);
-    let out = Command::new("ssh")
-        .arg("-F")
-        .arg(&cfg)
-        .args(["-O", "forward", "-L"])
-        .arg(format!("127.0.0.1:{sink_by_hand}:localhost:{sink}"))
-        .arg(&alias)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    forward(sink_by_hand, sink);
     assert_eq!(send_all(sink_by_hand), 64 << 20);
-    let mut published = Vec::new();
-    let mut forwarded = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        assert_eq!(read_all(guest), 64 << 20);
-        published.push(t.elapsed());
-        let t = Instant::now();
-        assert_eq!(read_all(by_hand), 64 << 20);
-        forwarded.push(t.elapsed());
-    }
-    b.row(
+    // Five rounds, the published port and `ssh -L` interleaved so drift hits both.
+    let compare = |b: &mut Bench, what: &str, move_64: &dyn Fn(u16) -> usize, ports: (u16, u16)| {
+        let mut published = Vec::new();
+        let mut forwarded = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert_eq!(move_64(ports.0), 64 << 20);
+            published.push(t.elapsed());
+            let t = Instant::now();
+            assert_eq!(move_64(ports.1), 64 << 20);
+            forwarded.push(t.elapsed());
+        }
+        b.row(
+            what,
+            stats(published),
+            "the same through `ssh -L` on the control master",
+            stats(forwarded),
+        );
+    };
+    compare(
+        b,
         "64 MiB guest -> host through a published port",
-        stats(published),
-        "the same through `ssh -L` on the control master",
-        stats(forwarded),
+        &read_all,
+        (guest, by_hand),
     );
-    let mut published = Vec::new();
-    let mut forwarded = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        assert_eq!(send_all(sink), 64 << 20);
-        published.push(t.elapsed());
-        let t = Instant::now();
-        assert_eq!(send_all(sink_by_hand), 64 << 20);
-        forwarded.push(t.elapsed());
-    }
-    b.row(
+    compare(
+        b,
         "64 MiB host -> guest through a published port",
-        stats(published),
-        "the same through `ssh -L` on the control master",
-        stats(forwarded),
+        &send_all,
+        (sink, sink_by_hand),
     );
     let mut c = b.cmd(&project);
     c.arg("stop");
