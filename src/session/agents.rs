@@ -192,15 +192,19 @@ mod tests {
         assert!(parse("x", &format!("package = \"@scope/ok\"\n{base}"), p).is_ok());
     }
 
-    #[test]
-    fn missing_domains_follow_the_policy() {
-        let host = crate::config::Host {
+    fn host() -> crate::config::Host {
+        crate::config::Host {
             cpus: 2,
             memory_mb: 4096,
             disk_gb: 100,
             home: "/h".into(),
             guest_home: "/g".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn missing_domains_follow_the_policy() {
+        let host = host();
         let config = crate::config::defaults(Path::new("/p"), &host);
         let claude = find("claude").unwrap().unwrap();
         let missing = claude.missing_domains(&config);
@@ -213,13 +217,7 @@ mod tests {
 
     #[test]
     fn suggests_the_caches_the_project_has_on_the_share() {
-        let host = crate::config::Host {
-            cpus: 2,
-            memory_mb: 4096,
-            disk_gb: 100,
-            home: "/h".into(),
-            guest_home: "/g".into(),
-        };
+        let host = host();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         std::fs::create_dir(p.join("node_modules")).unwrap();
