@@ -33,6 +33,12 @@ pub fn check(v: &str, protected: &[Glob]) -> Result<(), String> {
     if v.chars().any(char::is_control) {
         return Err(format!("volume {v:?} holds a control character; {plain}"));
     }
+    if v.chars().any(crate::escape::is_format_char) {
+        return Err(format!(
+            "volume \"{}\" holds an invisible formatting character (bidi, zero-width); {plain}",
+            crate::escape::escape(v)
+        ));
+    }
     if v.starts_with('/') || v.starts_with('~') {
         return Err(format!("volume {v:?} is absolute; {plain}"));
     }
@@ -105,6 +111,7 @@ mod tests {
             ("a//b", "empty,"),
             ("a\tb", "control"),
             ("a\nb", "control"),
+            ("node\u{202e}x", "invisible"),
             (".git", "git's own"),
             (".git/objects", "git's own"),
             (".vibebox", "vibebox's"),
