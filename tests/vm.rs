@@ -890,11 +890,17 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
     let b = Box::new(
         &images,
         "crashy",
-        &format!("[box]\nmounts = [\"{}:/mnt/ro:ro\"]\n", ro.path().display()),
+        &format!(
+            "[box]\nmounts = [\"{}:/mnt/ro:ro\"]\nvolumes = [\".venv\"]\n",
+            ro.path().display()
+        ),
     );
-    ok(&b.exec("echo before > /var/tmp/mark && sync"));
+    ok(&b.exec("echo before > /var/tmp/mark && echo v > .venv/py && sync"));
     assert_eq!(b.fstype("\"$PWD\""), "9p");
     assert_eq!(b.fstype("/mnt/ro"), "9p");
+    // A volume over a 9p project is on the VM's disk too.
+    assert_ne!(b.fstype("\"$PWD/.venv\""), "9p");
+    assert_eq!(fs::read_dir(b.project.join(".venv")).unwrap().count(), 0);
     guest_cannot_own_host_files(&b);
     let out = b.exec("sudo touch /mnt/ro/nope 2>&1 || touch /mnt/ro/nope");
     assert_ne!(out.code, 0, "{}", out.stdout);
