@@ -482,6 +482,7 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
             guest_path: project.to_path_buf(),
         }],
         git_overlays: Vec::new(),
+        volumes: Default::default(),
     }
     .write(&d.join("fwcfg"))
     .unwrap();

@@ -53,6 +53,7 @@ pub fn text(f: &Facts<'_>) -> String {
         }
         out.push('\n');
     }
+    out.push_str(&volumes_text(f.project, &f.config.volumes));
     out.push_str(&protected_text(f.protection));
     out.push_str(&watched_text(f.project, f.protection));
     let net = &f.config.network;
@@ -81,6 +82,20 @@ pub fn text(f: &Facts<'_>) -> String {
     ));
     // Decided by who runs vibebox, like the protection: the launch uses the same.
     out.push_str(&ownership_text(crate::vm::ownership::Model::detect()));
+    out
+}
+
+/// The user must know that what a build writes there never reaches the host.
+fn volumes_text(project: &Path, volumes: &[String]) -> String {
+    if volumes.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nVolumes (on the VM's own disk, over the project; the host sees an empty directory, `vibebox delete` removes them):\n",
+    );
+    for v in volumes {
+        out.push_str(&format!("  {}\n", project.join(v).display()));
+    }
     out
 }
 
@@ -211,6 +226,7 @@ pub fn json(f: &Facts<'_>) -> serde_json::Value {
             "enforced": how.starts_with("read-only"),
             "how": how,
         })).collect::<Vec<_>>(),
+        "volumes": f.config.volumes.iter().map(|v| f.project.join(v)).collect::<Vec<_>>(),
         "ports": {
             "auto": f.config.ports.auto,
             "publish": f.config.ports.publish.iter().map(|m| json!({"host": m.host, "guest": m.guest})).collect::<Vec<_>>(),
@@ -281,6 +297,21 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("\n  .vibebox/     this session's marker"));
+        assert!(!t.contains("Volumes"), "{t}");
+        let c = config("[box]\nvolumes = [\"node_modules\", \"web/.venv/\"]\n");
+        let f = Facts {
+            project: Path::new("/p"),
+            session: None,
+            config: &c,
+            present: &[true],
+            protection: &Protection::new(Path::new("/p"), Guard::Enforced),
+        };
+        let t = text(&f);
+        assert!(
+            t.contains("\nVolumes (on the VM's own disk, over the project; the host sees an empty directory, `vibebox delete` removes them):\n  /p/node_modules\n  /p/web/.venv\n"),
+            "{t}"
+        );
+        assert_eq!(json(&f)["volumes"][1], "/p/web/.venv");
     }
 
     #[test]

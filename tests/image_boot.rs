@@ -139,6 +139,7 @@ fn built_image_boots_and_applies_fw_cfg() {
             },
         ],
         git_overlays: Vec::new(),
+        volumes: Default::default(),
     };
     let fw = cfg.write(&dir.join("fwcfg")).unwrap();
     let shares = [

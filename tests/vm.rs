@@ -292,8 +292,12 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         granted.local_addr().unwrap().port(),
         other.local_addr().unwrap().port(),
     ];
+    // Build caches on the VM's disk; two of them lead through links the guest planted
+    // in the project on an earlier boot, pointing at a host directory.
+    let outside = env_dir.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
     let config = format!(
-        "[box]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n[ports]\npublish = [\"{fixed_host}:{fixed_guest}\"]\nhost = [\"{}\"]\n",
+        "[box]\nvolumes = [\"node_modules\", \"web/.venv\", \"evil\", \"link/cache\"]\nmounts = [\"{}:/mnt/ro data:ro\", \"{}:scratch\"]\n[supervisor]\nauto_shutdown_ms = 2000\n[ports]\npublish = [\"{fixed_host}:{fixed_guest}\"]\nhost = [\"{}\"]\n",
         ro.display().to_string().replace('"', "\\\""),
         rw.display(),
         host_ports[0]
@@ -310,6 +314,8 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     } else {
         "9p"
     };
+    std::os::unix::fs::symlink(&outside, b.project.join("evil")).unwrap();
+    std::os::unix::fs::symlink(&outside, b.project.join("link")).unwrap();
 
     // First start: boots, runs in the project at the same absolute path.
     let out = b.exec(
@@ -331,6 +337,45 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
         assert_eq!(b.fstype(path), share_type, "{path}");
     }
     guest_cannot_own_host_files(&b);
+
+    // Volumes: on the VM's disk, the host sees only the empty directory. The planted
+    // links are refused (named at the start), nothing is created through them.
+    for planted in ["volume evil not mounted", "volume link/cache not mounted"] {
+        assert!(
+            out.stderr
+                .contains(&format!("the guest reported: {planted}"))
+                && out.stderr.contains("is a symbolic link"),
+            "{planted}: {}",
+            out.stderr
+        );
+    }
+    ok(&b.exec(
+        "echo cached > node_modules/f && mkdir -p web/.venv/bin && echo v > web/.venv/bin/py && sync",
+    ));
+    for v in ["node_modules", "web/.venv"] {
+        let fstype = b.fstype(&format!("\"$PWD/{v}\""));
+        assert!(fstype != share_type && fstype != "overlay", "{v}: {fstype}");
+        let on_host = b.project.join(v);
+        assert!(on_host.is_dir(), "{v} is not a directory on the host");
+        assert_eq!(
+            fs::read_dir(&on_host).unwrap().count(),
+            0,
+            "{v} crossed the share"
+        );
+    }
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written through a planted link"
+    );
+    assert!(b.project.join("evil").is_symlink() && b.project.join("link").is_symlink());
+    let out = b.vibebox(&["explain"]);
+    assert!(
+        ok(&out).contains(&format!("\n  {}\n", b.project.join("web/.venv").display()))
+            && out.stdout.contains("the host sees an empty directory"),
+        "{}",
+        out.stdout
+    );
     if b.virtiofsd.is_some() {
         // (The namespace sandbox forks: two processes for one share.)
         assert!(
@@ -542,9 +587,16 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     let out = b.vibebox(&["approve", "--expect", &digest]);
     assert!(ok(&out).contains("+ network blocklist"), "{}", out.stdout);
 
-    // Resume from the preserved disk.
-    let out = b.exec("cat /var/tmp/keep.txt");
-    assert_eq!(ok(&out), "keep\n");
+    // Resume from the preserved disk; the volumes kept their files, still only in
+    // the VM.
+    let out = b.exec("cat /var/tmp/keep.txt node_modules/f web/.venv/bin/py");
+    assert_eq!(ok(&out), "keep\ncached\nv\n");
+    assert_eq!(
+        fs::read_dir(b.project.join("node_modules"))
+            .unwrap()
+            .count(),
+        0
+    );
     // The fixed mapping is back after the restart.
     wait_published(&b, fixed_guest, |p| p == Some(fixed_host));
 
@@ -566,6 +618,11 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
     assert_eq!(b.status().0, "stopped");
     b.qemu_img_check();
+
+    // The volumes go with the session: a new one starts with them empty.
+    ok(&b.vibebox(&["delete", "-y", &b.id()]));
+    let out = b.exec("ls -A node_modules web/.venv");
+    assert_eq!(ok(&out), "node_modules:\n\nweb/.venv:\n", "{}", out.stderr);
 }
 
 /// A server on the host's loopback that sends `line` to each connection; it runs
@@ -833,11 +890,17 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
     let b = Box::new(
         &images,
         "crashy",
-        &format!("[box]\nmounts = [\"{}:/mnt/ro:ro\"]\n", ro.path().display()),
+        &format!(
+            "[box]\nmounts = [\"{}:/mnt/ro:ro\"]\nvolumes = [\".venv\"]\n",
+            ro.path().display()
+        ),
     );
-    ok(&b.exec("echo before > /var/tmp/mark && sync"));
+    ok(&b.exec("echo before > /var/tmp/mark && echo v > .venv/py && sync"));
     assert_eq!(b.fstype("\"$PWD\""), "9p");
     assert_eq!(b.fstype("/mnt/ro"), "9p");
+    // A volume over a 9p project is on the VM's disk too.
+    assert_ne!(b.fstype("\"$PWD/.venv\""), "9p");
+    assert_eq!(fs::read_dir(b.project.join(".venv")).unwrap().count(), 0);
     guest_cannot_own_host_files(&b);
     let out = b.exec("sudo touch /mnt/ro/nope 2>&1 || touch /mnt/ro/nope");
     assert_ne!(out.code, 0, "{}", out.stdout);

@@ -54,6 +54,16 @@ pub fn launch(
                 missing.join(", ")
             );
         }
+        let caches = a.suggested_volumes(&config, &root);
+        if !caches.is_empty() {
+            let list: Vec<String> = caches.iter().map(|v| format!("{v:?}")).collect();
+            eprintln!(
+                "vibebox: {} are on the shared project, slow for {}'s builds: `volumes = [{}]` under [box] in vibebox.toml keeps them on the VM's disk",
+                caches.join(", "),
+                a.name,
+                list.join(", ")
+            );
+        }
     }
     up::approve(home, &root, outcome.id, &config, true)?;
     up::ensure_image(home, &config)?;

@@ -6,6 +6,7 @@
 
 pub mod approval;
 pub mod protect;
+pub mod volumes;
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +78,8 @@ pub struct Config {
     /// Globs the user added to the protected paths (the defaults are not here).
     pub protect: Vec<protect::Glob>,
     pub protect_mode: protect::Mode,
+    /// Project-relative directories the guest keeps on its own disk (`[box] volumes`).
+    pub volumes: Vec<String>,
     pub ports: Ports,
 }
 
@@ -261,6 +264,7 @@ struct RawBox {
     mounts: Option<Vec<Spanned<String>>>,
     protect: Option<Vec<Spanned<String>>>,
     protect_mode: Option<Spanned<String>>,
+    volumes: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -518,6 +522,50 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
         })?,
     };
 
+    let mut volumes: Vec<String> = Vec::new();
+    let all_protected: Vec<protect::Glob> = protect::default_globs()
+        .into_iter()
+        .chain(protect.iter().cloned())
+        .collect();
+    let project_guest = &resolved[0].guest;
+    for v in b.volumes.iter().flatten() {
+        volumes::check(v.get_ref(), &all_protected).map_err(|e| at(v.span(), e))?;
+        let name = volumes::normalize(v.get_ref());
+        if let Some(prev) = volumes.iter().find(|p| volumes::overlap(p, &name)) {
+            return Err(at(
+                v.span(),
+                format!(
+                    "volume {name:?} overlaps volume {prev:?}; keep one of them (each is mounted on its own)"
+                ),
+            ));
+        }
+        let guest = project_guest.join(&name);
+        if let Some(m) = resolved[1..].iter().find(|m| {
+            m.guest.starts_with(&guest)
+                || (m.guest.starts_with(project_guest) && guest.starts_with(&m.guest))
+        }) {
+            return Err(at(
+                v.span(),
+                format!(
+                    "volume {name:?} overlaps the mount at {}; give the mount a guest path outside it",
+                    m.guest.display()
+                ),
+            ));
+        }
+        volumes.push(name);
+    }
+    if volumes.len() > volumes::MAX_VOLUMES {
+        let span = b.volumes.iter().flatten().next_back().map(|v| v.span());
+        return Err(at(
+            span.unwrap_or(0..0),
+            format!(
+                "{} volumes is more than {}; keep the build directories that are heavy",
+                volumes.len(),
+                volumes::MAX_VOLUMES
+            ),
+        ));
+    }
+
     let auto_shutdown_ms = int(
         &raw.supervisor.auto_shutdown_ms,
         DEFAULT_AUTO_SHUTDOWN_MS,
@@ -585,6 +633,7 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
         auto_shutdown_ms,
         protect,
         protect_mode,
+        volumes,
     })
 }
 
@@ -653,6 +702,10 @@ mounts = [
 # protect = []
 # "ro" also makes the protected paths that exist at the VM's start read-only to it.
 # protect_mode = "watch"
+# Build caches kept on the VM's own disk instead of the shared project, paths relative
+# to it: much faster for many small files, kept across restarts, deleted with the
+# session (`vibebox delete`). The host sees only an empty directory there.
+# volumes = ["node_modules", "target", ".venv"]
 
 [network]
 # "allowlist": the VM reaches only the entries below. "blocklist": everything but them.
@@ -808,6 +861,38 @@ mod tests {
             assert!(e.contains("cannot be used"), "{bad}: {e}");
         }
         assert!(err("[box]\nmounts = [\"/a:/b:rx\"]").contains("unknown mode"));
+    }
+
+    #[test]
+    fn volume_errors_name_the_line() {
+        let c = load_text("[box]\nvolumes = [\"node_modules\", \"target/\", \".venv\"]").unwrap();
+        assert_eq!(c.volumes, ["node_modules", "target", ".venv"]);
+        assert!(load_text("").unwrap().volumes.is_empty());
+        let e = err("[box]\nvolumes = [\"a\", \"../x\"]");
+        assert!(e.contains(":2:17:") && e.contains("\"..\""), "{e}");
+        let e = err("[box]\nvolumes = [\"/abs\"]");
+        assert!(e.contains(":2:12:") && e.contains("absolute"), "{e}");
+        let e = err("[box]\nvolumes = [\"web\", \"web/node_modules\"]");
+        assert!(e.contains("overlaps volume \"web\""), "{e}");
+        let e = err("[box]\nvolumes = [\"x\", \"x/\"]");
+        assert!(e.contains("overlaps"), "{e}");
+        let e = err("[box]\nmounts = [\"/a:/p/web/data\"]\nvolumes = [\"web\"]");
+        assert!(
+            e.contains(":3:") && e.contains("overlaps the mount at /p/web/data"),
+            "{e}"
+        );
+        // A mount above the project does not overlap a volume in it.
+        load_text("[box]\nmounts = [\"/a:/data\"]\nvolumes = [\"web\"]").unwrap();
+        let e = err("[box]\nprotect = [\"web/.env\"]\nvolumes = [\"web\"]");
+        assert!(e.contains("protected"), "{e}");
+        let e = err("[box]\nvolumes = [\".git\"]");
+        assert!(e.contains("git's own"), "{e}");
+        let many: Vec<String> = (0..=volumes::MAX_VOLUMES)
+            .map(|i| format!("\"v{i}\""))
+            .collect();
+        let e = err(&format!("[box]\nvolumes = [{}]", many.join(", ")));
+        assert!(e.contains("more than 16"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
     }
 
     #[test]

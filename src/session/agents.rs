@@ -34,6 +34,9 @@ pub struct Agent {
     /// The npm registry to install from (default: npm's own).
     #[serde(default)]
     pub registry: Option<String>,
+    /// Build caches to suggest as `[box] volumes` (relative to the project).
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +133,19 @@ exec "$prog" "$@""#;
             .join(" ")
     }
 
+    /// The preset's build caches that sit on the share in `project` now (directories
+    /// there, not yet volumes): worth suggesting, since the agent will fill them.
+    pub fn suggested_volumes(&self, config: &Config, project: &Path) -> Vec<String> {
+        self.volumes
+            .iter()
+            .filter(|v| !config.volumes.contains(v))
+            .filter(|v| {
+                std::fs::symlink_metadata(project.join(v)).is_ok_and(|m| m.file_type().is_dir())
+            })
+            .cloned()
+            .collect()
+    }
+
     /// The domains the project's network policy does not let through.
     pub fn missing_domains(&self, config: &Config) -> Vec<String> {
         self.domains
@@ -176,15 +192,19 @@ mod tests {
         assert!(parse("x", &format!("package = \"@scope/ok\"\n{base}"), p).is_ok());
     }
 
-    #[test]
-    fn missing_domains_follow_the_policy() {
-        let host = crate::config::Host {
+    fn host() -> crate::config::Host {
+        crate::config::Host {
             cpus: 2,
             memory_mb: 4096,
             disk_gb: 100,
             home: "/h".into(),
             guest_home: "/g".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn missing_domains_follow_the_policy() {
+        let host = host();
         let config = crate::config::defaults(Path::new("/p"), &host);
         let claude = find("claude").unwrap().unwrap();
         let missing = claude.missing_domains(&config);
@@ -193,5 +213,29 @@ mod tests {
             "{missing:?}"
         );
         assert_eq!(missing, ["console.anthropic.com"]);
+    }
+
+    #[test]
+    fn suggests_the_caches_the_project_has_on_the_share() {
+        let host = host();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::create_dir(p.join("node_modules")).unwrap();
+        std::fs::create_dir(p.join("target")).unwrap();
+        std::fs::write(p.join(".venv"), "a file").unwrap();
+        let claude = find("claude").unwrap().unwrap();
+        let config = crate::config::defaults(p, &host);
+        assert_eq!(
+            claude.suggested_volumes(&config, p),
+            ["node_modules", "target"]
+        );
+        let config = crate::config::parse(
+            "[box]\nvolumes = [\"target\"]\n",
+            Path::new("vibebox.toml"),
+            p,
+            &host,
+        )
+        .unwrap();
+        assert_eq!(claude.suggested_volumes(&config, p), ["node_modules"]);
     }
 }

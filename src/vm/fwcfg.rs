@@ -36,6 +36,27 @@ pub struct GuestConfig {
     /// Guest paths of git directories the guest sees through an overlay on its own
     /// disk: the share beneath is read-only there, and guest git must still write.
     pub git_overlays: Vec<PathBuf>,
+    /// `[box] volumes` under the project's guest path: the guest mounts its own disk
+    /// there.
+    pub volumes: Volumes,
+}
+
+/// The project's guest path and its volumes (relative, validated by config).
+#[derive(Debug, Clone, Default)]
+pub struct Volumes {
+    pub root: PathBuf,
+    pub paths: Vec<String>,
+}
+
+impl Volumes {
+    /// The `volumes` entry: `rel<TAB>root` per line; the root goes last since a path
+    /// may hold a tab, and config validation keeps tabs and newlines out of `rel`.
+    pub fn entry(&self) -> String {
+        self.paths
+            .iter()
+            .map(|v| format!("{v}\t{}\n", self.root.display()))
+            .collect()
+    }
 }
 
 /// The guest's address plan, handed to it so `vibebox-init` configures the NIC at
@@ -135,6 +156,7 @@ impl GuestConfig {
             ("explain", self.explain.clone().into_bytes()),
             ("mounts", mounts_table(&self.mounts).into_bytes()),
             ("git_overlay", lines(&self.git_overlays).into_bytes()),
+            ("volumes", self.volumes.entry().into_bytes()),
             ("network", NETWORK.entry().into_bytes()),
         ];
         if let Some(w) = &self.workdir {
@@ -191,5 +213,18 @@ mod tests {
             "address 10.0.2.15/24\ngateway 10.0.2.2\ndns 10.0.2.3\n"
         );
         assert!(hostname_for(Path::new(&format!("/x/{}", "a".repeat(100)))).len() <= 63);
+    }
+
+    #[test]
+    fn volumes_entry_puts_the_root_last() {
+        let v = Volumes {
+            root: "/home/al/my\tproj, \"x\"".into(),
+            paths: vec!["node_modules".into(), "web/.venv".into()],
+        };
+        assert_eq!(
+            v.entry(),
+            "node_modules\t/home/al/my\tproj, \"x\"\nweb/.venv\t/home/al/my\tproj, \"x\"\n"
+        );
+        assert_eq!(Volumes::default().entry(), "");
     }
 }

@@ -409,6 +409,10 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         explain: plan.explain.clone(),
         mounts,
         git_overlays: plan.protection.overlay.iter().cloned().collect(),
+        volumes: super::fwcfg::Volumes {
+            root: plan.project.to_path_buf(),
+            paths: plan.config.volumes.clone(),
+        },
     };
     let fw = guest.write(&s.fw_cfg())?;
     let arch = plan.image.manifest.arch.clone();
