@@ -263,6 +263,7 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
         "installing Debian packages",
         &bootstrap_argv(tool, opts, &packages, &rootfs, &hook),
     )?;
+    fs::remove_file(&hook).map_err(io(&hook))?;
 
     phases.start("configuring the guest");
     let guest_dir = rootfs.join(recipe::GUEST_DIR);
