@@ -696,7 +696,8 @@ fn an_unknown_guest_arch_is_one_clear_line() {
     let env = Env::new();
     let p = env.project("arch");
     let mut c = env.cmd(&p);
-    c.env("VIBEBOX_ARCH", "riscv64").args(["exec", "--", "true"]);
+    c.env("VIBEBOX_ARCH", "riscv64")
+        .args(["exec", "--", "true"]);
     let out = run(c);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
@@ -709,6 +710,11 @@ fn an_unknown_guest_arch_is_one_clear_line() {
     // The error is the last line, and the only one about it.
     let last = out.stderr.trim_end().lines().last().unwrap_or_default();
     assert!(last.contains("VIBEBOX_ARCH"), "{}", out.stderr);
-    assert_eq!(out.stderr.matches("VIBEBOX_ARCH").count(), 1, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("VIBEBOX_ARCH").count(),
+        1,
+        "{}",
+        out.stderr
+    );
     assert!(!env.vibebox_home().join("images").exists());
 }

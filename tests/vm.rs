@@ -2196,8 +2196,7 @@ fn aarch64_guest_lifecycle_colon_and_network() {
         scratch.path().display()
     );
     let mut b = Box::new(&images, "arm", &config);
-    b.env_vars
-        .push(("VIBEBOX_ARCH".into(), "aarch64".into()));
+    b.env_vars.push(("VIBEBOX_ARCH".into(), "aarch64".into()));
     b.env_vars.push((
         "VIBEBOX_DNS_UPSTREAM".into(),
         format!("127.0.0.1:{}", lab.dns_port),

@@ -26,7 +26,9 @@ pub enum Error {
     Broken { dir: PathBuf, why: String },
     #[error(transparent)]
     State(#[from] crate::statefile::Error),
-    #[error("VIBEBOX_ARCH={0:?} is not a guest architecture: set it to x86_64 or aarch64, or unset it")]
+    #[error(
+        "VIBEBOX_ARCH={0:?} is not a guest architecture: set it to x86_64 or aarch64, or unset it"
+    )]
     BadGuestArch(String),
 }
 
