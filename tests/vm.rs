@@ -2200,3 +2200,220 @@ exit 0"#,
     assert!(!out.stderr.contains("protected path"), "{}", out.stderr);
     assert!(ok(&b.vibebox(&["protected"])).starts_with("no changes"));
 }
+
+// ---- the aarch64 lane: the Mac's guest architecture, emulated here ----
+
+/// Whether `images` holds a built image for `arch` (its image.toml says so).
+fn has_image_for(images: &Path, arch: &str) -> bool {
+    fs::read_dir(images).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok()).any(|e| {
+            fs::read_to_string(e.path().join("image.toml"))
+                .ok()
+                .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+                .is_some_and(|m| m.get("arch").and_then(|a| a.as_str()) == Some(arch))
+        })
+    })
+}
+
+/// What Apple Silicon users run (but hvf): an aarch64 guest (`VIBEBOX_ARCH`,
+/// emulated with TCG on this x86_64 host) on `-machine virt`, its shares over 9p,
+/// in two boots. The first: exec in the project at its host path (exit codes,
+/// stdin), the project and a rw mount written both ways and host edits seen live,
+/// the allowlist through the gateway (an allowed name answers, a refused name
+/// never resolves nor leaves the host, an IP literal goes nowhere), the
+/// interactive shell's `:`-commands, a stop. The second: the disk as it was left.
+#[test]
+fn aarch64_guest_lifecycle_colon_and_network() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    if !has_image_for(&images, "aarch64") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must build the aarch64 image into {} (.ci/run)",
+            images.display()
+        );
+        eprintln!("skipped: no aarch64 image in {}", images.display());
+        return;
+    }
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the VM tests as root"
+        );
+        eprintln!("skipped: the network checks make network namespaces (needs root)");
+        return;
+    }
+    if which::which("tmux").is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install tmux");
+        return;
+    }
+    let _vm = vm_lock();
+    let lab = NetLab::new();
+    let scratch = tempfile::Builder::new()
+        .prefix("vbx-arm-")
+        .tempdir()
+        .unwrap();
+    let config = format!(
+        "[box]\nmounts = [\"{}:scratch\"]\n[network]\nmode = \"allowlist\"\nentries = [\"**.allowed.test\"]\n",
+        scratch.path().display()
+    );
+    let mut b = Box::new(&images, "arm", &config);
+    b.env_vars.push(("VIBEBOX_ARCH".into(), "aarch64".into()));
+    b.env_vars.push((
+        "VIBEBOX_DNS_UPSTREAM".into(),
+        format!("127.0.0.1:{}", lab.dns_port),
+    ));
+    fs::write(b.project.join("from-host.txt"), "host wrote\n").unwrap();
+    fs::write(scratch.path().join("given.txt"), "in scratch\n").unwrap();
+
+    // Boot 1: an aarch64 kernel, the project at its path, shares written both ways.
+    let out = b.exec(
+        "uname -m; pwd; cat from-host.txt ~/scratch/given.txt; echo guest wrote > from-guest.txt; echo home > ~/scratch/h.txt; findmnt -no FSTYPE -T .; findmnt -no FSTYPE -T ~/scratch",
+    );
+    assert_eq!(
+        ok(&out),
+        format!(
+            "aarch64\n{}\nhost wrote\nin scratch\n9p\n9p\n",
+            b.project.display()
+        ),
+        "stderr: {}",
+        out.stderr
+    );
+    assert_eq!(
+        fs::read_to_string(b.project.join("from-guest.txt")).unwrap(),
+        "guest wrote\n"
+    );
+    assert_eq!(
+        fs::read_to_string(scratch.path().join("h.txt")).unwrap(),
+        "home\n"
+    );
+    // The emulator is the aarch64 one, under TCG.
+    let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();
+    let cmdline = fs::read(format!("/proc/{qemu_pid}/cmdline")).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|c| *c == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        argv[0].ends_with("qemu-system-aarch64")
+            && argv.iter().any(|a| a.starts_with("tcg"))
+            && argv.iter().any(|a| a.starts_with("virt")),
+        "{argv:?}"
+    );
+    // A host edit to a shared file is what the running guest reads next.
+    fs::write(b.project.join("from-host.txt"), "host edited\n").unwrap();
+    assert_eq!(ok(&b.exec("cat from-host.txt")), "host edited\n");
+    // Exit codes and stdin pass through.
+    assert_eq!(b.exec("exit 7").code, 7);
+    let mut c = b.cmd();
+    c.args(["exec", "--", "sh", "-c", "tr a-z A-Z"]);
+    let o = common::run_with_input(c, b"piped input\n");
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "PIPED INPUT\n");
+
+    // The network policy, enforced by the host's gateway for this guest as for
+    // x86_64 ones.
+    lab.asked.lock().unwrap().clear();
+    let before = lab.served().len();
+    let out = b.exec(concat!(
+        "t() { printf '%s=' \"$1\"; shift; out=$(\"$@\" 2>/dev/null); rc=$?; ",
+        "printf '%s|%s\\n' \"$rc\" \"$(printf %s \"$out\" | tr -d '\\r\\n')\"; }\n",
+        "t https curl -sk -m 30 https://allowed.test/\n",
+        "t other_dns getent hosts other.test\n",
+        "t literal curl -sk -m 15 https://198.51.100.10/\n",
+    ));
+    let text = ok(&out).to_string();
+    let served = lab.served()[before..].to_string();
+    let ctx = format!("guest:\n{text}\nservers:\n{served}\nlogs:\n{}", b.logs());
+    assert_eq!(
+        probe(&text, "https"),
+        ("0".into(), "allowed-https".into()),
+        "{ctx}"
+    );
+    assert_ne!(probe(&text, "other_dns").0, "0", "{ctx}");
+    assert_ne!(probe(&text, "literal").0, "0", "{ctx}");
+    assert!(lab.was_asked("allowed.test"), "{ctx}");
+    assert!(!lab.was_asked("other.test"), "{ctx}");
+    assert!(!served.contains("other.test"), "{ctx}");
+
+    // The interactive shell and its `:`-commands, attached to the running VM.
+    ok(&b.exec("echo keep > /var/tmp/keep.txt && sync"));
+    let id = b.id();
+    let socket = b.env.tmp.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let screen = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-200", "-t", "t"]).stdout)
+            .into_owned()
+    };
+    let wait_for = |needle: &str, secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = screen();
+            if s.contains(needle) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {needle:?}; screen:\n{s}\nlogs:\n{}",
+                b.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let shell = format!(
+        "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}' VIBEBOX_VIRTIOFSD=off VIBEBOX_ARCH=aarch64; '{}'; echo VIBEBOX-EXIT=$?; sleep 600",
+        b.project.display(),
+        b.env.vibebox_home().display(),
+        b.env.home().display(),
+        env!("CARGO_BIN_EXE_vibebox")
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "t",
+        "-x",
+        "200",
+        "-y",
+        "50",
+        &shell,
+    ]);
+    let keys = |k: &str| {
+        tmux(&["send-keys", "-t", "t", k, "Enter"]);
+    };
+    keys("echo ARCH-IS-$(uname -m)");
+    wait_for("ARCH-IS-aarch64", 300);
+    keys(":explain");
+    wait_for(&format!("(session {id})"), 60);
+    keys(":new");
+    wait_for("[y/N]", 60);
+    keys("n");
+    wait_for("kept session", 60);
+    keys(":exit");
+    wait_for("VIBEBOX-EXIT=0", 60);
+    tmux(&["kill-server"]);
+    assert_eq!(b.id(), id);
+
+    let out = b.vibebox(&["stop"]);
+    assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
+    assert_eq!(b.status().0, "stopped");
+    b.qemu_img_check();
+
+    // Boot 2: the same session's disk, as the first boot left it.
+    assert_eq!(
+        ok(&b.exec("cat /var/tmp/keep.txt; uname -m")),
+        "keep\naarch64\n"
+    );
+    assert_eq!(b.id(), id);
+    let out = b.vibebox(&["stop"]);
+    assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
+    b.qemu_img_check();
+}

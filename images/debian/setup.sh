@@ -324,7 +324,21 @@ EOF
 
 # --- initramfs (after all config above) ------------------------------------------
 say "rebuilding initramfs"
-update-initramfs -u -k all
+# essential-hook.sh (mmdebstrap builds) diverted update-initramfs to a no-op
+# while the packages were installed: put it back and build each kernel's
+# initramfs once here. Otherwise (debootstrap, a cloud image) one exists: update.
+if [ -e /usr/sbin/update-initramfs.vibebox ]; then
+    rm -f /usr/sbin/update-initramfs
+    dpkg-divert --quiet --local --rename \
+        --divert /usr/sbin/update-initramfs.vibebox --remove /usr/sbin/update-initramfs
+    for kdir in /lib/modules/*/; do
+        kver=${kdir%/}
+        kver=${kver##*/}
+        update-initramfs -c -k "$kver"
+    done
+else
+    update-initramfs -u -k all
+fi
 
 # First-boot caches, done now rather than in every new VM (ldconfig.service,
 # systemd-journal-catalog-update.service, systemd-update-done.service check

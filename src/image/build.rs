@@ -122,6 +122,7 @@ pub fn bootstrap_argv(
     opts: &Options,
     packages: &[String],
     rootfs: &Path,
+    essential_hook: &Path,
 ) -> Vec<String> {
     let debarch = debian_arch(&opts.arch).unwrap_or("amd64");
     let mut argv = vec![
@@ -137,11 +138,20 @@ pub fn bootstrap_argv(
     ];
     if tool == Bootstrapper::Mmdebstrap {
         argv.push("--mode=root".to_string());
+        argv.push(format!(
+            "--essential-hook=sh {} \"$1\"",
+            shell_quote(&essential_hook.display().to_string())
+        ));
     }
     argv.push(opts.release.clone());
     argv.push(rootfs.display().to_string());
     argv.push(opts.mirror.clone());
     argv
+}
+
+/// One shell word: mmdebstrap runs a hook through `sh -c`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// The package list for an architecture: `${ARCH}` in packages.txt becomes Debian's
@@ -247,10 +257,13 @@ pub fn build(home: &Home, opts: &Options) -> Result<(Image, bool), BuildError> {
 
     phases.start("installing Debian packages");
     let packages = packages_for(&opts.arch);
+    let hook = staging.path().join("essential-hook.sh");
+    fs::write(&hook, recipe::ESSENTIAL_HOOK).map_err(io(&hook))?;
     phases.run(
         "installing Debian packages",
-        &bootstrap_argv(tool, opts, &packages, &rootfs),
+        &bootstrap_argv(tool, opts, &packages, &rootfs, &hook),
     )?;
+    fs::remove_file(&hook).map_err(io(&hook))?;
 
     phases.start("configuring the guest");
     let guest_dir = rootfs.join(recipe::GUEST_DIR);
@@ -414,6 +427,7 @@ mod tests {
             &opts,
             &["a".into(), "b".into()],
             Path::new("/s/rootfs"),
+            Path::new("/s/hook.sh"),
         );
         assert_eq!(
             argv,
@@ -428,6 +442,15 @@ mod tests {
                 "http://m/debian"
             ]
         );
+        let argv = bootstrap_argv(
+            Bootstrapper::Mmdebstrap,
+            &opts,
+            &["a".into()],
+            Path::new("/s/rootfs"),
+            Path::new("/it's/hook.sh"),
+        );
+        assert!(argv.contains(&"--mode=root".to_string()));
+        assert!(argv.contains(&r#"--essential-hook=sh '/it'\''s/hook.sh' "$1""#.to_string()));
         assert_eq!(filesystem_size_mib(0), 256);
         assert_eq!(filesystem_size_mib(1000 << 20), 1536);
         assert!(

@@ -26,11 +26,28 @@ pub enum Error {
     Broken { dir: PathBuf, why: String },
     #[error(transparent)]
     State(#[from] crate::statefile::Error),
+    #[error(
+        "VIBEBOX_ARCH={0:?} is not a guest architecture: set it to x86_64 or aarch64, or unset it"
+    )]
+    BadGuestArch(String),
 }
 
 /// The guest architecture: always the host's (no cross-architecture emulation).
 pub fn host_arch() -> &'static str {
     std::env::consts::ARCH
+}
+
+/// The guest architecture of new boots: `VIBEBOX_ARCH` when set, else the host's.
+/// Another architecture than the host's is emulated (TCG), slowly: it is how CI
+/// runs the aarch64 guests that Apple Silicon users boot with hvf.
+pub fn guest_arch() -> Result<&'static str, Error> {
+    match std::env::var("VIBEBOX_ARCH") {
+        Ok(v) if !v.is_empty() => ["x86_64", "aarch64"]
+            .into_iter()
+            .find(|a| *a == v)
+            .ok_or(Error::BadGuestArch(v)),
+        _ => Ok(host_arch()),
+    }
 }
 
 /// Debian's name for an architecture.

@@ -6,6 +6,8 @@
 pub const PACKAGES: &str = include_str!("../../images/debian/packages.txt");
 /// Runs inside the new root filesystem once, as root.
 pub const SETUP: &str = include_str!("../../images/debian/setup.sh");
+/// mmdebstrap's essential hook (on the host, the root file system as `$1`).
+pub const ESSENTIAL_HOOK: &str = include_str!("../../images/debian/essential-hook.sh");
 
 /// Runs once inside a pulled cloud image, on its first boot (cloud-init runcmd):
 /// installs what `setup.sh` needs, runs it, sends the kernel and initrd back.
@@ -64,6 +66,7 @@ fn hash_with(head: &str, prepare: bool) -> String {
     let mut all = format!("vibebox {}\n{head}", env!("CARGO_PKG_VERSION"));
     all.push_str(PACKAGES);
     all.push_str(SETUP);
+    all.push_str(ESSENTIAL_HOOK);
     if prepare {
         all.push_str(PREPARE);
     }

@@ -140,7 +140,7 @@ pub fn ensure_image(
     config: &Config,
     mut say: impl FnMut(&str),
 ) -> Result<(), EnsureImageError> {
-    let arch = crate::image::host_arch();
+    let arch = crate::image::guest_arch()?;
     if Store::new(home).find(&config.image, arch)?.is_some() {
         return Ok(());
     }
@@ -168,6 +168,12 @@ pub fn ensure_image(
     }
     say(&err.to_string());
     say("building an image from Debian's packages instead (once, a few minutes)");
-    build::build(home, &Options::default())?;
+    build::build(
+        home,
+        &Options {
+            arch: arch.to_string(),
+            ..Options::default()
+        },
+    )?;
     Ok(())
 }

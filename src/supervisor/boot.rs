@@ -78,15 +78,20 @@ pub fn prepare(home: &Home, project: &Path, sd: &SessionDir) -> Result<BootPlan,
         &config,
         &config::defaults(project, &host_facts),
     )?;
-    let arch = crate::image::host_arch();
+    let arch = crate::image::guest_arch()?;
     let image = Store::new(home)
         .find(&config.image, arch)?
         .ok_or_else(|| BootError::NoImage {
             name: config.image.clone(),
             arch,
         })?;
-    let wanted = host::env_accel().unwrap_or(config.accel);
-    let accel = host::choose(wanted, Probe::detect())?;
+    // Another architecture's guest can only be emulated, whatever was asked for.
+    let accel = if arch == crate::image::host_arch() {
+        let wanted = host::env_accel().unwrap_or(config.accel);
+        host::choose(wanted, Probe::detect())?
+    } else {
+        Accelerator::Tcg
+    };
     let qemu = host::qemu_binary(arch).ok_or(BootError::NoQemu { arch })?;
     host::check_qemu(&qemu).map_err(BootError::Qemu)?;
     let resolver = upstream::resolver_from_env().map_err(BootError::Upstream)?;
