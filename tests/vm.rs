@@ -885,6 +885,12 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
         assert!(Instant::now() < deadline, "QEMU outlived its supervisor");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Its watchdog ended it (there was no parent-death signal to do it).
+    let log = fs::read_to_string(b.session_dir().join("logs/supervisor.log")).unwrap();
+    assert!(
+        log.contains(&format!("watchdog: process {sup} that started {qemu} ")),
+        "{log}"
+    );
     let out = b.exec("cat /var/tmp/mark");
     assert_eq!(ok(&out), "before\n");
 

@@ -150,8 +150,8 @@ impl Drop for Watchdog {
 pub enum GuardError {
     #[error("the process watchdog cannot start: {0}")]
     Spawn(std::io::Error),
-    #[error("process {0} ended before it could be guarded")]
-    ChildGone(u32),
+    #[error("cannot read the identity of process {0} (it may have ended already)")]
+    NoIdentity(u32),
     #[error("the process watchdog ({exe}) did not start; is it the vibebox binary? ({why})")]
     NotReady { exe: String, why: String },
 }
@@ -169,9 +169,9 @@ pub fn guard(child: &mut Child) -> Result<Watchdog, GuardError> {
 }
 
 fn guard_pid(pid: u32) -> Result<Watchdog, GuardError> {
-    let id = ProcId::of(pid).ok_or(GuardError::ChildGone(pid))?;
-    let me = ProcId::me().ok_or(GuardError::ChildGone(std::process::id()))?;
-    let exe = std::env::current_exe().map_err(GuardError::Spawn)?;
+    let id = ProcId::of(pid).ok_or(GuardError::NoIdentity(pid))?;
+    let me = ProcId::me().ok_or(GuardError::NoIdentity(std::process::id()))?;
+    let exe = own_exe().map_err(GuardError::Spawn)?;
     // std makes both ends close-on-exec; only the watchdog's stdin (a dup) survives.
     let (read, write) = std::io::pipe().map_err(GuardError::Spawn)?;
     let mut cmd = Command::new(&exe);
@@ -207,6 +207,16 @@ fn guard_pid(pid: u32) -> Result<Watchdog, GuardError> {
         lease: Some(write),
         process: Some(process),
     })
+}
+
+/// This very binary: on Linux through `/proc/self/exe`, which still opens it after
+/// an upgrade replaced the file (a long-running supervisor boots again later).
+fn own_exe() -> std::io::Result<std::path::PathBuf> {
+    if cfg!(target_os = "linux") {
+        Ok(std::path::PathBuf::from("/proc/self/exe"))
+    } else {
+        std::env::current_exe()
+    }
 }
 
 fn first_line(out: ChildStdout) -> std::io::Result<String> {
@@ -264,10 +274,24 @@ pub fn watch(parent: &ProcId, children: &[ProcId]) {
             Err(_) => break,
         }
     }
+    let why = if parent.is_running() {
+        "let it go"
+    } else {
+        "is gone"
+    };
     let threads: Vec<_> = children
         .iter()
+        .filter(|c| c.is_running())
         .cloned()
-        .map(|c| std::thread::spawn(move || end(&c, TERM_GRACE)))
+        .map(|c| {
+            tracing::warn!(
+                "watchdog: process {} that started {} ({}) {why}; ending it",
+                parent.pid,
+                c.pid,
+                c.exe
+            );
+            std::thread::spawn(move || end(&c, TERM_GRACE))
+        })
         .collect();
     for t in threads {
         let _ = t.join();
@@ -283,4 +307,52 @@ pub fn parse_args(parent: &str, children: &[String]) -> Result<(ProcId, Vec<Proc
         .map(|c| ProcId::from_arg(c).ok_or_else(|| bad(c)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((parent, children))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Here the "own binary" is the test harness, which is no watchdog: the guard
+    /// must fail and take the child with it, never leave it running unguarded.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_child_that_cannot_be_guarded_is_not_left_running() {
+        let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+        let id = ProcId::of(child.id()).unwrap();
+        let err = guard(&mut child)
+            .err()
+            .expect("the test harness is no watchdog");
+        assert!(matches!(err, GuardError::NotReady { .. }), "{err}");
+        assert!(!id.is_running());
+        assert!(child.try_wait().unwrap().is_some());
+    }
+
+    #[test]
+    fn signals_reach_only_the_same_process() {
+        let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+        let id = ProcId::of(child.id()).unwrap();
+        let impostor = ProcId {
+            start: id.start + 1,
+            ..id.clone()
+        };
+        assert_eq!(signal(&impostor, Signal::SIGKILL), Signalled::Gone);
+        assert!(id.is_running());
+        end(&id, TERM_GRACE);
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(Signal::SIGTERM as i32));
+        assert_eq!(signal(&id, Signal::SIGKILL), Signalled::Gone);
+    }
+
+    #[test]
+    fn watchdog_arguments() {
+        let (p, c) = parse_args("1:2:/a", &["3:4:/b:c".into()]).unwrap();
+        assert_eq!((p.pid, c[0].exe.as_str()), (1, "/b:c"));
+        assert!(
+            parse_args("x", &[])
+                .unwrap_err()
+                .contains("not a process identity")
+        );
+    }
 }
