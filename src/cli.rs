@@ -147,6 +147,17 @@ pub enum Command {
         #[arg(long)]
         project: PathBuf,
     },
+    /// Ends the processes it guards when the process that started it dies (started
+    /// by vibebox itself for QEMU and virtiofsd; see `vm::lifetime`).
+    #[command(name = "__watchdog", hide = true)]
+    Watchdog {
+        /// The starter, as PID:START:EXE.
+        #[arg(long)]
+        parent: String,
+        /// A guarded process, as PID:START:EXE.
+        #[arg(long, required = true)]
+        child: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

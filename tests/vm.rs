@@ -887,7 +887,7 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
         .prefix("vbx-ro9p-")
         .tempdir()
         .unwrap();
-    let b = Box::new(
+    let mut b = Box::new(
         &images,
         "crashy",
         &format!(
@@ -895,6 +895,10 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
             ro.path().display()
         ),
     );
+    // No parent-death signal, as on macOS: only the watchdog ends QEMU when its
+    // supervisor is killed.
+    b.env_vars
+        .push(("VIBEBOX_TEST_NO_PDEATHSIG".into(), "1".into()));
     ok(&b.exec("echo before > /var/tmp/mark && echo v > .venv/py && sync"));
     assert_eq!(b.fstype("\"$PWD\""), "9p");
     assert_eq!(b.fstype("/mnt/ro"), "9p");
@@ -923,17 +927,33 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
     let out = b.exec("cat /var/tmp/mark");
     assert_eq!(ok(&out), "before\n");
 
-    // Supervisor killed: its QEMU goes too (no owner-less VM), and the next start
-    // recovers the session.
+    // Supervisor killed: its QEMU goes too (no owner-less VM, without PDEATHSIG), and
+    // the next start recovers the session.
     let inst = b.instance();
     let sup = inst["supervisor_pid"].as_integer().unwrap();
     let qemu = inst["qemu_pid"].as_integer().unwrap();
+    // QEMU's identity is recorded, so nothing signals a process reusing its pid.
+    let recorded = vibebox::store::procid::ProcId {
+        pid: qemu as u32,
+        start: inst["qemu_start"].as_integer().unwrap() as u64,
+        exe: inst["qemu_exe"].as_str().unwrap().to_string(),
+    };
+    assert_eq!(
+        vibebox::store::procid::ProcId::of(qemu as u32),
+        Some(recorded)
+    );
     kill9(sup as i32);
     let deadline = Instant::now() + Duration::from_secs(30);
     while alive(qemu) {
         assert!(Instant::now() < deadline, "QEMU outlived its supervisor");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Its watchdog ended it (there was no parent-death signal to do it).
+    let log = fs::read_to_string(b.session_dir().join("logs/supervisor.log")).unwrap();
+    assert!(
+        log.contains(&format!("watchdog: process {sup} that started {qemu} ")),
+        "{log}"
+    );
     let out = b.exec("cat /var/tmp/mark");
     assert_eq!(ok(&out), "before\n");
 

@@ -166,6 +166,14 @@ fn start_dir(cli: &Cli) -> Result<PathBuf, Error> {
 }
 
 pub fn run(cli: Cli) -> Result<(), Error> {
+    // Needs no home: it only watches processes, and must start even where the home
+    // cannot be read.
+    if let Some(Command::Watchdog { parent, child }) = &cli.command {
+        let (parent, children) =
+            crate::vm::lifetime::parse_args(parent, child).map_err(Error::Usage)?;
+        crate::vm::lifetime::watch(&parent, &children);
+        return Ok(());
+    }
     let home = Home::from_env()?;
     // `sudo -E vibebox image build` must not leave root-owned files in the user's home.
     crate::statefile::adopt_sudo_user(home.root());
@@ -198,6 +206,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             let id = id.parse().map_err(|e: String| Error::Usage(e))?;
             crate::supervisor::daemon::run(&home, project, id).map_err(Error::Supervisor)
         }
+        Some(Command::Watchdog { .. }) => unreachable!("handled before the home is read"),
         Some(Command::Explain { json }) => explain::run(&home, &start_dir(&cli)?, *json),
         Some(Command::Fetch) => fetch::run(&home, &start_dir(&cli)?),
         Some(Command::Ports { json, change }) => {

@@ -305,8 +305,9 @@ fn prepare_boot(run: &PrepareRun<'_>) -> Result<export::Info, PullError> {
         network: Network::Outbound,
         shares: &[],
     };
-    let mut child = crate::vm::launch::spawn_qemu(run.qemu, &spec, run.dir, run.log, |_| {})
-        .map_err(|e| failed(format!("cannot start {}: {e}", run.qemu.display())))?;
+    let (mut child, _watchdog) =
+        crate::vm::launch::spawn_qemu(run.qemu, &spec, run.dir, run.log, |_| {})
+            .map_err(|e| failed(format!("cannot start {}: {e}", run.qemu.display())))?;
 
     let limit = if run.accel == Accelerator::Tcg {
         PREPARE_TIMEOUT_TCG

@@ -7,6 +7,7 @@ pub mod guestfile;
 pub mod index;
 pub mod instance;
 pub mod paths;
+pub mod procid;
 pub mod statefile;
 pub mod watched;
 

@@ -18,7 +18,9 @@ use crate::session::SessionId;
 use crate::ssh;
 use crate::statefile::{self, Lock};
 use crate::store::instance::Instance;
+use crate::store::procid::ProcId;
 use crate::vm::launch::{self, Plan};
+use crate::vm::lifetime;
 use crate::vm::qmp::Qmp;
 use crate::vm::ready;
 
@@ -130,40 +132,19 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
     })
 }
 
-/// A QEMU left by an earlier supervisor (one killed with SIGKILL on a host without
-/// parent-death signals) is stopped before a new boot, so a disk never has two
-/// writers.
+/// A QEMU left by an earlier supervisor (killed with SIGKILL, and its watchdog too)
+/// is stopped before a new boot, so a disk never has two writers. Only the process
+/// recorded (pid, start time, executable) is signalled, never whatever reuses its pid.
 fn stop_orphan(sd: &SessionDir) {
     let Some(inst) = Instance::read(sd) else {
         return;
     };
-    let pid = nix::unistd::Pid::from_raw(inst.qemu_pid as i32);
-    if !is_our_qemu(inst.qemu_pid, &sd.disk()) {
+    let qemu = inst.qemu();
+    if !qemu.is_running() {
         return;
     }
-    tracing::warn!(
-        "stopping QEMU {} left by an earlier supervisor",
-        inst.qemu_pid
-    );
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    for _ in 0..50 {
-        if nix::sys::signal::kill(pid, None).is_err() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-}
-
-/// Whether `pid` is a QEMU running this session's disk (pids get reused).
-fn is_our_qemu(pid: u32, disk: &Path) -> bool {
-    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-        // Without /proc (macOS) trust the pid only while it is alive.
-        return !cfg!(target_os = "linux")
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
-    };
-    let needle = disk.to_string_lossy().replace(',', ",,");
-    String::from_utf8_lossy(&cmdline).contains(&needle)
+    tracing::warn!("stopping QEMU {} left by an earlier supervisor", qemu.pid);
+    lifetime::end(&qemu, lifetime::TERM_GRACE);
 }
 
 enum Outcome {
@@ -269,13 +250,16 @@ async fn boot_and_run(
         protection: &protection,
     })
     .map_err(|e| e.to_string())?;
-    let qemu_pid = started.child.id();
+    // Declared first so it is dropped last: QEMU's lease on life, ending it if this
+    // boot ends any way but through QEMU's exit.
+    let watchdog = started.watchdog;
+    let qemu = watchdog.child().clone();
     // Dropped (killed) when this boot is over, after QEMU.
     let _daemons = started.daemons;
     let _gateway = match super::network::start(started.net, &config, sd, &sd_id(sd), resolver) {
         Ok(g) => g,
         Err(e) => {
-            kill(qemu_pid);
+            kill(&qemu);
             return Err(e);
         }
     };
@@ -292,7 +276,9 @@ async fn boot_and_run(
     }
     Instance {
         supervisor_pid: std::process::id(),
-        qemu_pid,
+        qemu_pid: qemu.pid,
+        qemu_start: qemu.start,
+        qemu_exe: qemu.exe.clone(),
         ssh_host: "127.0.0.1".into(),
         ssh_port: started.ssh_port,
         guest_ipv4: None,
@@ -320,11 +306,11 @@ async fn boot_and_run(
         // Ready as the stop came: the stop below powers the guest off gracefully.
         Ok(r) => r,
         Err(_) if shared.stop_requested() => {
-            cancel_boot(shared, qemu_pid, &mut exit_rx).await;
+            cancel_boot(shared, &qemu, &mut exit_rx).await;
             return Ok(Outcome::Stopped);
         }
         Err(e) => {
-            kill(qemu_pid);
+            kill(&qemu);
             return Err(format!(
                 "{e}; the guest console log is {}",
                 sd.console_log().display()
@@ -384,7 +370,7 @@ async fn boot_and_run(
         _ = idle(shared, sd, auto_shutdown) => {}
     }
     drop(ports);
-    shutdown(qmp, qemu_pid, &mut exit_rx).await;
+    shutdown(qmp, &qemu, &mut exit_rx).await;
     Ok(Outcome::Stopped)
 }
 
@@ -406,19 +392,16 @@ impl Drop for PortsTask {
 /// power-off yet, so QEMU gets SIGTERM (it flushes its disks and quits), then SIGKILL.
 async fn cancel_boot(
     shared: &Shared,
-    pid: u32,
+    qemu: &ProcId,
     exit_rx: &mut tokio::sync::oneshot::Receiver<String>,
 ) {
     shared.set(Message::Stopping);
-    tracing::info!("stop asked during the boot; ending QEMU {pid}");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    tracing::info!("stop asked during the boot; ending QEMU {}", qemu.pid);
+    lifetime::signal(qemu, nix::sys::signal::Signal::SIGTERM);
     if tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await.is_ok() {
         return;
     }
-    kill(pid);
+    kill(qemu);
     let _ = tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await;
 }
 
@@ -429,11 +412,8 @@ fn sd_id(sd: &SessionDir) -> String {
         .unwrap_or_default()
 }
 
-fn kill(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+fn kill(qemu: &ProcId) {
+    lifetime::signal(qemu, nix::sys::signal::Signal::SIGKILL);
 }
 
 /// Resolves when no client has been attached for `grace` and the guest has no live
@@ -563,7 +543,7 @@ pub fn count_ssh_sessions(output: &str) -> Option<usize> {
 /// each with a bounded wait. The disk stays for the next boot.
 async fn shutdown(
     qmp: Option<Qmp>,
-    pid: u32,
+    qemu: &ProcId,
     exit_rx: &mut tokio::sync::oneshot::Receiver<String>,
 ) {
     if let Some(q) = &qmp {
@@ -581,7 +561,7 @@ async fn shutdown(
         }
     }
     tracing::warn!("QEMU did not quit; killing it");
-    kill(pid);
+    kill(qemu);
     let _ = tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await;
 }
 

@@ -188,10 +188,11 @@ pub fn env_accel() -> Option<Accel> {
 }
 
 /// Makes the child get SIGTERM when the process that starts it dies (Linux; other
-/// systems have no parent-death signal, and the supervisor stops orphans instead).
+/// systems have no parent-death signal, and `lifetime`'s watchdog is what ends the
+/// child there, and here too when this is turned off).
 pub fn end_with_parent(cmd: &mut std::process::Command) {
     #[cfg(target_os = "linux")]
-    {
+    if !no_pdeathsig_for_test() {
         use std::os::unix::process::CommandExt;
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
@@ -203,6 +204,14 @@ pub fn end_with_parent(cmd: &mut std::process::Command) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = cmd;
+}
+
+/// Test-only (debug builds): `VIBEBOX_TEST_NO_PDEATHSIG=1` turns the parent-death
+/// signal off, so a test on Linux sees what macOS gets: only the watchdog.
+#[cfg(target_os = "linux")]
+fn no_pdeathsig_for_test() -> bool {
+    cfg!(debug_assertions)
+        && std::env::var_os("VIBEBOX_TEST_NO_PDEATHSIG").is_some_and(|v| v == "1")
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use super::fwcfg::{FsType, GuestConfig, GuestMount};
 use super::guest::GuestUser;
 use super::host::{self, Accelerator};
+use super::lifetime;
 use super::ownership::{self, Model, Owner};
 use super::pin::{self, Handoff, Root};
 use super::protect::{Guard, Protection};
@@ -93,6 +94,8 @@ pub fn check_free_space(dir: &Path) -> Result<(), Error> {
 /// What a started VM needs the supervisor to know.
 pub struct Started {
     pub child: Child,
+    /// QEMU's lease on life (and its identity): hold it until QEMU has exited.
+    pub watchdog: lifetime::Watchdog,
     pub ssh_port: u16,
     pub user: GuestUser,
     /// For the gateway the supervisor runs.
@@ -477,7 +480,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
             source,
         })
     })?;
-    let child = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log(), |cmd| {
+    let (child, watchdog) = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log(), |cmd| {
         if virtiofsd.is_none() {
             // 9p: QEMU itself serves the files, so it gets the read-only `.git`,
             // the pinned roots, and (as root) the ownership filter.
@@ -517,6 +520,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     console(console_socket, s.console_log());
     Ok(Started {
         child,
+        watchdog,
         ssh_port: port,
         user,
         net,
@@ -526,15 +530,16 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
 
 /// The one place QEMU is started, for sessions and for image preparation alike: in
 /// `dir` (the sockets in `spec` are relative to it), stdio to `log`, and never
-/// outliving the process that started it (SIGTERM makes it quit cleanly); `confine`
-/// may restrict it further (a mount namespace with a read-only `.git`).
+/// outliving the process that started it (SIGTERM makes it quit cleanly; the
+/// returned watchdog ends it when the starter dies or drops it); `confine` may
+/// restrict it further (a mount namespace with a read-only `.git`).
 pub fn spawn_qemu(
     binary: &Path,
     spec: &Spec<'_>,
     dir: &Path,
     log: &Path,
     confine: impl FnOnce(&mut Command),
-) -> std::io::Result<std::process::Child> {
+) -> std::io::Result<(std::process::Child, lifetime::Watchdog)> {
     let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = Command::new(binary);
     cmd.args(qemu::argv(spec))
@@ -544,7 +549,9 @@ pub fn spawn_qemu(
         .stderr(log);
     host::end_with_parent(&mut cmd);
     confine(&mut cmd);
-    cmd.spawn()
+    let mut child = cmd.spawn()?;
+    let watchdog = lifetime::guard(&mut child).map_err(std::io::Error::other)?;
+    Ok((child, watchdog))
 }
 
 #[cfg(test)]

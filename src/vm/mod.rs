@@ -5,6 +5,7 @@ pub mod fwcfg;
 pub mod guest;
 pub mod host;
 pub mod launch;
+pub mod lifetime;
 pub mod mounts;
 pub mod ownership;
 pub mod pin;

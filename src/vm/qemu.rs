@@ -399,8 +399,44 @@ mod tests {
         assert_eq!(x.binary, "qemu-system-x86_64");
         assert_eq!(x.console, "ttyS0");
         let a = Preset::for_arch("aarch64").unwrap();
-        assert_eq!(a.machine, "virt");
+        assert_eq!(a.machine, "virt,gic-version=max");
         assert!(Preset::for_arch("riscv64").is_none());
+    }
+
+    /// An Apple Silicon Mac: hvf, the host's CPU, a GIC that takes more than 8
+    /// vCPUs, 9p shares (no virtiofs on macOS, so no shared-memory backend), the
+    /// PL011 console, no display.
+    #[test]
+    fn aarch64_on_macos_runs_under_hvf_with_the_host_cpu() {
+        let p = Preset::for_arch("aarch64").unwrap();
+        let shares = [Share {
+            tag: "vbx0".into(),
+            host: PathBuf::from("/Users/al/proj"),
+            access: Access::ReadWrite,
+            kind: ShareKind::NineP,
+        }];
+        let mut spec = base(&p, &shares, &[]);
+        spec.accel = Accelerator::Hvf;
+        spec.cpus = 12;
+        let a = strings(argv(&spec));
+        assert_eq!(after(&a, "-accel"), ["hvf"]);
+        assert_eq!(after(&a, "-machine"), ["virt,gic-version=max"]);
+        assert_eq!(after(&a, "-cpu"), ["host"]);
+        assert_eq!(after(&a, "-smp"), ["12"]);
+        assert_eq!(after(&a, "-display"), ["none"]);
+        assert!(a.contains(&"-nodefaults".to_string()));
+        assert!(!a.iter().any(|x| x.contains("memory-backend")), "{a:?}");
+        assert!(after(&a, "-virtfs")[0].contains("mount_tag=vbx0"), "{a:?}");
+        let append = after(&a, "-append")[0];
+        assert!(append.contains("console=ttyAMA0"), "{append}");
+        // The TCG-only kernel options stay off under hardware virtualization.
+        assert!(!append.contains("mitigations=off"), "{append}");
+        // Under TCG (the CI lane) only the CPU model differs.
+        spec.accel = Accelerator::Tcg;
+        let t = strings(argv(&spec));
+        assert_eq!(after(&t, "-accel"), ["tcg"]);
+        assert_eq!(after(&t, "-cpu"), ["max"]);
+        assert_eq!(after(&t, "-machine"), ["virt,gic-version=max"]);
     }
 
     #[test]

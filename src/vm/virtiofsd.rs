@@ -119,6 +119,8 @@ pub fn argv(host: &Path, socket: &Path, access: Access, owner: Option<Owner>) ->
 /// A started virtiofsd; killed when dropped (it also exits when QEMU goes away).
 pub struct Daemon {
     child: Child,
+    /// Ends it if the supervisor dies; dropped after the child is reaped.
+    _watchdog: super::lifetime::Watchdog,
 }
 
 impl Drop for Daemon {
@@ -189,8 +191,12 @@ pub fn start(
     if let Some(owner) = owner {
         ownership::Filter::new(&[owner]).confine(&mut cmd);
     }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let watchdog =
+        super::lifetime::guard(&mut child).map_err(|e| spawn_err(std::io::Error::other(e)))?;
     let mut daemon = Daemon {
-        child: cmd.spawn().map_err(spawn_err)?,
+        child,
+        _watchdog: watchdog,
     };
     let not_listening = |why: String| Error::NotListening {
         host: host.to_path_buf(),
