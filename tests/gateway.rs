@@ -1057,7 +1057,10 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 async fn guest_while<T>(g: &mut Guest, task: tokio::task::JoinHandle<T>) -> T {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !task.is_finished() {
-        assert!(tokio::time::Instant::now() < deadline, "host side timed out");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "host side timed out"
+        );
         g.run_until("a moment", |_| true).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -1108,9 +1111,18 @@ async fn published_ports_are_relayed_whole_both_ways_up_to_the_fin() {
         closed
     })
     .await;
-    assert!(got == up, "host -> guest: {} of {} bytes, or not the same", got.len(), up.len());
+    assert!(
+        got == up,
+        "host -> guest: {} of {} bytes, or not the same",
+        got.len(),
+        up.len()
+    );
     let back = guest_while(&mut g, client).await;
-    assert_eq!(back.len(), down.len(), "guest -> host: bytes lost before the FIN");
+    assert_eq!(
+        back.len(),
+        down.len(),
+        "guest -> host: bytes lost before the FIN"
+    );
     assert!(back == down, "guest -> host: not the same bytes");
 }
 
@@ -1175,7 +1187,9 @@ async fn relayed_connections_are_bounded() {
     assert_eq!(established, 2);
     let text = log_text(&log);
     assert!(
-        text.contains("refuse a host connection to VM:8000: 2 connections to published ports open already"),
+        text.contains(
+            "refuse a host connection to VM:8000: 2 connections to published ports open already"
+        ),
         "{text}"
     );
     drop(held);

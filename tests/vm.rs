@@ -750,7 +750,11 @@ fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while published(b)[&fixed_guest].2 != "gateway" {
-        assert!(Instant::now() < deadline, "VM:{fixed_guest}: {:?}", published(b));
+        assert!(
+            Instant::now() < deadline,
+            "VM:{fixed_guest}: {:?}",
+            published(b)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(published(b)[&fixed_guest].0, fixed_host);

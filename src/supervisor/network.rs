@@ -77,7 +77,16 @@ pub fn start(
             }
         };
         drop(link);
-        match gateway::serve(stream, settings, resolver, dialer, Some(ssh), Some(inbound_rx)).await {
+        match gateway::serve(
+            stream,
+            settings,
+            resolver,
+            dialer,
+            Some(ssh),
+            Some(inbound_rx),
+        )
+        .await
+        {
             Ok(()) => tracing::info!("network: QEMU closed the link"),
             Err(e) => tracing::error!("network: the link failed: {e}"),
         }

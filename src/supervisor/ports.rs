@@ -569,7 +569,13 @@ impl Guest<'_> {
     }
 
     /// Listens on `addr:host` for guest port `guest`, the way `via` says.
-    async fn open(&mut self, addr: Ipv4Addr, host: u16, guest: u16, via: Via) -> Result<(), String> {
+    async fn open(
+        &mut self,
+        addr: Ipv4Addr,
+        host: u16,
+        guest: u16,
+        via: Via,
+    ) -> Result<(), String> {
         match via {
             Via::Ssh => self
                 .session
@@ -699,7 +705,9 @@ mod tests {
     #[test]
     fn listeners_the_gateway_reaches_are_told_apart() {
         let line = |addr: &str, port: u16| {
-            format!("   0: {addr}:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n")
+            format!(
+                "   0: {addr}:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n"
+            )
         };
         let cases = [
             ("00000000", Via::Gateway),                         // 0.0.0.0
