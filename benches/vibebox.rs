@@ -848,7 +848,7 @@ fn bench_ports(b: &mut Bench, images: &Path) {
     // Both relayed by the gateway, not forwarded by ssh (the row would compare ssh
     // with itself).
     let mut c = b.cmd(&project);
-    c.args(["ports", "--json"]);
+    c.args(["ports", "--json"]).stdout(Stdio::piped());
     let out = c.output().unwrap();
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     for port in [guest, sink] {
