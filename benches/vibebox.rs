@@ -755,7 +755,8 @@ for i in $(seq {runs}); do t off; done
 
 /// 64 MiB from a guest server to the host through a published port, against the
 /// same through `ssh -L` on the session's control master (what a user would do by
-/// hand without vibebox's publishing).
+/// hand without vibebox's publishing). The guest servers listen on every address
+/// (as `python3 -m http.server` does), so the gateway relays them.
 fn bench_ports(b: &mut Bench, images: &Path) {
     let images_link = b.home().join("images");
     if !images_link.exists() {
@@ -785,7 +786,7 @@ fn bench_ports(b: &mut Bench, images: &Path) {
         "sh",
         "-c",
         &format!(
-            "setsid nohup perl -MIO::Socket::INET -e '$SIG{{PIPE}} = q(IGNORE); $s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {guest}, Listen => 16, ReuseAddr => 1) or die; $b = \"\\0\" x 1048576; while ($c = $s->accept) {{ print $c $b for 1..64; close $c }}' > /dev/null 2>&1 < /dev/null &"
+            "setsid nohup perl -MIO::Socket::INET -e '$SIG{{PIPE}} = q(IGNORE); $s = IO::Socket::INET->new(LocalAddr => \"0.0.0.0\", LocalPort => {guest}, Listen => 16, ReuseAddr => 1) or die; $b = \"\\0\" x 1048576; while ($c = $s->accept) {{ print $c $b for 1..64; close $c }}' > /dev/null 2>&1 < /dev/null &"
         ),
     ]);
     must(c);
@@ -797,7 +798,7 @@ fn bench_ports(b: &mut Bench, images: &Path) {
         "sh",
         "-c",
         &format!(
-            "setsid nohup perl -MIO::Socket::INET -e '$SIG{{PIPE}} = q(IGNORE); $s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {sink}, Listen => 16, ReuseAddr => 1) or die; while ($c = $s->accept) {{ $n = 0; while (($k = sysread($c, $b, 1048576)) > 0) {{ $n += $k }} print $c \"$n\\n\"; close $c }}' > /dev/null 2>&1 < /dev/null &"
+            "setsid nohup perl -MIO::Socket::INET -e '$SIG{{PIPE}} = q(IGNORE); $s = IO::Socket::INET->new(LocalAddr => \"0.0.0.0\", LocalPort => {sink}, Listen => 16, ReuseAddr => 1) or die; while ($c = $s->accept) {{ $n = 0; while (($k = sysread($c, $b, 1048576)) > 0) {{ $n += $k }} print $c \"$n\\n\"; close $c }}' > /dev/null 2>&1 < /dev/null &"
         ),
     ]);
     must(c);
@@ -844,6 +845,19 @@ fn bench_ports(b: &mut Bench, images: &Path) {
     while std::net::TcpStream::connect(("127.0.0.1", sink)).is_err() || send_all(sink) != 64 << 20 {
         assert!(Instant::now() < deadline, "VM:{sink} was never published");
         std::thread::sleep(Duration::from_millis(250));
+    }
+    // Both relayed by the gateway, not forwarded by ssh (the row would compare ssh
+    // with itself).
+    let mut c = b.cmd(&project);
+    c.args(["ports", "--json"]).stdout(Stdio::piped());
+    let out = c.output().unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for port in [guest, sink] {
+        let p = list
+            .iter()
+            .find(|p| p["guest"] == port)
+            .unwrap_or_else(|| panic!("VM:{port} not in {list:?}"));
+        assert_eq!(p["via"], "gateway", "VM:{port}: {p}");
     }
     let id = fs::read_to_string(project.join(".vibebox/session.toml")).unwrap();
     let id = id.split('"').nth(1).unwrap().to_string();

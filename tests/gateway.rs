@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream, UnixStream};
 use vibebox::net::decide::Policy;
 use vibebox::net::device::Queues;
 use vibebox::net::dhcp::Lan;
-use vibebox::net::gateway::{self, FLIGHT_TIMEOUT, Limits, Settings};
+use vibebox::net::gateway::{self, FLIGHT_TIMEOUT, Inbound, Limits, Settings};
 use vibebox::net::netlog::NetLog;
 use vibebox::net::policy::{Mode, Rule};
 use vibebox::net::ranges::HostAddrs;
@@ -394,6 +394,47 @@ async fn start_with(
     host: HostAddrs,
     limits: Limits,
 ) -> (Guest, std::path::PathBuf) {
+    start_full(world, policy, log_dir, ssh, host, limits, None).await
+}
+
+/// A gateway that also relays host connections to published guest ports: each
+/// connection to the returned address goes to `guest_port` in the guest (as the
+/// supervisor hands them over).
+async fn start_relaying(
+    log_dir: &std::path::Path,
+    limits: Limits,
+    guest_port: u16,
+) -> (Guest, std::path::PathBuf, SocketAddr) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = tx.send(Inbound { stream, guest_port }).await;
+        }
+    });
+    let (g, log) = start_full(
+        &world(),
+        policy(Mode::Allowlist, &[]),
+        log_dir,
+        None,
+        HostAddrs::fixed(Vec::new()),
+        limits,
+        Some(rx),
+    )
+    .await;
+    (g, log, addr)
+}
+
+async fn start_full(
+    world: &Arc<World>,
+    policy: Policy,
+    log_dir: &std::path::Path,
+    ssh: Option<TcpListener>,
+    host: HostAddrs,
+    limits: Limits,
+    inbound: Option<tokio::sync::mpsc::Receiver<Inbound>>,
+) -> (Guest, std::path::PathBuf) {
     let (g_end, gw_end) = UnixStream::pair().unwrap();
     let lan = Lan::default();
     let log = log_dir.join("network.log");
@@ -409,7 +450,7 @@ async fn start_with(
     let resolver: Arc<dyn Resolver> = Arc::new(WorldResolver(world.clone()));
     let dialer: Arc<dyn Dialer> = Arc::new(WorldDialer(world.clone()));
     tokio::spawn(async move {
-        let _ = gateway::serve(gw_end, settings, resolver, dialer, ssh).await;
+        let _ = gateway::serve(gw_end, settings, resolver, dialer, ssh, inbound).await;
     });
     (Guest::new(g_end, &lan), log)
 }
@@ -678,6 +719,7 @@ async fn garbage_on_the_link_closes_it_without_a_panic() {
         settings,
         Arc::new(WorldResolver(w.clone())),
         Arc::new(WorldDialer(w)),
+        None,
         None,
     ));
     // Valid-length frames of noise, then an impossible length.
@@ -991,4 +1033,164 @@ async fn granted_host_ports_reach_the_hosts_loopback_and_nothing_else_does() {
         "{}",
         log_text(&log)
     );
+}
+
+// ---- published guest ports, relayed by the gateway ----
+
+/// A guest listener with room for a large transfer.
+fn guest_listener(g: &mut Guest, port: u16) -> SocketHandle {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 256 << 10]),
+        tcp::SocketBuffer::new(vec![0; 256 << 10]),
+    );
+    s.listen(port).unwrap();
+    g.sockets.add(s)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+        .collect()
+}
+
+/// Drives the guest stack until the host-side task is done, and returns its result.
+async fn guest_while<T>(g: &mut Guest, task: tokio::task::JoinHandle<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !task.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "host side timed out"
+        );
+        g.run_until("a moment", |_| true).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    task.await.unwrap()
+}
+
+#[tokio::test]
+async fn published_ports_are_relayed_whole_both_ways_up_to_the_fin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, _, addr) = start_relaying(dir.path(), Limits::default(), 8000).await;
+    let server = guest_listener(&mut g, 8000);
+    let up = pattern(3 << 20, 1);
+    let down = pattern(3 << 20, 2);
+    // The host client sends everything and closes its side first; the guest answers
+    // after reading it all and closes at once: the last bytes travel right before
+    // the FIN, while the gateway's end is already half-closed.
+    let client = {
+        let up = up.clone();
+        tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&up).await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+            got
+        })
+    };
+    let mut got = Vec::new();
+    let mut to_send = down.clone();
+    let mut closed = false;
+    g.run_until("the guest's side of the transfer", |g| {
+        let s = g.sockets.get_mut::<tcp::Socket>(server);
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = s.recv_slice(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got.len() == up.len() && s.can_send() {
+            let n = s.send_slice(&to_send).unwrap_or(0);
+            to_send.drain(..n);
+        }
+        if to_send.is_empty() && !closed {
+            s.close();
+            closed = true;
+        }
+        closed
+    })
+    .await;
+    assert!(
+        got == up,
+        "host -> guest: {} of {} bytes, or not the same",
+        got.len(),
+        up.len()
+    );
+    let back = guest_while(&mut g, client).await;
+    assert_eq!(
+        back.len(),
+        down.len(),
+        "guest -> host: bytes lost before the FIN"
+    );
+    assert!(back == down, "guest -> host: not the same bytes");
+}
+
+#[tokio::test]
+async fn a_host_end_that_goes_away_resets_the_guests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, _, addr) = start_relaying(dir.path(), Limits::default(), 8000).await;
+    let server = guest_listener(&mut g, 8000);
+    // A host client that connects, reads a little and goes away without reading
+    // the rest (its kernel resets the connection).
+    let client = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1000];
+        c.read_exact(&mut buf).await.unwrap();
+    });
+    let chunk = pattern(64 << 10, 3);
+    let mut finished = false;
+    g.run_until("the guest's connection to be reset", |g| {
+        finished |= client.is_finished();
+        let s = g.sockets.get_mut::<tcp::Socket>(server);
+        // The guest keeps sending, as a dev server streaming a response would.
+        if s.can_send() {
+            let _ = s.send_slice(&chunk);
+        }
+        finished && s.state() == tcp::State::Closed
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn relayed_connections_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        relays: 2,
+        ..Limits::default()
+    };
+    let (mut g, log, addr) = start_relaying(dir.path(), limits, 8000).await;
+    let servers: Vec<_> = (0..3).map(|_| guest_listener(&mut g, 8000)).collect();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    g.run_until("two relayed connections", |g| {
+        servers
+            .iter()
+            .filter(|h| g.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Established)
+            .count()
+            == 2
+    })
+    .await;
+    // A third is closed by the gateway without reaching the guest.
+    let third = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        c.read(&mut buf).await.unwrap_or(0)
+    });
+    assert_eq!(guest_while(&mut g, third).await, 0);
+    let established = servers
+        .iter()
+        .filter(|h| g.sockets.get::<tcp::Socket>(**h).state() == tcp::State::Established)
+        .count();
+    assert_eq!(established, 2);
+    let text = log_text(&log);
+    assert!(
+        text.contains(
+            "refuse a host connection to VM:8000: 2 connections to published ports open already"
+        ),
+        "{text}"
+    );
+    drop(held);
 }

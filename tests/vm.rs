@@ -648,7 +648,8 @@ fn free_ports<const N: usize>() -> [u16; N] {
 }
 
 /// What `vibebox ports --json` says: guest port -> (host port, how).
-fn published(b: &Box) -> std::collections::BTreeMap<u16, (u16, String)> {
+/// Guest port -> (host port, how, via) from `vibebox ports --json`.
+fn published(b: &Box) -> std::collections::BTreeMap<u16, (u16, String, String)> {
     let out = b.vibebox(&["ports", "--json"]);
     let list: Vec<serde_json::Value> = serde_json::from_str(ok(&out)).unwrap();
     list.iter()
@@ -658,6 +659,7 @@ fn published(b: &Box) -> std::collections::BTreeMap<u16, (u16, String)> {
                 (
                     p["host"].as_u64().unwrap() as u16,
                     p["how"].as_str().unwrap().to_string(),
+                    p["via"].as_str().unwrap().to_string(),
                 ),
             )
         })
@@ -682,6 +684,41 @@ fn wait_published(b: &Box, guest: u16, pred: impl Fn(Option<u16>) -> bool) -> Op
     }
 }
 
+/// 16 MiB each way through a port the gateway relays, compared byte for byte: a
+/// guest server echoes everything it read once the host closes its side.
+fn relayed_transfers_are_intact(b: &Box) {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ok(&b.exec(&format!(
+        "setsid nohup perl -MIO::Socket::INET -e '$SIG{{PIPE}} = q(IGNORE); $s = IO::Socket::INET->new(LocalAddr => \"0.0.0.0\", LocalPort => {port}, Listen => 16, ReuseAddr => 1) or die; while ($c = $s->accept) {{ local $/; $d = <$c>; print $c $d; close $c }}' > /dev/null 2>&1 < /dev/null & echo $! > /tmp/echo.pid"
+    )));
+    wait_published(b, port, |p| p == Some(port));
+    assert_eq!(published(b)[&port].2, "gateway");
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            c.write_all(&data).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert_eq!(back.len(), data.len(), "bytes lost through the relay");
+    assert!(back == data, "bytes changed through the relay");
+    ok(&b.exec("kill $(cat /tmp/echo.pid)"));
+}
+
 /// The line a guest server (below) sends each connection, read on the host.
 fn hello(port: u16) -> std::io::Result<String> {
     use std::io::Read;
@@ -694,30 +731,41 @@ fn hello(port: u16) -> std::io::Result<String> {
 
 /// Guest listeners appear on the host's loopback (a busy port moves to the next
 /// one), go when they close, and carry many connections at once; a fixed mapping
-/// reaches a listener that comes later.
+/// reaches a listener that comes later. Listeners on every address are relayed by
+/// the gateway, loopback-only ones through ssh.
 fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_to]: [u16; 4]) {
     // A client holds the VM up meanwhile (its auto_shutdown_ms is 2 s).
     let mut holder = b.spawn_exec("exec sleep 901");
     b.wait_status(60, |s, n| s == "running" && n >= 1);
-    // A server bound to the guest's 127.0.0.1 only (as dev servers are by default),
-    // in perl (in every Debian), detached from the exec so it outlives it.
-    let serve = |port: u16, tag: &str| {
+    // A server bound to `addr` in the guest, in perl (in every Debian), detached
+    // from the exec so it outlives it.
+    let serve_on = |addr: &str, port: u16, tag: &str| {
         ok(&b.exec(&format!(
-            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", LocalPort => {port}, Listen => 256, ReuseAddr => 1) or die; while ($c = $s->accept) {{ print $c \"{tag}\\n\"; close $c }}' > /tmp/serve-{port}.log 2>&1 < /dev/null & echo $! > /tmp/serve-{port}.pid"
+            "setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"{addr}\", LocalPort => {port}, Listen => 256, ReuseAddr => 1) or die; while ($c = $s->accept) {{ print $c \"{tag}\\n\"; close $c }}' > /tmp/serve-{port}.log 2>&1 < /dev/null & echo $! > /tmp/serve-{port}.pid"
         )));
     };
-    serve(auto, "hello from the VM");
+    // Bound to the guest's 127.0.0.1 only (as dev servers are by default): only
+    // the guest's sshd reaches it.
+    serve_on("127.0.0.1", auto, "hello from the VM");
     wait_published(b, auto, |p| p == Some(auto));
     assert_eq!(hello(auto).unwrap(), "hello from the VM\n");
     assert_eq!(published(b)[&auto].1, "auto");
+    assert_eq!(published(b)[&auto].2, "ssh");
 
-    // The host's own port is taken: the next free one, said in the log.
+    // The host's own port is taken: the next free one, said in the log. This one
+    // listens on every address: the gateway relays it.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_port = busy.local_addr().unwrap().port();
-    serve(busy_port, "moved");
+    serve_on("0.0.0.0", busy_port, "moved");
     let moved = wait_published(b, busy_port, |p| p.is_some()).unwrap();
     assert_ne!(moved, busy_port);
     assert_eq!(hello(moved).unwrap(), "moved\n");
+    assert_eq!(published(b)[&busy_port].2, "gateway");
+    let table = ok(&b.vibebox(&["ports"])).to_string();
+    assert!(
+        table.contains("VIA") && table.contains("gateway") && table.contains("ssh"),
+        "{table}"
+    );
     let log = fs::read_to_string(b.session_dir().join("logs/supervisor.log")).unwrap();
     assert!(
         log.contains(&format!(
@@ -727,21 +775,23 @@ fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_
     );
     drop(busy);
 
-    // 200 connections at once all complete.
+    // 200 connections at once all complete, through the gateway's relay.
     let handles: Vec<_> = (0..200)
-        .map(|_| std::thread::spawn(move || hello(auto)))
+        .map(|_| std::thread::spawn(move || hello(moved)))
         .collect();
     for h in handles {
-        assert_eq!(h.join().unwrap().unwrap(), "hello from the VM\n");
+        assert_eq!(h.join().unwrap().unwrap(), "moved\n");
     }
+    relayed_transfers_are_intact(b);
 
     // The fixed mapping is there before anything listens, and reaches the listener
     // once it comes.
     assert_eq!(
         published(b).get(&fixed_guest),
-        Some(&(fixed_host, "config".to_string()))
+        Some(&(fixed_host, "config".to_string(), "ssh".to_string()))
     );
-    serve(fixed_guest, "fixed");
+    // Its listener, on every address, moves it to the gateway (the same host port).
+    serve_on("0.0.0.0", fixed_guest, "fixed");
     let deadline = Instant::now() + Duration::from_secs(60);
     while hello(fixed_host).map(|h| h != "fixed\n").unwrap_or(true) {
         if Instant::now() > deadline {
@@ -755,6 +805,17 @@ fn ports_are_published_both_ways(b: &Box, [fixed_host, fixed_guest, auto, moved_
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while published(b)[&fixed_guest].2 != "gateway" {
+        assert!(
+            Instant::now() < deadline,
+            "VM:{fixed_guest}: {:?}",
+            published(b)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(published(b)[&fixed_guest].0, fixed_host);
+    assert_eq!(hello(fixed_host).unwrap(), "fixed\n");
 
     // While the VM runs, a mapping moves to another host port, then goes.
     let out = b.vibebox(&["ports", "add", &format!("{moved_to}:{fixed_guest}")]);

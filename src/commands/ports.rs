@@ -69,12 +69,13 @@ pub fn run(
                 format!("{}:{}", p.addr, p.host),
                 format!("VM:{}", p.guest),
                 p.how.clone(),
+                p.via.as_str().to_string(),
             ]
         })
         .collect();
     print!(
         "{}",
-        super::table::render(&["HOST", "GUEST", "FROM"], &rows, None)
+        super::table::render(&["HOST", "GUEST", "FROM", "VIA"], &rows, None)
     );
     Ok(())
 }

@@ -102,9 +102,14 @@ impl Decoder {
 /// One frame with its length prefix, as QEMU expects it.
 pub fn encode(frame: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + frame.len());
+    encode_into(frame, &mut out);
+    out
+}
+
+/// [`encode`], appended to `out` (for writing many frames at once).
+pub fn encode_into(frame: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
     out.extend_from_slice(frame);
-    out
 }
 
 #[cfg(test)]

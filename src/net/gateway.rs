@@ -9,6 +9,12 @@
 //! One task owns the stack; host sockets live in small tasks that talk to it over
 //! channels, with credit-based flow control both ways so neither side can make the
 //! gateway buffer without bound.
+//!
+//! The other way, host connections come in: to the guest's SSH port (the
+//! supervisor's own listener), and to published guest ports ([`Inbound`]: the
+//! supervisor accepts on the host's loopback and hands each connection over). Both
+//! are opened from the gateway's address to the guest's, in clear: the link is a
+//! unix socket between this process and QEMU, no network sees it.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -48,6 +54,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Host SSH connections at once, on top of the guest's: the user's way in must not
 /// depend on how many connections the guest holds.
 pub const SSH_CONNECTIONS: usize = 32;
+/// Host connections to published guest ports at once (their own share, so neither
+/// a guest's connections nor a host client opening many can take the others').
+pub const RELAY_CONNECTIONS: usize = 512;
 /// How often an idle relayed connection is probed (TCP keep-alive, both ends).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// The name the guest uses for this machine's granted loopback services
@@ -60,11 +69,16 @@ pub const HOST_ALIAS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 4);
 const MAX_RESOLVING: usize = 256;
 /// TTL given to the guest for DNS answers.
 const DNS_TTL: u32 = 60;
+/// Socket buffers of a guest's own connection (there may be a thousand of them).
 const RX_BUF: usize = 64 << 10;
 const TX_BUF: usize = 64 << 10;
+/// Socket buffers of a host connection into the guest (SSH, a published port):
+/// fewer of them, and a window of 64 KiB caps a transfer to a fraction of what
+/// the link carries (64 MiB took 12 s through 64 KiB, under 2 s through 512 KiB).
+const INBOUND_BUF: usize = 512 << 10;
 /// Chunks in flight from a host socket to the guest per connection.
 const HOST_CREDIT: usize = 4;
-const CHUNK: usize = 16 << 10;
+const CHUNK: usize = 64 << 10;
 
 pub struct Settings {
     pub lan: Lan,
@@ -88,6 +102,8 @@ pub struct Limits {
     pub connections: usize,
     /// Host SSH connections at once, never taken by guest connections.
     pub ssh: usize,
+    /// Host connections to published guest ports at once.
+    pub relays: usize,
     /// Keep-alive interval toward the guest; a guest end that answers nothing (not
     /// even the probes) for four intervals is dropped.
     pub keep_alive: Duration,
@@ -98,6 +114,7 @@ impl Default for Limits {
         Limits {
             connections: MAX_CONNECTIONS,
             ssh: SSH_CONNECTIONS,
+            relays: RELAY_CONNECTIONS,
             keep_alive: KEEP_ALIVE,
         }
     }
@@ -120,6 +137,29 @@ enum Event {
     HostEof {
         id: u64,
     },
+    /// The host end failed (reset, or it stopped taking data): the guest's end is
+    /// reset too, not left waiting for a peer that is gone.
+    HostGone {
+        id: u64,
+    },
+}
+
+/// A host connection for a published guest port, accepted by the supervisor: the
+/// gateway opens `guest_port` on the guest's address and relays.
+pub struct Inbound {
+    pub stream: TcpStream,
+    pub guest_port: u16,
+}
+
+/// Who opened a connection, for the bound it counts against.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The guest, to the world ([`Limits::connections`]).
+    Guest,
+    /// The host, to the guest's SSH port ([`Limits::ssh`]).
+    Ssh,
+    /// The host, to a published guest port ([`Limits::relays`]).
+    Relay,
 }
 
 /// Every phase but `Relay` has a deadline, so a connection the guest (or the far
@@ -176,10 +216,17 @@ const KEEP_ALIVE_MISSES: u32 = 4;
 
 struct Relay {
     to_host: Option<mpsc::Sender<Vec<u8>>>,
+    /// What the guest sent before its socket closed and the writer has not taken
+    /// yet: still delivered (bounded by the socket's receive buffer).
+    tail: VecDeque<Vec<u8>>,
     from_host: VecDeque<Vec<u8>>,
     credit: Arc<Semaphore>,
     host_eof: bool,
+    /// Writer, reader. The writer is never aborted while it has the guest's last
+    /// bytes to deliver, only past `closed_at` + [`CLOSE_TIMEOUT`].
     tasks: [AbortHandle; 2],
+    /// When the guest's socket closed.
+    closed_at: Option<SInstant>,
 }
 
 /// An IPv4 address and port.
@@ -192,8 +239,7 @@ struct Conn {
     dst: Addr,
     name: Option<String>,
     phase: Phase,
-    /// A host SSH connection (counted against [`Limits::ssh`], not the guest's share).
-    ssh: bool,
+    origin: Origin,
 }
 
 /// The stack's clock: monotonic, counted from the first call. smoltcp's own
@@ -223,26 +269,39 @@ struct Engine {
     dialer: Arc<dyn Dialer>,
     /// When an oversized frame was last logged, and how many were dropped since.
     oversized: (Option<SInstant>, usize),
+    /// Rung by a host writer when it took a chunk, so the guest's window reopens
+    /// at once rather than at the next frame or timer.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// Serves the guest on `link` (QEMU's stream socket) until QEMU closes it. `ssh`, if
-/// given, is a host listener whose connections are relayed to the guest's SSH port.
+/// given, is a host listener whose connections are relayed to the guest's SSH port;
+/// `inbound`, if given, brings host connections for published guest ports.
 pub async fn serve(
     link: UnixStream,
     settings: Settings,
     resolver: Arc<dyn Resolver>,
     dialer: Arc<dyn Dialer>,
     ssh: Option<TcpListener>,
+    mut inbound: Option<mpsc::Receiver<Inbound>>,
 ) -> io::Result<()> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut e = Engine::new(settings, resolver, dialer, events_tx);
+    let wake = e.wake.clone();
     let (mut rd, mut wr) = link.into_split();
     let mut decoder = frame::Decoder::new();
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 256 << 10];
+    let mut out = Vec::new();
     loop {
         e.step();
+        // One write for everything the stack sent: a frame a syscall costs more
+        // than the copy.
         for f in std::mem::take(&mut e.dev.tx) {
-            wr.write_all(&frame::encode(&f)).await?;
+            frame::encode_into(&f, &mut out);
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
         }
         let delay = e.next_wake();
         tokio::select! {
@@ -274,9 +333,17 @@ pub async fn serve(
             }
             conn = async { ssh.as_ref().expect("guarded").accept().await }, if ssh.is_some() => {
                 if let Ok((stream, _)) = conn {
-                    e.inbound(stream);
+                    let port = e.s.ssh_port;
+                    e.inbound(stream, port, Origin::Ssh);
                 }
             }
+            conn = async { inbound.as_mut().expect("guarded").recv().await }, if inbound.is_some() => {
+                match conn {
+                    Some(c) => e.inbound(c.stream, c.guest_port, Origin::Relay),
+                    None => inbound = None,
+                }
+            }
+            _ = wake.notified() => {}
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -326,6 +393,7 @@ impl Engine {
             resolver,
             dialer,
             oversized: (None, 0),
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -351,7 +419,11 @@ impl Engine {
     }
 
     fn guest_conns(&self) -> usize {
-        self.conns.values().filter(|c| !c.ssh).count()
+        self.count(Origin::Guest)
+    }
+
+    fn count(&self, origin: Origin) -> usize {
+        self.conns.values().filter(|c| c.origin == origin).count()
     }
 
     /// A frame from the guest: DHCP is answered here, new TCP connections decided,
@@ -439,7 +511,7 @@ impl Engine {
     /// A listener for the guest's SYN to `dst`, decided already: the stack completes
     /// the handshake on it, and `phase` goes on from there.
     fn accept_guest(&mut self, src: Addr, dst: Addr, name: Option<String>, phase: Phase) {
-        let mut sock = tcp_socket(&self.s.limits);
+        let mut sock = tcp_socket(&self.s.limits, RX_BUF, TX_BUF);
         if sock
             .listen(IpListenEndpoint {
                 addr: Some(IpAddress::Ipv4(dst.0)),
@@ -459,7 +531,7 @@ impl Engine {
                 dst,
                 name,
                 phase,
-                ssh: false,
+                origin: Origin::Guest,
             },
         );
     }
@@ -505,19 +577,35 @@ impl Engine {
         });
     }
 
-    /// A host connection to the guest's SSH server.
-    fn inbound(&mut self, stream: TcpStream) {
-        let open = self.conns.values().filter(|c| c.ssh).count();
-        if open >= self.s.limits.ssh {
+    /// A host connection to the guest's SSH server or to a published guest port.
+    fn inbound(&mut self, stream: TcpStream, port: u16, origin: Origin) {
+        let open = self.count(origin);
+        let (limit, what) = match origin {
+            Origin::Ssh => (self.s.limits.ssh, "SSH connections"),
+            _ => (self.s.limits.relays, "connections to published ports"),
+        };
+        if open >= limit {
             self.s.log.line(&format!(
-                "refuse ssh from the host: {open} SSH connections open already"
+                "refuse a host connection to VM:{port}: {open} {what} open already"
             ));
             return;
         }
-        let mut sock = tcp_socket(&self.s.limits);
-        let local = self.next_local_port;
+        let mut sock = tcp_socket(&self.s.limits, INBOUND_BUF, INBOUND_BUF);
+        // A local port no open connection to the guest uses (the guest would take
+        // a reused pair for a retransmit of the old one).
+        let mut local = self.next_local_port;
+        for _ in 0..=(u16::MAX - 49152) {
+            let used = self
+                .conns
+                .values()
+                .any(|c| c.src == (self.s.lan.gateway, local));
+            if !used {
+                break;
+            }
+            local = if local == u16::MAX { 49152 } else { local + 1 };
+        }
         self.next_local_port = if local == u16::MAX { 49152 } else { local + 1 };
-        let guest = IpEndpoint::new(IpAddress::Ipv4(self.s.lan.guest), self.s.ssh_port);
+        let guest = IpEndpoint::new(IpAddress::Ipv4(self.s.lan.guest), port);
         let from = IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(self.s.lan.gateway)),
             port: local,
@@ -533,10 +621,10 @@ impl Engine {
             Conn {
                 handle,
                 src: (self.s.lan.gateway, local),
-                dst: (self.s.lan.guest, self.s.ssh_port),
+                dst: (self.s.lan.guest, port),
                 name: None,
                 phase: Phase::Relay(relay),
-                ssh: true,
+                origin,
             },
         );
     }
@@ -547,14 +635,21 @@ impl Engine {
         keep_alive(&stream, self.s.limits.keep_alive);
         let (mut rd, mut wr) = stream.into_split();
         let (to_host, mut chunks) = mpsc::channel::<Vec<u8>>(HOST_CREDIT);
-        let writer = tokio::spawn(async move {
-            while let Some(c) = chunks.recv().await {
-                if wr.write_all(&c).await.is_err() {
-                    return;
+        let writer = {
+            let tx = self.events_tx.clone();
+            let wake = self.wake.clone();
+            tokio::spawn(async move {
+                while let Some(c) = chunks.recv().await {
+                    if wr.write_all(&c).await.is_err() {
+                        let _ = tx.send(Event::HostGone { id });
+                        return;
+                    }
+                    wake.notify_one();
                 }
-            }
-            let _ = wr.shutdown().await;
-        });
+                let _ = wr.shutdown().await;
+                wake.notify_one();
+            })
+        };
         let credit = Arc::new(Semaphore::new(HOST_CREDIT));
         let reader = {
             let credit = credit.clone();
@@ -567,8 +662,12 @@ impl Engine {
                     };
                     permit.forget();
                     match rd.read(&mut buf).await {
-                        Ok(0) | Err(_) => {
+                        Ok(0) => {
                             let _ = tx.send(Event::HostEof { id });
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = tx.send(Event::HostGone { id });
                             return;
                         }
                         Ok(n) => {
@@ -588,10 +687,12 @@ impl Engine {
         };
         Relay {
             to_host: Some(to_host),
+            tail: VecDeque::new(),
             from_host: VecDeque::new(),
             credit,
             host_eof: false,
             tasks: [writer.abort_handle(), reader.abort_handle()],
+            closed_at: None,
         }
     }
 
@@ -655,6 +756,16 @@ impl Engine {
                     r.host_eof = true;
                 }
             }
+            Event::HostGone { id } => {
+                if let Some(c) = self.conns.get_mut(&id)
+                    && let Phase::Relay(r) = &mut c.phase
+                {
+                    self.sockets.get_mut::<tcp::Socket>(c.handle).abort();
+                    r.to_host = None;
+                    r.tail.clear();
+                    r.from_host.clear();
+                }
+            }
         }
     }
 
@@ -674,6 +785,14 @@ impl Engine {
             .iface
             .poll_delay(now(), &self.sockets)
             .map_or(Duration::from_secs(1), Duration::from);
+        // A closed relay waiting for its writer is looked at again soon.
+        if self
+            .conns
+            .values()
+            .any(|c| matches!(&c.phase, Phase::Relay(r) if r.closed_at.is_some()))
+        {
+            d = d.min(Duration::from_millis(50));
+        }
         for c in self.conns.values() {
             if let Some(deadline) = c.phase.deadline() {
                 let left = if deadline > now() {
@@ -912,7 +1031,14 @@ impl Engine {
                 Phase::Relay(r) => {
                     moved |= pump_relay(sock, r);
                     if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
-                        gone.push(id);
+                        // The guest's last bytes still go to the host: the socket
+                        // goes now, the writer once it has delivered them.
+                        let closed_at = *r.closed_at.get_or_insert_with(now);
+                        moved |= take_tail(sock, r);
+                        let delivered = r.to_host.is_none() && r.tasks[0].is_finished();
+                        if delivered || now() > closed_at + CLOSE_TIMEOUT.into() {
+                            gone.push(id);
+                        }
                     }
                 }
                 Phase::Closing { .. } => {
@@ -965,10 +1091,10 @@ fn guest_sent_fin(sock: &tcp::Socket) -> bool {
     )
 }
 
-fn tcp_socket(limits: &Limits) -> tcp::Socket<'static> {
+fn tcp_socket(limits: &Limits, rx: usize, tx: usize) -> tcp::Socket<'static> {
     let mut sock = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0u8; RX_BUF]),
-        tcp::SocketBuffer::new(vec![0u8; TX_BUF]),
+        tcp::SocketBuffer::new(vec![0u8; rx]),
+        tcp::SocketBuffer::new(vec![0u8; tx]),
     );
     sock.set_nagle_enabled(false);
     // smoltcp's timeout counts the guest's silence, not only unanswered data: alone,
@@ -996,14 +1122,58 @@ fn keep_alive(stream: &TcpStream, interval: Duration) {
     let _ = setsockopt(stream, sockopt::TcpKeepCount, &KEEP_ALIVE_MISSES);
 }
 
+/// Once the guest's socket is closed: everything left in its receive buffer into
+/// `tail`, and `tail` to the writer as it has room; the writer's channel is closed
+/// (its FIN to the host) after the last of it. True if anything moved.
+fn take_tail(sock: &mut tcp::Socket, r: &mut Relay) -> bool {
+    let mut moved = false;
+    let mut chunk = vec![0u8; CHUNK];
+    while let Ok(n) = sock.recv_slice(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        r.tail.push_back(chunk[..n].to_vec());
+        moved = true;
+    }
+    let Some(tx) = &r.to_host else {
+        return moved;
+    };
+    while let Some(front) = r.tail.pop_front() {
+        match tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(front);
+                moved = true;
+            }
+            Err(mpsc::error::TrySendError::Full(())) => {
+                r.tail.push_front(front);
+                return moved;
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                r.tail.clear();
+                break;
+            }
+        }
+    }
+    r.to_host = None;
+    true
+}
+
 /// Moves bytes both ways for one relayed connection.
 fn pump_relay(sock: &mut tcp::Socket, r: &mut Relay) -> bool {
     let mut moved = false;
     // Guest -> host, as long as the writer task has room (else the guest's window
     // closes: backpressure).
+    let mut host_gone = false;
     if let Some(tx) = &r.to_host {
         while sock.can_recv() {
-            let Ok(permit) = tx.try_reserve() else { break };
+            let permit = match tx.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Full(())) => break,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    host_gone = true;
+                    break;
+                }
+            };
             let mut chunk = vec![0u8; CHUNK];
             match sock.recv_slice(&mut chunk) {
                 Ok(n) if n > 0 => {
@@ -1018,6 +1188,12 @@ fn pump_relay(sock: &mut tcp::Socket, r: &mut Relay) -> bool {
             r.to_host = None; // the guest is done sending: FIN to the host
             moved = true;
         }
+    }
+    if host_gone {
+        // The host end is gone: so is the guest's.
+        sock.abort();
+        r.to_host = None;
+        return true;
     }
     // Host -> guest, into the socket's send buffer; credit goes back as chunks drain.
     if sock.may_send() {

@@ -256,7 +256,7 @@ async fn boot_and_run(
     let qemu = watchdog.child().clone();
     // Dropped (killed) when this boot is over, after QEMU.
     let _daemons = started.daemons;
-    let _gateway = match super::network::start(started.net, &config, sd, &sd_id(sd), resolver) {
+    let gateway = match super::network::start(started.net, &config, sd, &sd_id(sd), resolver) {
         Ok(g) => g,
         Err(e) => {
             kill(&qemu);
@@ -353,6 +353,7 @@ async fn boot_and_run(
             config.ports.clone(),
             shared.notices.clone(),
             port_rx,
+            gateway.inbound.clone(),
         )),
         shared.clone(),
     );

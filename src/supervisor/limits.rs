@@ -16,12 +16,12 @@ use crate::net::gateway::Limits;
 const OTHER_FDS: u64 = 256;
 
 /// The gateway's bounds, after raising the soft descriptor limit as far as they need
-/// (never past the hard limit). Each guest or SSH connection holds one host socket;
+/// (never past the hard limit). Each guest, SSH or relayed connection holds one host socket;
 /// where the hard limit is too low for the defaults (256 soft and hard on some
 /// macOS set-ups), the bounds shrink to fit instead.
 pub fn for_gateway() -> Limits {
     let d = Limits::default();
-    let want = (d.connections + d.ssh) as u64 + OTHER_FDS;
+    let want = (d.connections + d.ssh + d.relays) as u64 + OTHER_FDS;
     fit(raise_nofile(want))
 }
 
@@ -47,7 +47,8 @@ pub fn fit(nofile: u64) -> Limits {
     let d = Limits::default();
     let room = nofile.saturating_sub(OTHER_FDS) as usize;
     let ssh = d.ssh.min(room / 4);
-    let connections = d.connections.min(room - ssh);
+    let relays = d.relays.min((room - ssh) / 3);
+    let connections = d.connections.min(room - ssh - relays);
     if connections < d.connections {
         tracing::warn!(
             "file descriptor limit {nofile}: the guest may hold {connections} connections at once (not {})",
@@ -57,6 +58,7 @@ pub fn fit(nofile: u64) -> Limits {
     Limits {
         connections,
         ssh,
+        relays,
         ..d
     }
 }
@@ -98,11 +100,14 @@ mod tests {
     fn the_bounds_fit_the_descriptors() {
         let d = Limits::default();
         let big = fit(1 << 20);
-        assert_eq!((big.connections, big.ssh), (d.connections, d.ssh));
+        assert_eq!(
+            (big.connections, big.ssh, big.relays),
+            (d.connections, d.ssh, d.relays)
+        );
         for nofile in [0, 100, 256, 300, 1024, 1300] {
             let l = fit(nofile);
             assert!(
-                (l.connections + l.ssh) as u64 + OTHER_FDS <= nofile.max(OTHER_FDS),
+                (l.connections + l.ssh + l.relays) as u64 + OTHER_FDS <= nofile.max(OTHER_FDS),
                 "{nofile}: {l:?}"
             );
         }
@@ -111,7 +116,7 @@ mod tests {
         let l = for_gateway();
         let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
         assert!(
-            (l.connections + l.ssh) as u64 + OTHER_FDS <= soft,
+            (l.connections + l.ssh + l.relays) as u64 + OTHER_FDS <= soft,
             "{l:?} {soft}"
         );
     }

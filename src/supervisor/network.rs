@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::net::decide::Policy;
 use crate::net::dhcp::Lan;
-use crate::net::gateway::{self, Settings};
+use crate::net::gateway::{self, Inbound, Settings};
 use crate::net::netlog::NetLog;
 use crate::net::ranges::HostAddrs;
 use crate::net::upstream;
@@ -21,12 +22,20 @@ use crate::vm::launch::NetEnds;
 /// How long QEMU may take to connect its NIC after it starts.
 const LINK_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Host connections for published guest ports waiting for the gateway: few, it
+/// takes them as fast as they come.
+const INBOUND_QUEUE: usize = 64;
+
 /// The running gateway; stopped when dropped (QEMU closing the link ends it too).
-pub struct Gateway(JoinHandle<()>);
+pub struct Gateway {
+    task: JoinHandle<()>,
+    /// Where host connections to published guest ports go (see `ports`).
+    pub inbound: mpsc::Sender<Inbound>,
+}
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -54,7 +63,8 @@ pub fn start(
     net.ssh.set_nonblocking(true).map_err(err)?;
     let link = tokio::net::UnixListener::from_std(net.link).map_err(err)?;
     let ssh = tokio::net::TcpListener::from_std(net.ssh).map_err(err)?;
-    Ok(Gateway(tokio::spawn(async move {
+    let (inbound, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let task = tokio::spawn(async move {
         let stream = match tokio::time::timeout(LINK_TIMEOUT, link.accept()).await {
             Ok(Ok((s, _))) => s,
             Ok(Err(e)) => {
@@ -67,9 +77,19 @@ pub fn start(
             }
         };
         drop(link);
-        match gateway::serve(stream, settings, resolver, dialer, Some(ssh)).await {
+        match gateway::serve(
+            stream,
+            settings,
+            resolver,
+            dialer,
+            Some(ssh),
+            Some(inbound_rx),
+        )
+        .await
+        {
             Ok(()) => tracing::info!("network: QEMU closed the link"),
             Err(e) => tracing::error!("network: the link failed: {e}"),
         }
-    })))
+    });
+    Ok(Gateway { task, inbound })
 }

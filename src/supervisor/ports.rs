@@ -1,8 +1,16 @@
 //! Guest ports on the host's loopback. While the VM runs, the supervisor watches the
 //! guest's listening TCP sockets (one long-lived ssh channel printing
-//! `/proc/net/tcp{,6}` every second) and publishes each on `127.0.0.1` through its
-//! own ssh connection's local forwards, so a dev server bound to the guest's
-//! `localhost` is reachable as well as one bound to every address.
+//! `/proc/net/tcp{,6}` every second) and publishes each on `127.0.0.1`. A listener
+//! the guest's network reaches (bound to every address, or to the guest's own) is
+//! relayed by the gateway ([`Via::Gateway`]: the supervisor accepts here and hands
+//! each connection to it, no encryption, several times faster than ssh); one bound
+//! only to the guest's `localhost` goes through the supervisor's ssh connection's
+//! local forwards ([`Via::Ssh`]), which the guest's sshd connects from inside.
+//!
+//! A listener on `::` alone is taken for dual-stack (Linux's default): with
+//! `IPV6_V6ONLY` set it takes no IPv4 connection, and the gateway's (from
+//! 10.0.2.2) are refused; such a server is published with `vibebox ports add`
+//! after it binds `0.0.0.0` or `localhost` too (the listing cannot tell).
 //!
 //! What the guest prints is hostile input: lines are bounded, anything that does not
 //! parse is skipped, and the guest only ever chooses guest ports. Host ports are the
@@ -12,9 +20,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::net::gateway::Inbound;
 
 use crate::config::{Ports, Publish};
 use crate::paths::SessionDir;
@@ -61,14 +74,36 @@ pub struct Published {
     pub guest: u16,
     /// `auto` (a guest listener) or `config` (`[ports] publish`).
     pub how: String,
+    /// How connections reach the guest.
+    #[serde(default)]
+    pub via: Via,
+}
+
+/// How a published port's connections reach the guest: relayed by the gateway to
+/// the guest's address, or forwarded by the guest's sshd to its `localhost`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Gateway,
+    #[default]
+    Ssh,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Gateway => "gateway",
+            Via::Ssh => "ssh",
+        }
+    }
 }
 
 fn loopback_addr() -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::LOCALHOST
 }
 
-/// Where a guest port is wanted on the host: address, port, and why.
-pub type Want = (std::net::Ipv4Addr, u16, &'static str);
+/// Where a guest port is wanted on the host: address, port, why, and how.
+pub type Want = (std::net::Ipv4Addr, u16, &'static str, Via);
 
 /// The file the supervisor keeps current for `vibebox ports`.
 pub fn state_file(sd: &SessionDir) -> PathBuf {
@@ -85,9 +120,11 @@ pub fn read(sd: &SessionDir) -> Vec<Published> {
         .unwrap_or_default()
 }
 
-/// The TCP ports in LISTEN state in `/proc/net/tcp` / `tcp6` text.
-pub fn listening(text: &str) -> BTreeSet<u16> {
-    let mut ports = BTreeSet::new();
+/// The TCP ports in LISTEN state in `/proc/net/tcp` / `tcp6` text, each with how
+/// the host can reach it: [`Via::Gateway`] if any of its listeners takes
+/// connections to `guest` (the guest's address), else [`Via::Ssh`].
+pub fn listening(text: &str, guest: Ipv4Addr) -> BTreeMap<u16, Via> {
+    let mut ports = BTreeMap::new();
     for line in text.lines().take(MAX_SOCKETS) {
         if line.len() > MAX_LINE {
             continue;
@@ -101,16 +138,52 @@ pub fn listening(text: &str) -> BTreeSet<u16> {
         if state != "0A" {
             continue;
         }
-        let Some((_, port)) = local.rsplit_once(':') else {
+        let Some((addr, port)) = local.rsplit_once(':') else {
             continue;
         };
         if let Ok(p) = u16::from_str_radix(port, 16)
             && p != 0
         {
-            ports.insert(p);
+            let via = match bound_to(addr) {
+                Some(a) if a.is_unspecified() || a == guest => Via::Gateway,
+                _ => Via::Ssh,
+            };
+            let v = ports.entry(p).or_insert(via);
+            if via == Via::Gateway {
+                *v = via;
+            }
         }
     }
     ports
+}
+
+/// The IPv4 address a listener's local address (hex, as `/proc/net/tcp{,6}` prints
+/// it: 32-bit words in the guest's byte order, little-endian on every guest
+/// vibebox runs) takes connections for: itself, the IPv4 of a v4-mapped IPv6
+/// address, 0.0.0.0 for `::` (dual-stack, see the module's note); None for any
+/// other IPv6 address or text that is not an address.
+fn bound_to(hex: &str) -> Option<Ipv4Addr> {
+    // from_str_radix takes a sign too: only hex digits are an address.
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_le_bytes);
+    match hex.len() {
+        8 => word(hex).map(Ipv4Addr::from),
+        32 => {
+            let mut b = [0u8; 16];
+            for (i, c) in b.chunks_mut(4).enumerate() {
+                c.copy_from_slice(&word(&hex[i * 8..i * 8 + 8])?);
+            }
+            let v6 = std::net::Ipv6Addr::from(b);
+            if v6.is_unspecified() {
+                Some(Ipv4Addr::UNSPECIFIED)
+            } else {
+                v6.to_ipv4_mapped()
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Which guest ports should be published now, each with the host port it would
@@ -118,23 +191,24 @@ pub fn listening(text: &str) -> BTreeSet<u16> {
 /// up but SSH.
 pub fn wanted(
     ports: &Ports,
-    listening: &BTreeSet<u16>,
+    listening: &BTreeMap<u16, Via>,
     withheld: &BTreeSet<u16>,
 ) -> BTreeMap<u16, Want> {
+    let via = |g: &u16| listening.get(g).copied().unwrap_or_default();
     let mut want = BTreeMap::new();
     for p in &ports.publish {
-        want.insert(p.guest, (p.addr, p.host, "config"));
+        want.insert(p.guest, (p.addr, p.host, "config", via(&p.guest)));
     }
     if ports.auto {
         let auto = listening
-            .iter()
+            .keys()
             .filter(|&&g| g >= FIRST_AUTO_PORT && !NOT_AUTO.contains(&g) && !withheld.contains(&g))
             .filter(|g| !want.contains_key(g))
             .take(MAX_AUTO)
             .copied()
             .collect::<Vec<u16>>();
         for g in auto {
-            want.insert(g, (loopback_addr(), g, "auto"));
+            want.insert(g, (loopback_addr(), g, "auto", via(&g)));
         }
     }
     want
@@ -162,6 +236,7 @@ pub async fn run(
     mut ports: Ports,
     notices: Notices,
     mut requests: mpsc::Receiver<Request>,
+    gateway: mpsc::Sender<Inbound>,
 ) {
     let mut published: BTreeMap<u16, Published> = BTreeMap::new();
     // Guest ports `rm` took away from the automatic publishing, for this boot.
@@ -174,6 +249,7 @@ pub async fn run(
             &notices,
             &mut requests,
             &mut published,
+            &gateway,
         )
         .await
         {
@@ -190,11 +266,13 @@ async fn watch(
     notices: &Notices,
     requests: &mut mpsc::Receiver<Request>,
     published: &mut BTreeMap<u16, Published>,
+    gateway: &mpsc::Sender<Inbound>,
 ) -> Result<(), String> {
     let session = crate::ssh::guest_session(sd)
         .await
         .map_err(|e| e.to_string())?;
-    // A reconnect starts over: the old connection's forwards went with it.
+    // A reconnect starts over: the old connection's forwards went with it (and
+    // the relays' listeners with the old `Guest`).
     published.clear();
     save(sd, published);
     let mut guest = Guest {
@@ -202,8 +280,10 @@ async fn watch(
         sd,
         notices,
         failed: BTreeSet::new(),
+        gateway,
+        relays: BTreeMap::new(),
     };
-    let mut last = BTreeSet::new();
+    let mut last = BTreeMap::new();
     guest.sync(&wanted(ports, &last, withheld), published).await;
     let script = format!(
         "echo {WATCHER_NAME} > /proc/$$/comm 2>/dev/null; \
@@ -321,15 +401,26 @@ async fn watch(
 
 /// The watcher's output cut into listings (each ends with a `.` line), with lines
 /// and listings bounded whatever the guest prints.
-#[derive(Default)]
 struct Lines {
     line: Vec<u8>,
     block: String,
+    /// The guest's address (what the gateway connects to).
+    guest: Ipv4Addr,
+}
+
+impl Default for Lines {
+    fn default() -> Lines {
+        Lines {
+            line: Vec::new(),
+            block: String::new(),
+            guest: crate::net::dhcp::Lan::default().guest,
+        }
+    }
 }
 
 impl Lines {
     /// Takes bytes; returns the listings they completed.
-    fn push(&mut self, bytes: &[u8]) -> Vec<BTreeSet<u16>> {
+    fn push(&mut self, bytes: &[u8]) -> Vec<BTreeMap<u16, Via>> {
         let mut done = Vec::new();
         for &b in bytes {
             if b != b'\n' {
@@ -339,7 +430,7 @@ impl Lines {
                 continue;
             }
             if self.line == b"." {
-                done.push(listening(&self.block));
+                done.push(listening(&self.block, self.guest));
                 self.block.clear();
             } else if self.line.len() <= MAX_LINE && self.block.len() < MAX_SOCKETS * 160 {
                 self.block.push_str(&String::from_utf8_lossy(&self.line));
@@ -357,6 +448,29 @@ struct Guest<'a> {
     notices: &'a Notices,
     /// Guest ports whose failure to publish was said already.
     failed: BTreeSet<u16>,
+    gateway: &'a mpsc::Sender<Inbound>,
+    /// The accept loops of the ports the gateway relays, by guest port (aborting
+    /// one closes its listener; connections already relayed go on).
+    relays: BTreeMap<u16, RelayListener>,
+}
+
+/// An accept loop handing connections to the gateway; stopped when dropped.
+struct RelayListener(JoinHandle<()>);
+
+impl RelayListener {
+    /// Stops it and waits until its listener is closed, so the same host port can
+    /// be listened on again at once (by an ssh forward, when the guest's listener
+    /// moved to its localhost).
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for RelayListener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Guest<'_> {
@@ -375,8 +489,21 @@ impl Guest<'_> {
                 p.host, p.guest
             ));
         }
+        // A listener that moved (to every address, or to localhost only) changes
+        // the way there: the same host port, the other path.
+        let moved: Vec<Published> = published
+            .values()
+            .filter(|p| want.get(&p.guest).is_some_and(|w| w.3 != p.via))
+            .cloned()
+            .collect();
+        let mut quiet = BTreeSet::new();
+        for p in moved {
+            self.close(&p).await;
+            published.remove(&p.guest);
+            quiet.insert(p.guest);
+        }
         let mut taken: BTreeSet<u16> = published.values().map(|p| p.host).collect();
-        for (&g, &(addr, host, how)) in want {
+        for (&g, &(addr, host, how, via)) in want {
             if published.contains_key(&g) {
                 continue;
             }
@@ -387,15 +514,7 @@ impl Guest<'_> {
                 if taken.contains(&h) {
                     continue;
                 }
-                match self
-                    .session
-                    .request_port_forward(
-                        openssh::ForwardType::Local,
-                        listen(addr, h),
-                        guest_end(g),
-                    )
-                    .await
-                {
+                match self.open(addr, h, g, via).await {
                     Ok(()) => {
                         got = Some(h);
                         break;
@@ -413,6 +532,7 @@ impl Guest<'_> {
                             host: h,
                             guest: g,
                             how: how.to_string(),
+                            via,
                         },
                     );
                     if !addr.is_loopback() {
@@ -433,8 +553,11 @@ impl Guest<'_> {
                     host.saturating_add(tries - 1)
                 ),
             };
-            // A failure is said once, not at every retry.
-            if got.is_some() || self.failed.insert(g) {
+            // A failure is said once, not at every retry; a port that only changed
+            // its path is not news.
+            if quiet.remove(&g) && got == Some(host) {
+                tracing::info!("ports: VM:{g} now via {}", via.as_str());
+            } else if got.is_some() || self.failed.insert(g) {
                 tracing::info!("ports: {line}");
                 let _ = self.notices.send(line);
             }
@@ -445,15 +568,74 @@ impl Guest<'_> {
         save(self.sd, published);
     }
 
+    /// Listens on `addr:host` for guest port `guest`, the way `via` says.
+    async fn open(
+        &mut self,
+        addr: Ipv4Addr,
+        host: u16,
+        guest: u16,
+        via: Via,
+    ) -> Result<(), String> {
+        match via {
+            Via::Ssh => self
+                .session
+                .request_port_forward(
+                    openssh::ForwardType::Local,
+                    listen(addr, host),
+                    guest_end(guest),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            Via::Gateway => {
+                let l = tokio::net::TcpListener::bind((addr, host))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let to = self.gateway.clone();
+                let task = tokio::spawn(async move {
+                    loop {
+                        match l.accept().await {
+                            Ok((stream, _)) => {
+                                let c = Inbound {
+                                    stream,
+                                    guest_port: guest,
+                                };
+                                if to.send(c).await.is_err() {
+                                    return; // the gateway is gone with the VM
+                                }
+                            }
+                            // Out of descriptors, or a client gone before it was
+                            // accepted: waited out, the port stays published.
+                            Err(e) => {
+                                tracing::debug!("ports: accept on localhost:{host}: {e}");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                });
+                self.relays.insert(guest, RelayListener(task));
+                Ok(())
+            }
+        }
+    }
+
     async fn close(&mut self, p: &Published) {
-        let _ = self
-            .session
-            .close_port_forward(
-                openssh::ForwardType::Local,
-                listen(p.addr, p.host),
-                guest_end(p.guest),
-            )
-            .await;
+        match p.via {
+            Via::Ssh => {
+                let _ = self
+                    .session
+                    .close_port_forward(
+                        openssh::ForwardType::Local,
+                        listen(p.addr, p.host),
+                        guest_end(p.guest),
+                    )
+                    .await;
+            }
+            Via::Gateway => {
+                if let Some(r) = self.relays.remove(&p.guest) {
+                    r.stop().await;
+                }
+            }
+        }
         tracing::info!("ports: unpublished localhost:{} (VM:{})", p.host, p.guest);
     }
 }
@@ -506,10 +688,54 @@ mod tests {
    0: 00000000000000000000000001000000:1435 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 5 1 0 100 0 0 10 0
 ";
 
+    const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
+    fn ports_of(text: &str) -> BTreeSet<u16> {
+        listening(text, GUEST).into_keys().collect()
+    }
+
     #[test]
     fn reads_the_listeners_of_both_families() {
-        assert_eq!(listening(PROC), BTreeSet::from([22, 8000, 5173]));
-        assert!(listening("garbage\n0: x:y 0A\n: :zz z 0A\n").is_empty());
+        assert_eq!(ports_of(PROC), BTreeSet::from([22, 8000, 5173]));
+        assert!(ports_of("garbage\n0: x:y 0A\n: :zz z 0A\n").is_empty());
+    }
+
+    /// The gateway reaches listeners on every address and on the guest's own;
+    /// loopback-only ones (127.0.0.1, ::1) and other addresses need ssh.
+    #[test]
+    fn listeners_the_gateway_reaches_are_told_apart() {
+        let line = |addr: &str, port: u16| {
+            format!(
+                "   0: {addr}:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n"
+            )
+        };
+        let cases = [
+            ("00000000", Via::Gateway),                         // 0.0.0.0
+            ("0F02000A", Via::Gateway),                         // 10.0.2.15
+            ("0100007F", Via::Ssh),                             // 127.0.0.1
+            ("0202000A", Via::Ssh),                             // 10.0.2.2: not the guest
+            ("00000000000000000000000000000000", Via::Gateway), // ::
+            ("0000000000000000FFFF00000F02000A", Via::Gateway), // ::ffff:10.0.2.15
+            ("0000000000000000FFFF00000100007F", Via::Ssh),     // ::ffff:127.0.0.1
+            ("00000000000000000000000001000000", Via::Ssh),     // ::1
+            ("000080FE00000000FF005452FE123456", Via::Ssh),     // fe80::...
+        ];
+        for (addr, via) in cases {
+            assert_eq!(
+                listening(&line(addr, 3000), GUEST),
+                BTreeMap::from([(3000, via)]),
+                "{addr}"
+            );
+        }
+        // One listener the gateway reaches is enough, in either order.
+        let both = line("0100007F", 3000) + &line("00000000000000000000000000000000", 3000);
+        assert_eq!(listening(&both, GUEST)[&3000], Via::Gateway);
+        let both = line("00000000", 3000) + &line("00000000000000000000000001000000", 3000);
+        assert_eq!(listening(&both, GUEST)[&3000], Via::Gateway);
+        // Not hex, or not an address's length: not the gateway's.
+        for bad in ["0000000G", "000000000", "ÿÿÿÿ0000", "+0000000", ""] {
+            assert_eq!(bound_to(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -523,12 +749,12 @@ mod tests {
             }],
             host: vec![],
         };
-        let want = wanted(&ports, &listening(PROC), &BTreeSet::new());
+        let want = wanted(&ports, &listening(PROC, GUEST), &BTreeSet::new());
         assert_eq!(
             want,
             BTreeMap::from([
-                (8000, (loopback_addr(), 9000, "config")),
-                (5173, (loopback_addr(), 5173, "auto"))
+                (8000, (loopback_addr(), 9000, "config", Via::Ssh)),
+                (5173, (loopback_addr(), 5173, "auto", Via::Ssh))
             ])
         );
         let off = Ports {
@@ -536,18 +762,25 @@ mod tests {
             publish: vec![],
             host: vec![],
         };
-        assert!(wanted(&off, &listening(PROC), &BTreeSet::new()).is_empty());
+        assert!(wanted(&off, &listening(PROC, GUEST), &BTreeSet::new()).is_empty());
         // A database's port is not taken over automatically.
         assert!(
-            wanted(&off_auto(), &BTreeSet::from([5432, 3000]), &BTreeSet::new())
+            wanted(&off_auto(), &any([5432, 3000]), &BTreeSet::new())
                 .keys()
                 .eq([3000].iter())
         );
         // At most MAX_AUTO automatic ones, however many the guest opens.
-        let many: BTreeSet<u16> = (2000..6000).collect();
+        let many = any(2000..6000);
         assert_eq!(wanted(&off_auto(), &many, &BTreeSet::new()).len(), MAX_AUTO);
+        // A configured mapping goes the way its guest listener allows.
+        assert_eq!(
+            wanted(&ports, &any([8000]), &BTreeSet::new())[&8000].3,
+            Via::Gateway
+        );
         // `rm` of an automatic port keeps it away while its listener stays.
-        assert!(!wanted(&ports, &listening(PROC), &BTreeSet::from([5173])).contains_key(&5173));
+        assert!(
+            !wanted(&ports, &listening(PROC, GUEST), &BTreeSet::from([5173])).contains_key(&5173)
+        );
     }
 
     #[test]
@@ -558,11 +791,22 @@ mod tests {
                 .is_empty()
         );
         let got = l.push(b".\n   1: 0100007F:1F41 00000000:0000 0A x\n.\n");
-        assert_eq!(got, vec![BTreeSet::from([8000]), BTreeSet::from([8001])]);
+        assert_eq!(
+            got,
+            vec![
+                BTreeMap::from([(8000, Via::Ssh)]),
+                BTreeMap::from([(8001, Via::Ssh)])
+            ]
+        );
         // A line without end does not grow without bound.
         l.push(&vec![b'x'; 100_000]);
         assert!(l.line.len() <= MAX_LINE + 1);
-        assert_eq!(l.push(b"\n.\n"), vec![BTreeSet::new()]);
+        assert_eq!(l.push(b"\n.\n"), vec![BTreeMap::new()]);
+    }
+
+    /// Ports listening on every address.
+    fn any(ports: impl IntoIterator<Item = u16>) -> BTreeMap<u16, Via> {
+        ports.into_iter().map(|p| (p, Via::Gateway)).collect()
     }
 
     fn off_auto() -> Ports {
@@ -576,9 +820,25 @@ mod tests {
     proptest! {
         #[test]
         fn any_text_is_read_without_panic_and_bounded(text in "\\PC{0,2000}") {
-            let got = listening(&text);
+            let got = listening(&text, GUEST);
             prop_assert!(got.len() <= MAX_SOCKETS);
-            prop_assert!(!got.contains(&0));
+            prop_assert!(!got.contains_key(&0));
+        }
+
+        /// Listing lines with any address text: never a panic, and the gateway
+        /// only for the guest's address or every address.
+        #[test]
+        fn any_address_is_classified_without_panic(
+            addr in "[0-9A-Fa-f:x+ -]{0,40}|\\PC{0,40}",
+            port in 1u16..,
+        ) {
+            let text = format!("   0: {addr}:{port:04X} 00000000:0000 0A 0\n");
+            let got = listening(&text, GUEST);
+            prop_assert!(got.len() <= 1);
+            if got.values().any(|v| *v == Via::Gateway) {
+                let a = bound_to(&addr);
+                prop_assert!(a == Some(GUEST) || a == Some(Ipv4Addr::UNSPECIFIED), "{addr}");
+            }
         }
     }
 }
