@@ -264,11 +264,15 @@ pub fn bench(b: &mut Bench, images: &Path) {
             floor_done = true;
         }
         script.push_str(&format!(
-            "P={name}; t first timeout 900 git status --porcelain; rm -f .git/index.lock; ops\n"
+            "P={name}; t first timeout 600 git status --porcelain; rm -f .git/index.lock; ops\n"
         ));
         let t = Instant::now();
         let (_, out) = boot_sharing(&image, &root, b.tmp.path(), sharing, Some(&script));
         println!("  {name}: boot and operations in {:.0} s", t.elapsed().as_secs_f64());
+        // The raw samples as they come (a long run's partial results survive it).
+        for l in out.lines() {
+            println!("    {l}");
+        }
         parse(&out, &mut samples);
     }
 
