@@ -448,7 +448,13 @@ systemd-analyze blame --no-pager 2>&1 | head -n 10";
 /// project share) on QEMU's user networking, to the ready line and one `ssh true`:
 /// that time, and the output of `then` run in the guest afterwards (if any).
 fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (Duration, String) {
-    boot_sharing(image, project, tmp, &shares::Sharing::NineP { argv_from: &[] }, then)
+    boot_sharing(
+        image,
+        project,
+        tmp,
+        &shares::Sharing::NineP { argv_from: &[] },
+        then,
+    )
 }
 
 /// [`bare_boot`] with the project shared as `sharing` says (9p or a virtiofsd the

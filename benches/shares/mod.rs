@@ -165,8 +165,11 @@ fn git(project: &Path, args: &[&str]) {
     super::must(c);
 }
 
+/// Per column, per operation: each sample's time and whether its command succeeded.
+type Samples = BTreeMap<String, BTreeMap<String, Vec<(Duration, bool)>>>;
+
 /// Parses `PREFIX op micros status` lines into per-column, per-op samples.
-fn parse(out: &str, into: &mut BTreeMap<String, BTreeMap<String, Vec<(Duration, bool)>>>) {
+fn parse(out: &str, into: &mut Samples) {
     for l in out.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
         if let [col, op, us, rc] = f[..]
@@ -235,7 +238,7 @@ pub fn bench(b: &mut Bench, images: &Path) {
         variants.retain(|(n, _)| only.split(',').any(|o| o == *n));
     }
 
-    let mut samples = BTreeMap::new();
+    let mut samples = Samples::new();
     // The host itself (caches never dropped: the machine is shared).
     let host = Command::new("sh")
         .arg("-c")
@@ -268,7 +271,10 @@ pub fn bench(b: &mut Bench, images: &Path) {
         ));
         let t = Instant::now();
         let (_, out) = boot_sharing(&image, &root, b.tmp.path(), sharing, Some(&script));
-        println!("  {name}: boot and operations in {:.0} s", t.elapsed().as_secs_f64());
+        println!(
+            "  {name}: boot and operations in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
         // The raw samples as they come (a long run's partial results survive it).
         for l in out.lines() {
             println!("    {l}");
