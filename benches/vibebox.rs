@@ -15,12 +15,17 @@
 //!   on the same image: download throughput of 64 MiB over HTTP from a server in a
 //!   network namespace, and the time of a small HTTP request on a new connection.
 //!
+//! - (VM) the project share: `git status`, a walk reading every file, small-file
+//!   writes and a 256 MiB read on a generated tree, over virtiofs and 9p with
+//!   today's options and candidate tunings, against the guest's own disk (the
+//!   floor) and the host (`benches/shares/`).
+//!
 //! The VM parts need `VIBEBOX_TEST_IMAGES` (a directory of built images, as for the
 //! tests); without it they are skipped and say so. `VIBEBOX_BENCH_BASELINE_IMAGES`
 //! adds bare boots of another image (built before a recipe change) interleaved
 //! with the others, for a before/after on a shared host. `VIBEBOX_BENCH_BOOTS` sets how
 //! many cold boots each side gets (default 3); `VIBEBOX_BENCH_ONLY=network` (or a
-//! comma-separated list of list, create, vm, network, git) runs only those parts. Results are printed and written to
+//! comma-separated list of list, create, vm, network, git, ports, shares) runs only those parts. Results are printed and written to
 //! `target/bench-results.txt`.
 
 use std::fmt::Write as _;
@@ -32,11 +37,11 @@ use std::time::{Duration, Instant};
 use vibebox::image::store::{Image, Store};
 use vibebox::paths::Home;
 use vibebox::ssh;
-use vibebox::vm::fwcfg::{FsType, GuestConfig, GuestMount};
+use vibebox::vm::fwcfg::{GuestConfig, GuestMount};
 use vibebox::vm::guest::GuestUser;
 use vibebox::vm::host::Accelerator;
 use vibebox::vm::mounts::Access;
-use vibebox::vm::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
+use vibebox::vm::qemu::{self, Boot, Network, Preset, Share, Spec};
 use vibebox::vm::ready;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vibebox");
@@ -44,6 +49,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_vibebox");
 #[allow(dead_code)]
 #[path = "../tests/common/netlab.rs"]
 mod netlab;
+mod shares;
 
 struct Bench {
     tmp: tempfile::TempDir,
@@ -190,6 +196,9 @@ fn main() {
             }
             if want("ports") {
                 bench_ports(&mut b, Path::new(&images));
+            }
+            if want("shares") {
+                shares::bench(&mut b, Path::new(&images));
             }
         }
         None => b.line(
@@ -439,6 +448,24 @@ systemd-analyze blame --no-pager 2>&1 | head -n 10";
 /// project share) on QEMU's user networking, to the ready line and one `ssh true`:
 /// that time, and the output of `then` run in the guest afterwards (if any).
 fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (Duration, String) {
+    boot_sharing(
+        image,
+        project,
+        tmp,
+        &shares::Sharing::NineP { argv_from: &[] },
+        then,
+    )
+}
+
+/// [`bare_boot`] with the project shared as `sharing` says (9p or a virtiofsd the
+/// bench starts, each with the candidate options of the share table).
+fn boot_sharing(
+    image: &Image,
+    project: &Path,
+    tmp: &Path,
+    sharing: &shares::Sharing,
+    then: Option<&str>,
+) -> (Duration, String) {
     let dir = tempfile::Builder::new()
         .prefix("bare-")
         .tempdir_in(tmp)
@@ -476,7 +503,7 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
         workdir: Some(project.to_path_buf()),
         explain: String::new(),
         mounts: vec![GuestMount {
-            fstype: FsType::NineP,
+            fstype: sharing.fstype(),
             tag: "vbx0".into(),
             access: Access::ReadWrite,
             guest_path: project.to_path_buf(),
@@ -490,8 +517,10 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
         tag: "vbx0".into(),
         host: project.to_path_buf(),
         access: Access::ReadWrite,
-        kind: ShareKind::NineP,
+        kind: sharing.kind(d),
     }];
+    // Its virtiofsd, if any, listening before QEMU connects (killed when dropped).
+    let _daemon = sharing.start(project, d);
     let preset = Preset::for_arch(std::env::consts::ARCH).unwrap();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2) as u32);
     let console = d.join("console.log");
@@ -520,7 +549,7 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
     };
     let t = Instant::now();
     let mut child = Command::new(&preset.binary)
-        .args(qemu::argv(&spec))
+        .args(sharing.rewrite(qemu::argv(&spec)))
         .current_dir(d)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -529,7 +558,7 @@ fn bare_boot(image: &Image, project: &Path, tmp: &Path, then: Option<&str>) -> (
         .unwrap();
     let r = ready::wait(
         &d.join("ready.sock"),
-        Duration::from_secs(300),
+        Duration::from_secs(900),
         || true,
         |_| {},
     );

@@ -199,6 +199,67 @@ fn share_daemons(dir: &Path) -> usize {
 /// set-uid and set-gid bits, another owner, device nodes, a set-uid copy of a
 /// binary, a file made by another guest user. None of it may reach the host (only
 /// the guest's attempts run here; the host checks the files themselves).
+/// The project share's two coherence rules, on whichever share type `b` booted
+/// with: a write, rename or delete in the guest is on the host as soon as the
+/// command returns; an edit, creation, rename or delete on the host is seen in the
+/// guest within 1 s (the guest's attribute and entry caches may hold that long, no
+/// longer). The guest caches everything, the host changes it, and 1 s after the
+/// guest hears so it looks once: a correctness bound that a busy TCG guest cannot
+/// make flaky (a slow guest only looks later), not a speed measurement.
+fn share_is_coherent(b: &Box) {
+    // Guest to host, at once.
+    ok(&b.exec(
+        "mkdir -p coh && echo g1 > coh/g.txt && echo r > coh/r1.txt && mv coh/r1.txt coh/r2.txt && echo d > coh/d.txt && rm coh/d.txt",
+    ));
+    let coh = b.project.join("coh");
+    assert_eq!(fs::read_to_string(coh.join("g.txt")).unwrap(), "g1\n");
+    assert!(!coh.join("r1.txt").exists() && coh.join("r2.txt").exists());
+    assert!(!coh.join("d.txt").exists());
+    ok(&b.exec("echo g2 >> coh/g.txt"));
+    assert_eq!(fs::read_to_string(coh.join("g.txt")).unwrap(), "g1\ng2\n");
+
+    // Host to guest, within 1 s of what the guest last looked at.
+    fs::write(coh.join("edit.txt"), "old1\n").unwrap();
+    fs::write(coh.join("gone.txt"), "x\n").unwrap();
+    fs::write(coh.join("from.txt"), "y\n").unwrap();
+    let script = r#"cd coh || exit 1
+look() { read -r a < edit.txt; [ "$a" = new2 ] && [ -e new.txt ] && [ ! -e gone.txt ] && [ ! -e from.txt ] && [ -e to.txt ]; }
+look; ls -l > /dev/null; echo cached
+read -r go
+s=${EPOCHREALTIME/./}
+while [ $((${EPOCHREALTIME/./} - s)) -lt 1000000 ]; do :; done
+look || { echo "stale 1 s after the host's edits: edit.txt=$a; $(ls)"; exit 1; }
+echo "seen after $((${EPOCHREALTIME/./} - s)) us""#;
+    let mut c = b.cmd();
+    c.args(["exec", "--", "bash", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "cached\n");
+    // The edits first, then the word: the guest's clock starts after all of them.
+    fs::write(coh.join("edit.txt"), "new2\n").unwrap();
+    fs::write(coh.join("new.txt"), "n\n").unwrap();
+    fs::remove_file(coh.join("gone.txt")).unwrap();
+    fs::rename(coh.join("from.txt"), coh.join("to.txt")).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && rest.starts_with("seen after "),
+        "host edits not seen in the guest: {rest}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("host edits {rest}");
+    fs::remove_dir_all(&coh).unwrap();
+}
+
 fn guest_cannot_own_host_files(b: &Box) {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let out = b.exec(concat!(
@@ -336,6 +397,7 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     for path in ["\"$PWD\"", "'/mnt/ro data'", "~/scratch"] {
         assert_eq!(b.fstype(path), share_type, "{path}");
     }
+    share_is_coherent(&b);
     guest_cannot_own_host_files(&b);
 
     // Volumes: on the VM's disk, the host sees only the empty directory. The planted
@@ -966,6 +1028,7 @@ fn crashes_are_recovered_and_delete_stops_a_running_session() {
     // A volume over a 9p project is on the VM's disk too.
     assert_ne!(b.fstype("\"$PWD/.venv\""), "9p");
     assert_eq!(fs::read_dir(b.project.join(".venv")).unwrap().count(), 0);
+    share_is_coherent(&b);
     guest_cannot_own_host_files(&b);
     let out = b.exec("sudo touch /mnt/ro/nope 2>&1 || touch /mnt/ro/nope");
     assert_ne!(out.code, 0, "{}", out.stdout);
