@@ -9,7 +9,10 @@
 //!   boot of the same image with the same flags to the guest's ready line plus one
 //!   `ssh true`: the floor;
 //! - (VM) a running session (`vibebox exec -- true`) against a plain `ssh true`
-//!   through the session's open control master: the floor.
+//!   through the session's open control master: the floor;
+//! - (VM) attaching to a running task (`vibebox attach NAME` until the task's
+//!   screen is drawn on a pty) against the same `ssh true`, and against `ssh -t`
+//!   running `tmux attach` of the task in the guest (the guest side alone).
 //!
 //! - (VM, root) the network gateway against QEMU's user networking, one boot of each
 //!   on the same image: download throughput of 64 MiB over HTTP from a server in a
@@ -25,7 +28,7 @@
 //! adds bare boots of another image (built before a recipe change) interleaved
 //! with the others, for a before/after on a shared host. `VIBEBOX_BENCH_BOOTS` sets how
 //! many cold boots each side gets (default 3); `VIBEBOX_BENCH_ONLY=network` (or a
-//! comma-separated list of list, create, vm, network, git, ports, shares) runs only those parts. Results are printed and written to
+//! comma-separated list of list, create, vm, attach, network, git, ports, shares) runs only those parts. Results are printed and written to
 //! `target/bench-results.txt`.
 
 use std::fmt::Write as _;
@@ -187,6 +190,9 @@ fn main() {
         Some(images) => {
             if want("vm") {
                 bench_vm(&mut b, Path::new(&images));
+            }
+            if want("attach") {
+                bench_attach(&mut b, Path::new(&images));
             }
             if want("network") {
                 bench_network(&mut b, Path::new(&images));
@@ -411,6 +417,143 @@ fn bench_vm(b: &mut Bench, images: &Path) {
         state as f64 / 1048576.0,
         image.size() as f64 / 1048576.0
     ));
+}
+
+/// Attaching to a running task, from `vibebox attach NAME` starting until the
+/// task's screen shows on the terminal (then the detach key), against `ssh true`
+/// through the control master, and against the guest side alone: `ssh -t` running
+/// `tmux attach` of the same task, on the same kind of terminal. Interleaved, so
+/// drift hits all three.
+fn bench_attach(b: &mut Bench, images: &Path) {
+    const MARK: &str = "TASK-SCREEN-MARK";
+    if !b.home().join("images").exists() {
+        std::os::unix::fs::symlink(images, b.home().join("images")).unwrap();
+    }
+    let project = b.tmp.path().join("attach-project");
+    fs::create_dir_all(&project).unwrap();
+    let project = project.canonicalize().unwrap();
+    let project = project.as_path();
+    fs::write(
+        project.join("vibebox.toml"),
+        "[supervisor]\nauto_shutdown_ms = 600000\n",
+    )
+    .unwrap();
+    let mut c = b.cmd(project);
+    c.args(["exec", "--", "true"]).env("VIBEBOX_ACCEL", "tcg");
+    must(c);
+    let id = fs::read_to_string(project.join(".vibebox/session.toml")).unwrap();
+    let id = id.split('"').nth(1).unwrap().to_string();
+    let cfg = b.home().join("sessions").join(&id).join("ssh/config");
+    let cfg = cfg.as_path();
+    let alias = ssh::alias(&id);
+    let alias = alias.as_str();
+    let mut c = b.cmd(project);
+    c.args([
+        "launch",
+        "bench",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo {MARK}; exec sleep 100000"),
+    ]);
+    must(c);
+    let attach = || {
+        let mut c = b.cmd(project);
+        c.args(["attach", "bench"]);
+        time_to_screen(c, MARK)
+    };
+    let plain = || {
+        let t = Instant::now();
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(cfg)
+            .arg(alias)
+            .arg("true")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        t.elapsed()
+    };
+    let guest =
+        || {
+            let mut c = Command::new("ssh");
+            c.arg("-F").arg(cfg).arg("-t").arg(alias).arg(
+                "tmux -S \"$XDG_RUNTIME_DIR/vibebox-tasks/tmux.sock\" attach-session -t =bench",
+            );
+            time_to_screen(c, MARK)
+        };
+    attach();
+    let (mut ours, mut floor, mut tmux) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..10 {
+        ours.push(attach());
+        floor.push(plain());
+        tmux.push(guest());
+    }
+    let (ours, floor, tmux) = (stats(ours), stats(floor), stats(tmux));
+    b.row(
+        "attach to a running task (`vibebox attach`, to its screen drawn)",
+        ours,
+        "`ssh true` through the control master",
+        floor,
+    );
+    b.row(
+        "the same",
+        ours,
+        "`ssh -t` + `tmux attach` of the task in the guest",
+        tmux,
+    );
+    let mut c = b.cmd(project);
+    c.args(["kill", "bench"]);
+    must(c);
+    let mut c = b.cmd(project);
+    c.arg("stop");
+    must(c);
+}
+
+/// Starts `cmd` on a new terminal (120x30) and times it until `mark` shows on
+/// that terminal; then sends the detach key (Ctrl-\) and waits for it to end.
+fn time_to_screen(mut cmd: Command, mark: &str) -> Duration {
+    use std::io::{Read, Write};
+    let size = nix::pty::Winsize {
+        ws_row: 30,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let tty = |f: &std::os::fd::OwnedFd| Stdio::from(f.try_clone().unwrap());
+    cmd.stdin(tty(&pty.slave))
+        .stdout(tty(&pty.slave))
+        .stderr(tty(&pty.slave))
+        .env("TERM", "xterm-256color");
+    let t = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    drop(pty.slave);
+    let mut master = fs::File::from(pty.master);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1 << 16];
+    let took = loop {
+        let n = master.read(&mut buf).unwrap_or(0);
+        assert!(
+            n > 0,
+            "the terminal closed before {mark} showed: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(mark.len()).any(|w| w == mark.as_bytes()) {
+            break t.elapsed();
+        }
+    };
+    master.write_all(b"\x1c").unwrap();
+    let mut drain = master.try_clone().unwrap();
+    let reader =
+        std::thread::spawn(move || while matches!(drain.read(&mut buf), Ok(n) if n > 0) {});
+    assert!(child.wait().unwrap().success());
+    drop(master);
+    let _ = reader.join();
+    took
 }
 
 /// Where the last cold boot's time went, by the guest's own clock: systemd's

@@ -1470,9 +1470,9 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
             .unwrap()
     };
     let bin = env!("CARGO_BIN_EXE_vibebox");
-    let term = |t: &str, args: &str| {
+    let term_env = |t: &str, env: &str, args: &str| {
         let shell = format!(
-            "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}' VIBEBOX_VIRTIOFSD=off; '{bin}' {args}; echo {t}-EXIT=$?; sleep 600",
+            "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}' VIBEBOX_VIRTIOFSD=off {env}; '{bin}' {args}; echo {t}-EXIT=$?; sleep 600",
             b.project.display(),
             b.env.vibebox_home().display(),
             b.env.home().display()
@@ -1490,6 +1490,7 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
+    let term = |t: &str, args: &str| term_env(t, "", args);
     let screen = |t: &str| {
         String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-100", "-t", t]).stdout)
             .into_owned()
@@ -1583,6 +1584,36 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
     // The detach key leaves the task running.
     tmux(&["send-keys", "-t", "two", "C-\\"]);
     wait_screen("two", "the detach", &|s| s.contains("two-EXIT=0"));
+    // A changed detach key applies from the next attach, not only at launch.
+    term_env("five", "VIBEBOX_DETACH_KEY='C-]'", "attach ctr");
+    wait_screen("five", "ticks", &|s| last_tick(s).is_some());
+    tmux(&["send-keys", "-t", "five", "C-]"]);
+    wait_screen("five", "the detach with the new key", &|s| {
+        s.contains("five-EXIT=0")
+    });
+
+    // `vibebox list` asks the running VM for its tasks (the wait is raised for
+    // this loaded host; the default is 3 s) ...
+    let listed = |wait_ms: &str| {
+        let mut c = b.cmd();
+        c.env("VIBEBOX_LIST_TASKS_WAIT_MS", wait_ms)
+            .args(["list", "--json"]);
+        let out = run(c);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v[0]["tasks"].clone()
+    };
+    assert_eq!(listed("120000"), 1);
+    let mut c = b.cmd();
+    c.env("VIBEBOX_LIST_TASKS_WAIT_MS", "120000").arg("list");
+    let table = run(c);
+    assert!(
+        table.stdout.lines().next().unwrap_or("").contains("TASKS"),
+        "{}",
+        table.stdout
+    );
+    // ... and one that does not answer in time shows as unknown, not 0.
+    assert_eq!(listed("1"), serde_json::Value::Null);
 
     // `vibebox` tells which tasks run; `stop` without a terminal refuses without -y.
     term("shell", "");
@@ -1723,10 +1754,29 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(b.status().0, "running");
-    // ... and once it ends, the VM shuts down by itself.
+    // ... and once it ends, the VM shuts down by itself, `vibebox list` asking it
+    // all the while: its question is never taken for a login that keeps it up.
     let stopper = b.spawn_exec("touch /tmp/stop-counter");
     assert!(stopper.wait_with_output().unwrap().status.success());
-    b.wait_status(180, |state, _| state == "stopped");
+    let before = fs::read_to_string(&log).unwrap_or_default().len();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while b.status().0 != "stopped" {
+        assert!(
+            Instant::now() < deadline,
+            "the VM never stopped; logs:\n{}",
+            b.logs()
+        );
+        let mut c = b.cmd();
+        c.env("VIBEBOX_LIST_TASKS_WAIT_MS", "20000").arg("list");
+        assert_eq!(run(c).code, 0);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !after[before..].contains("login session(s) live in the guest"),
+        "a list kept the VM up:\n{}",
+        &after[before..]
+    );
 }
 
 // ---- the network policy, from inside a real VM ----

@@ -17,6 +17,27 @@ set -u
 op=${1:-}
 [ $# -gt 0 ] && shift
 
+# A count (the idle check's, `vibebox list`'s) renames its shell first, so the
+# idle check does not take the question for a login (daemon::PROBE_NAME).
+[ "$op" = count ] && echo vibebox-probe > /proc/$$/comm 2>/dev/null
+
+# The detach key, bound again on every launch and attach (so a changed
+# VIBEBOX_DETACH_KEY applies to a running tmux): the root key table holds
+# nothing else.
+KEY=${VIBEBOX_DETACH_KEY:-C-\\}
+
+# attach NAME, first and alone: one tmux exec and nothing before it (under TCG
+# each process costs tens of milliseconds, and this is what a user waits for).
+# The socket is found from XDG_RUNTIME_DIR, which is /run/user/UID in an ssh
+# login; anything else (no such task, no tmux, the socket elsewhere) takes the
+# full path below, which says what is wrong.
+if [ "$op" = attach ] && [ -n "${1:-}" ] && [ -n "${XDG_RUNTIME_DIR:-}" ]; then
+    if tmux -S "$XDG_RUNTIME_DIR/vibebox-tasks/tmux.sock" unbind-key -a -T root \; \
+        bind-key -n "$KEY" detach-client \; attach-session -t "=$1" 2>/dev/null; then
+        op=attached
+    fi
+fi
+
 uid=$(id -u)
 if [ -d "/run/user/$uid" ] && [ -w "/run/user/$uid" ]; then
     D=/run/user/$uid/vibebox-tasks
@@ -58,10 +79,11 @@ set -g window-size latest
 set -g default-terminal tmux-256color
 # Lines that scroll off reach the terminal's own scrollback.
 set -ga terminal-overrides ',*:smcup@:rmcup@'
-bind -n '${VIBEBOX_DETACH_KEY:-C-\\}' detach-client
 EOF
     mv "$C.$$" "$C"
 }
+
+keys() { t unbind-key -a -T root \; bind-key -n "$KEY" detach-client; }
 
 # field NAME FORMAT: one tmux format of the task's pane; fails when it is gone.
 field() { t display-message -p -t "=$1:" "$2" 2>/dev/null; }
@@ -87,9 +109,18 @@ code_of() {
     esac
 }
 
+# After a detach: says so when the task itself ended.
+after() {
+    if [ "$(field "$1" '#{pane_dead}')" = 1 ]; then
+        echo "vibebox: task $1 ended with status $(code_of "$1")"
+    fi
+    exit 0
+}
+
 case $op in
 count)
-    # Running tasks, for the idle shutdown; 0 without tmux or tasks.
+    # Running tasks, for the idle shutdown and `vibebox list`; 0 without tmux
+    # or tasks (renamed at the top).
     command -v tmux >/dev/null 2>&1 || { echo 0; exit 0; }
     n=$(t list-panes -a -F '#{pane_dead}' 2>/dev/null | grep -c '^0$')
     echo "${n:-0}"
@@ -147,6 +178,7 @@ exit $rc'
     log=$D/logs/$name
     t pipe-pane -O -t "=$name:" "cd '$log' && exec split -b 1048576 --filter='mv -f out out.1 2>/dev/null; exec cat > out'"
     t set-option -t "=$name:" @vibebox_command "$text"
+    keys
     t wait-for -S "vibebox-go-$name"
     ;;
 list)
@@ -182,11 +214,13 @@ attach)
             *) echo "more than one task: $(printf '%s' "$names" | tr '\n' ' ')" >&2; exit 6 ;;
         esac
     fi
+    keys 2>/dev/null
     t attach-session -t "=$name" || { exists "$name" || no_task "$name"; exit 1; }
-    if [ "$(field "$name" '#{pane_dead}')" = 1 ]; then
-        echo "vibebox: task $name ended with status $(code_of "$name")"
-    fi
-    exit 0
+    after "$name"
+    ;;
+attached)
+    # The fast path above attached and the client detached.
+    after "$1"
     ;;
 logs)
     # logs NAME [-f]: the output kept in the VM (the last 1-2 MiB), raw.

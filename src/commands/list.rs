@@ -1,17 +1,29 @@
 //! `vibebox list`: every session, newest first.
 
 use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use super::Error;
 use crate::paths::Home;
 use crate::session::delete::is_missing;
+use crate::session::tasks;
 use crate::store::index::{Entry, Index};
 use crate::supervisor::{self, State, Status};
 
-/// One row: the entry, its VM's state, and whether its directory is missing.
-type Row<'a> = (&'a Entry, Status, bool);
+/// One row: the entry, its VM's state, whether its directory is missing, and its
+/// running tasks (`None`: a running VM that did not answer in time).
+type Row<'a> = (&'a Entry, Status, bool, Option<u32>);
+
+/// All running VMs together get this long to say how many tasks they run
+/// (`VIBEBOX_LIST_TASKS_WAIT_MS` for tests on a loaded host).
+fn tasks_wait() -> Duration {
+    std::env::var("VIBEBOX_LIST_TASKS_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(3), Duration::from_millis)
+}
 
 /// A `--json` item, serialised straight from the rows (no intermediate values: a
 /// list of 10,000 sessions stays fast).
@@ -22,10 +34,14 @@ struct Item<'a> {
     state: &'static str,
     missing: bool,
     clients: u32,
+    /// Running tasks; null for a running VM that did not answer in time.
+    tasks: Option<u32>,
     last_active: String,
 }
 
-/// Only looks: no lock, no write, no project file read, nothing stopped or removed.
+/// Only looks: no lock, no write, no project file read, nothing stopped or removed,
+/// nothing booted; a running VM is asked how many tasks it runs, all of them at once
+/// within 3 s, without counting as a client.
 pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
     let index = Index::snapshot(home)?;
     let live = supervisor::live_sessions(home);
@@ -44,22 +60,35 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
             } else {
                 stopped
             };
-            (e, status, missing)
+            (e, status, missing, Some(0))
         })
         .collect();
+    let asked: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].1.state == State::Running)
+        .collect();
+    if !asked.is_empty() {
+        let sds: Vec<_> = asked.iter().map(|&i| home.session(rows[i].0.id)).collect();
+        for (i, n) in asked
+            .into_iter()
+            .zip(tasks::running_counts(&sds, tasks_wait()))
+        {
+            rows[i].3 = n;
+        }
+    }
     // Ties within a second fall back to the id: UUIDv7 ids sort by creation time.
-    rows.sort_unstable_by_key(|(e, _, _)| std::cmp::Reverse((e.last_active, e.id)));
+    rows.sort_unstable_by_key(|(e, _, _, _)| std::cmp::Reverse((e.last_active, e.id)));
 
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if as_json {
         let items: Vec<Item<'_>> = rows
             .iter()
-            .map(|(e, s, missing)| Item {
+            .map(|(e, s, missing, tasks)| Item {
                 id: e.id.to_string(),
                 directory: &e.directory,
                 state: state_word(s, *missing),
                 missing: *missing,
                 clients: s.clients,
+                tasks: *tasks,
                 last_active: e
                     .last_active
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -79,12 +108,13 @@ pub fn run(home: &Home, as_json: bool) -> Result<(), Error> {
     let now = Utc::now();
     let table: Vec<Vec<String>> = rows
         .iter()
-        .map(|(e, s, missing)| {
+        .map(|(e, s, missing, tasks)| {
             vec![
                 e.id.to_string(),
                 crate::escape::escape(&e.directory.display().to_string()).into_owned(),
                 state_word(s, *missing).to_string(),
                 s.clients.to_string(),
+                tasks.map_or_else(|| "?".to_string(), |n| n.to_string()),
                 relative_time(e.last_active, now),
             ]
         })
@@ -128,7 +158,14 @@ fn state_word(s: &Status, missing: bool) -> &'static str {
     }
 }
 
-const HEADERS: [&str; 5] = ["ID", "DIRECTORY", "STATE", "CLIENTS", "LAST ACTIVE"];
+const HEADERS: [&str; 6] = [
+    "ID",
+    "DIRECTORY",
+    "STATE",
+    "CLIENTS",
+    "TASKS",
+    "LAST ACTIVE",
+];
 
 /// `COLUMNS` wins (scripts and tests set it); else the terminal's width when stdout is
 /// one; else no limit.

@@ -485,6 +485,11 @@ async fn guest_running_tasks(sd: &SessionDir) -> Option<usize> {
     out.trim().parse().ok()
 }
 
+/// The name the task script's `count` gives its shell (`echo NAME > /proc/$$/comm`),
+/// so that `vibebox list` asking every running VM for its tasks is not taken for a
+/// login that keeps the VM up.
+pub const PROBE_NAME: &str = "vibebox-probe";
+
 /// Counts processes whose parent is an `sshd*` process and which are not one
 /// themselves (a channel's shell or command), minus the asker's own chain. Input: a
 /// `self PID` line, then `/proc/PID/stat` lines. The guest writes it; a line that does
@@ -512,8 +517,9 @@ pub fn count_ssh_sessions(output: &str) -> Option<usize> {
             .nth(1)
             .and_then(|p| p.parse::<u32>().ok());
         if let (Ok(pid), Some(ppid)) = (pid, ppid) {
-            if comm == super::ports::WATCHER_NAME {
-                // The supervisor's own port watcher: never a reason to stay up.
+            if comm == super::ports::WATCHER_NAME || comm == PROBE_NAME {
+                // The supervisor's own port watcher, or a question about tasks
+                // (`vibebox list`): never a reason to stay up.
                 continue;
             }
             procs.insert(pid, (ppid, comm.starts_with("sshd")));
@@ -720,9 +726,13 @@ mod tests {
             900 (sh) S 701 900 900\n\
             901 (cat) S 900 900 900\n\
             950 (tmux: server) S 1 950 950\n\
+            970 (vibebox-probe) S 701 970 970\n\
+            971 (vibebox-probe) S 601 971 971\n\
+            972 (tmux: client) S 971 971 971\n\
             960 (odd) name)) S 601 960 960\n";
         // 602 (a shell on connection 600) and 960 (a command with a hostile name on
-        // the same connection); 611 is an idle master; 900 is the asker.
+        // the same connection); 611 is an idle master; 900 is the asker; 971 is a
+        // task count (`vibebox list`) and 972 its child.
         assert_eq!(count_ssh_sessions(out), Some(2));
         assert_eq!(count_ssh_sessions("self 5\n"), Some(0));
         assert_eq!(count_ssh_sessions("garbage\n"), None);
