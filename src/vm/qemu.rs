@@ -435,7 +435,7 @@ mod tests {
         spec.accel = Accelerator::Tcg;
         let t = strings(argv(&spec));
         assert_eq!(after(&t, "-accel"), ["tcg"]);
-        assert_eq!(after(&t, "-cpu"), ["max"]);
+        assert_eq!(after(&t, "-cpu"), ["max,pauth-impdef=on"]);
         assert_eq!(after(&t, "-machine"), ["virt,gic-version=max"]);
     }
 
@@ -467,7 +467,7 @@ mod tests {
         assert_eq!(after(&argv, "-kernel"), ["/img/vmlinuz"]);
         assert_eq!(
             after(&argv, "-append"),
-            ["root=/dev/vda rw console=ttyS0 oops=panic panic=-1 mitigations=off"]
+            ["root=/dev/vda rw console=ttyS0 oops=panic panic=-1 mitigations=off cryptomgr.notests"]
         );
         assert_eq!(
             after(&argv, "-drive"),
