@@ -1127,7 +1127,13 @@ fn keep_alive(stream: &TcpStream, interval: Duration) {
 /// (its FIN to the host) after the last of it. True if anything moved.
 fn take_tail(sock: &mut tcp::Socket, r: &mut Relay) -> bool {
     let mut moved = false;
-    let mut chunk = vec![0u8; CHUNK];
+    // Called on every pass for every closed relay: a buffer only when there is
+    // something to read (a guest holding many closed relays must not cost a
+    // 64 KiB allocation each per pass).
+    if r.to_host.is_none() && r.tail.is_empty() && sock.recv_queue() == 0 {
+        return false;
+    }
+    let mut chunk = vec![0u8; CHUNK.min(sock.recv_queue().max(1))];
     while let Ok(n) = sock.recv_slice(&mut chunk) {
         if n == 0 {
             break;

@@ -587,8 +587,14 @@ impl Guest<'_> {
                 .await
                 .map_err(|e| e.to_string()),
             Via::Gateway => {
-                let l = tokio::net::TcpListener::bind((addr, host))
-                    .await
+                // std's bind sets no SO_REUSEADDR (tokio's does): on macOS that
+                // option would let this bind 127.0.0.1:P beside a host service on
+                // *:P and take its local traffic to the guest.
+                let l = std::net::TcpListener::bind((addr, host))
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(l)
+                    })
                     .map_err(|e| e.to_string())?;
                 let to = self.gateway.clone();
                 let task = tokio::spawn(async move {

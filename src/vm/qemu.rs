@@ -467,7 +467,9 @@ mod tests {
         assert_eq!(after(&argv, "-kernel"), ["/img/vmlinuz"]);
         assert_eq!(
             after(&argv, "-append"),
-            ["root=/dev/vda rw console=ttyS0 oops=panic panic=-1 mitigations=off cryptomgr.notests"]
+            [
+                "root=/dev/vda rw console=ttyS0 oops=panic panic=-1 mitigations=off cryptomgr.notests"
+            ]
         );
         assert_eq!(
             after(&argv, "-drive"),
