@@ -587,15 +587,7 @@ impl Guest<'_> {
                 .await
                 .map_err(|e| e.to_string()),
             Via::Gateway => {
-                // std's bind sets no SO_REUSEADDR (tokio's does): on macOS that
-                // option would let this bind 127.0.0.1:P beside a host service on
-                // *:P and take its local traffic to the guest.
-                let l = std::net::TcpListener::bind((addr, host))
-                    .and_then(|l| {
-                        l.set_nonblocking(true)?;
-                        tokio::net::TcpListener::from_std(l)
-                    })
-                    .map_err(|e| e.to_string())?;
+                let l = bind_relay(addr, host).await.map_err(|e| e.to_string())?;
                 let to = self.gateway.clone();
                 let task = tokio::spawn(async move {
                     loop {
@@ -643,6 +635,25 @@ impl Guest<'_> {
             }
         }
         tracing::info!("ports: unpublished localhost:{} (VM:{})", p.host, p.guest);
+    }
+}
+
+/// A relayed port's host listener. On macOS SO_REUSEADDR (which tokio sets) lets a
+/// socket bind 127.0.0.1:P beside a host service listening on *:P and take its
+/// local connections to the guest, so there it is bound without it. On Linux
+/// that bind fails anyway, and the option lets a port come back while its last
+/// connections are in TIME_WAIT (a listener that moves between ssh and the relay
+/// keeps its host port).
+async fn bind_relay(
+    addr: std::net::Ipv4Addr,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpListener> {
+    if cfg!(target_os = "macos") {
+        let l = std::net::TcpListener::bind((addr, port))?;
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    } else {
+        tokio::net::TcpListener::bind((addr, port)).await
     }
 }
 
