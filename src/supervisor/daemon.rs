@@ -140,6 +140,19 @@ fn stop_orphan(sd: &SessionDir) {
         return;
     };
     let qemu = inst.qemu();
+    // The record names the process to signal; a record that names anything but a
+    // QEMU (a forged or damaged file) signals nothing.
+    let is_qemu = Path::new(&qemu.exe)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("qemu"));
+    if !is_qemu {
+        tracing::warn!(
+            "instance.toml names {:?}, not a QEMU: not signalled",
+            qemu.exe
+        );
+        return;
+    }
     if !qemu.is_running() {
         return;
     }
