@@ -310,6 +310,79 @@ fn guest_cannot_own_host_files(b: &Box) {
     assert!(explain.contains(model), "{explain}");
 }
 
+/// A terminal for a test: a private tmux server running `shell` in a 200x50
+/// window, as a user would type into it. The server ends with the value.
+struct Term {
+    socket: PathBuf,
+}
+
+impl Term {
+    fn start(b: &Box, shell: &str) -> Term {
+        let term = Term {
+            socket: b.env.tmp.path().join("tmux.sock"),
+        };
+        term.tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "200",
+            "-y",
+            "50",
+            shell,
+        ]);
+        term
+    }
+
+    fn tmux(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .tmux(&["capture-pane", "-p", "-S", "-200", "-t", "t"])
+                .stdout,
+        )
+        .into_owned()
+    }
+
+    /// Types `k` and Enter.
+    fn keys(&self, k: &str) {
+        self.tmux(&["send-keys", "-t", "t", k, "Enter"]);
+    }
+
+    /// Waits until `needle` is on the screen `times` times (earlier prompts stay in
+    /// the scrollback); the screen then.
+    fn wait_n(&self, b: &Box, needle: &str, times: usize, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.screen();
+            if s.matches(needle).count() >= times {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {needle:?} x{times}; screen:\n{s}\nlogs:\n{}",
+                b.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Term {
+    fn drop(&mut self) {
+        self.tmux(&["kill-server"]);
+    }
+}
+
 fn kill9(pid: i32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -1292,58 +1365,19 @@ fn interactive_shell_and_vibebox_commands() {
         format!("[box]\nmounts = [\"{}:/mnt/extra:ro\"]\n", extra.display()),
     )
     .unwrap();
-    let socket = b.env.tmp.path().join("tmux.sock");
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .arg("-S")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let screen = || {
-        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-200", "-t", "t"]).stdout)
-            .into_owned()
-    };
-    // Waits until `needle` is on the screen `times` times (earlier prompts stay in
-    // the scrollback).
-    let wait_n = |needle: &str, times: usize, secs: u64| {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let s = screen();
-            if s.matches(needle).count() >= times {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited for {needle:?} x{times}; screen:\n{s}\nlogs:\n{}",
-                b.logs()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    };
-    let wait_for = |needle: &str, secs: u64| wait_n(needle, 1, secs);
     let bin = env!("CARGO_BIN_EXE_vibebox");
-    let shell = format!(
-        "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}'; '{bin}'; echo VIBEBOX-EXIT=$?; '{bin}'; echo VIBEBOX-EXIT=$?; sleep 600",
-        b.project.display(),
-        b.env.vibebox_home().display(),
-        b.env.home().display()
+    let term = Term::start(
+        &b,
+        &format!(
+            "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}'; '{bin}'; echo VIBEBOX-EXIT=$?; '{bin}'; echo VIBEBOX-EXIT=$?; sleep 600",
+            b.project.display(),
+            b.env.vibebox_home().display(),
+            b.env.home().display()
+        ),
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "200",
-        "-y",
-        "50",
-        &shell,
-    ]);
-    let keys = |k: &str| {
-        tmux(&["send-keys", "-t", "t", k, "Enter"]);
-    };
+    let wait_n = |needle: &str, times: usize, secs: u64| term.wait_n(&b, needle, times, secs);
+    let wait_for = |needle: &str, secs: u64| wait_n(needle, 1, secs);
+    let keys = |k: &str| term.keys(k);
     // Declined: nothing boots.
     let s = wait_for("Start the VM with this? [y/N]", 60);
     assert!(
@@ -1394,7 +1428,7 @@ fn interactive_shell_and_vibebox_commands() {
 
     keys(":exit");
     wait_for("VIBEBOX-EXIT=0", 30);
-    tmux(&["kill-server"]);
+    drop(term);
 }
 
 // ---- tasks: terminal sessions in the VM that outlive every client ----
@@ -2534,55 +2568,18 @@ fn aarch64_guest_lifecycle_colon_and_network() {
     // The interactive shell and its `:`-commands, attached to the running VM.
     ok(&b.exec("echo keep > /var/tmp/keep.txt && sync"));
     let id = b.id();
-    let socket = b.env.tmp.path().join("tmux.sock");
-    let tmux = |args: &[&str]| {
-        Command::new("tmux")
-            .arg("-S")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let screen = || {
-        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-S", "-200", "-t", "t"]).stdout)
-            .into_owned()
-    };
-    let wait_for = |needle: &str, secs: u64| {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let s = screen();
-            if s.contains(needle) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited for {needle:?}; screen:\n{s}\nlogs:\n{}",
-                b.logs()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    };
-    let shell = format!(
-        "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}' VIBEBOX_VIRTIOFSD=off VIBEBOX_ARCH=aarch64; '{}'; echo VIBEBOX-EXIT=$?; sleep 600",
-        b.project.display(),
-        b.env.vibebox_home().display(),
-        b.env.home().display(),
-        env!("CARGO_BIN_EXE_vibebox")
+    let term = Term::start(
+        &b,
+        &format!(
+            "cd '{}' && export VIBEBOX_HOME='{}' HOME='{}' VIBEBOX_VIRTIOFSD=off VIBEBOX_ARCH=aarch64; '{}'; echo VIBEBOX-EXIT=$?; sleep 600",
+            b.project.display(),
+            b.env.vibebox_home().display(),
+            b.env.home().display(),
+            env!("CARGO_BIN_EXE_vibebox")
+        ),
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "200",
-        "-y",
-        "50",
-        &shell,
-    ]);
-    let keys = |k: &str| {
-        tmux(&["send-keys", "-t", "t", k, "Enter"]);
-    };
+    let wait_for = |needle: &str, secs: u64| term.wait_n(&b, needle, 1, secs);
+    let keys = |k: &str| term.keys(k);
     keys("echo ARCH-IS-$(uname -m)");
     wait_for("ARCH-IS-aarch64", 300);
     keys(":explain");
@@ -2593,7 +2590,7 @@ fn aarch64_guest_lifecycle_colon_and_network() {
     wait_for("kept session", 60);
     keys(":exit");
     wait_for("VIBEBOX-EXIT=0", 60);
-    tmux(&["kill-server"]);
+    drop(term);
     assert_eq!(b.id(), id);
 
     let out = b.vibebox(&["stop"]);
