@@ -249,6 +249,7 @@ mod tests {
             disk_gb: 100,
             home: "/home/al".into(),
             guest_home: "/home/al".into(),
+            state: "/home/al/.vibebox".into(),
         };
         parse(text, Path::new("/p/vibebox.toml"), Path::new("/p"), &host).unwrap()
     }

@@ -209,3 +209,48 @@ fn host_ports_and_published_ports_need_approval() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("- ports auto off"), "{}", out.stderr);
 }
+
+/// The vibebox home holds every session's ssh key, disk and the approvals: a mount
+/// that reaches it (the home itself, a directory holding it, one inside it, or a
+/// link to any of those) would let the VM read other sessions' keys or approve its
+/// own grants. Refused before anything is asked, whatever the mode.
+#[test]
+fn mounts_reaching_the_vibebox_home_are_refused() {
+    let env = Env::new();
+    let p = env.project("p");
+    let vhome = env.vibebox_home().canonicalize().unwrap();
+    fs::create_dir_all(vhome.join("sessions")).unwrap();
+    let link = env.tmp.path().join("innocent");
+    std::os::unix::fs::symlink(&vhome, &link).unwrap();
+    for source in [
+        vhome.clone(),
+        vhome.parent().unwrap().to_path_buf(),
+        vhome.join("sessions"),
+        link.clone(),
+    ] {
+        for mode in ["ro", "rw"] {
+            fs::write(
+                p.join("vibebox.toml"),
+                format!("[box]\nmounts = [\"{}:/mnt/x:{mode}\"]\n", source.display()),
+            )
+            .unwrap();
+            let out = run(env.init(&p));
+            assert_eq!(out.code, 2, "{} {mode}: {}", source.display(), out.stderr);
+            assert!(
+                out.stderr.contains("vibebox home") && out.stderr.lines().count() == 1,
+                "{} {mode}: {}",
+                source.display(),
+                out.stderr
+            );
+        }
+    }
+    // A sibling of the vibebox home is a normal grant.
+    let sibling = env.project("data");
+    fs::write(
+        p.join("vibebox.toml"),
+        format!("[box]\nmounts = [\"{}:/mnt/x:ro\"]\n", sibling.display()),
+    )
+    .unwrap();
+    let out = run(env.init(&p));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}

@@ -101,6 +101,7 @@ fn a_changed_protected_file_is_named_shown_and_accepted() {
             disk_gb: 10,
             home: env.home(),
             guest_home: env.home(),
+            state: env.vibebox_home(),
         },
     );
     let globs = vibebox::config::protect::watch_set(&config, true);

@@ -171,6 +171,8 @@ pub struct Host {
     pub disk_gb: u64,
     pub home: PathBuf,
     pub guest_home: PathBuf,
+    /// The vibebox home (canonical): no mount may reach it.
+    pub state: PathBuf,
 }
 
 impl Host {
@@ -185,12 +187,15 @@ impl Host {
                 blocks * s.fragment_size() / (1 << 30)
             })
             .unwrap_or(u64::MAX);
+        let state = crate::store::paths::Home::from_env()?.root().to_path_buf();
+        let state = std::fs::canonicalize(&state).unwrap_or(state);
         Ok(Host {
             cpus,
             memory_mb,
             disk_gb,
             home,
             guest_home,
+            state,
         })
     }
 }
@@ -292,7 +297,7 @@ pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
         Some(text) => parse(&text, path, project, host)?,
         None => parse("", path, project, host)?,
     };
-    pin_mounts(&mut config, path)?;
+    pin_mounts(&mut config, path, &host.state)?;
     Ok(config)
 }
 
@@ -300,8 +305,11 @@ pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
 /// canonical path (so a grant names a real directory, and a link changed later
 /// changes the grant and asks again), and a source reached through a directory the
 /// VM can write (the project, any rw mount) is refused: the guest could swap it for
-/// a link to any host directory before the next start.
-fn pin_mounts(config: &mut Config, path: &Path) -> Result<(), Error> {
+/// a link to any host directory before the next start. Nor may a mount reach the
+/// vibebox home (`state`): it holds every session's ssh key and the approvals, so a
+/// VM reading it could log in to other VMs, and one writing it could approve its
+/// own grants.
+fn pin_mounts(config: &mut Config, path: &Path, state: &Path) -> Result<(), Error> {
     let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let writable: Vec<(usize, PathBuf, PathBuf)> = config
         .mounts
@@ -315,6 +323,19 @@ fn pin_mounts(config: &mut Config, path: &Path) -> Result<(), Error> {
             continue;
         }
         let pinned = real(&m.host);
+        if [&m.host, &pinned]
+            .iter()
+            .any(|p| p.starts_with(state) || state.starts_with(p))
+        {
+            return Err(Error::Mount {
+                path: path.to_path_buf(),
+                host: m.host.clone(),
+                message: format!(
+                    "it reaches the vibebox home {} (every session's keys and the approvals); mount a directory that neither holds nor lies inside it",
+                    state.display()
+                ),
+            });
+        }
         if let Some((_, shown, _)) = writable.iter().find(|(j, lexical, canonical)| {
             *j != i
                 && [&m.host, &pinned]
@@ -744,6 +765,7 @@ mod tests {
             disk_gb: 100,
             home: "/home/al".into(),
             guest_home: "/home/al".into(),
+            state: "/home/al/.vibebox".into(),
         }
     }
 

@@ -199,6 +199,7 @@ mod tests {
             disk_gb: 100,
             home: "/h".into(),
             guest_home: "/g".into(),
+            state: "/state".into(),
         }
     }
 

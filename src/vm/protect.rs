@@ -505,6 +505,7 @@ mod tests {
             disk_gb: 50,
             home: "/home/al".into(),
             guest_home: "/home/al".into(),
+            state: "/home/al/.vibebox".into(),
         };
         let config =
             |text: &str| crate::config::parse(text, &p.join("vibebox.toml"), &p, &host).unwrap();
