@@ -602,6 +602,59 @@ mod tests {
         assert!(default_name(&words(&["ééé"])).is_err());
     }
 
+    /// The attach command line, run by a real `sh` against a stand-in tmux: the
+    /// client comes first with the detach key bound; the script follows it (`after`)
+    /// or, when the client failed, takes the full path and says what is wrong.
+    #[test]
+    fn an_attach_runs_the_tmux_client_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("calls");
+        let fake = dir.path().join("tmux");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> '{}'\nexit ${{FAKE_RC:-0}}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let line = remote_attach("job-1").unwrap();
+        let run = |rc: &str| {
+            let _ = std::fs::remove_file(&log);
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(&line)
+                .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+                .env("XDG_RUNTIME_DIR", dir.path())
+                .env("FAKE_RC", rc)
+                .env_remove("VIBEBOX_DETACH_KEY")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            let calls = std::fs::read_to_string(&log).unwrap_or_default();
+            (status.code(), calls)
+        };
+        let first = format!(
+            "-S {}/vibebox-tasks/tmux.sock unbind-key -a -T root ; bind-key -n C-\\ detach-client ; attach-session -t =job-1",
+            dir.path().display()
+        );
+        let (code, calls) = run("0");
+        assert_eq!(code, Some(0));
+        assert_eq!(calls.lines().next(), Some(first.as_str()), "{calls}");
+        // Detached: the script asks whether the task ended, and attaches nothing more.
+        assert!(
+            calls.lines().skip(1).all(|l| !l.contains("attach-session")),
+            "{calls}"
+        );
+        let (code, calls) = run("1");
+        assert_eq!(code, Some(NO_SUCH_TASK), "{calls}");
+        assert_eq!(calls.lines().next(), Some(first.as_str()), "{calls}");
+    }
+
     #[test]
     fn a_count_is_named_for_the_idle_check_to_skip() {
         let rename = format!(
