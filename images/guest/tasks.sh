@@ -5,7 +5,9 @@
 # Not installed in the image: the host sends this script with every task
 # command (`sh -c SCRIPT vibebox-task OP ARGS...` over the session's ssh), so
 # host and guest always agree on it, in built and pulled images alike. The
-# supervisor's idle check runs `count` the same way.
+# supervisor's idle check runs `count` the same way. An attach runs the tmux
+# client first, from the login shell, and this script after it (`attached`) or
+# when it failed (`attach`): see session::tasks::remote_attach.
 #
 # Everything this prints is guest text to the host: it validates names and
 # escapes what it shows.
