@@ -51,6 +51,15 @@ install -m 0644 "$G/vibebox-mounts.service" /etc/systemd/system/vibebox-mounts.s
 install -m 0644 "$G/vibebox-ready.service" /etc/systemd/system/vibebox-ready.service
 install -m 0644 "$G/vibebox.sh" /etc/profile.d/vibebox.sh
 install -m 0644 "$G/sshd_config.conf" /etc/ssh/sshd_config.d/10-vibebox.conf
+# No login records in wtmpdb: sshd writes one for every terminal it opens (each
+# `vibebox`, each task attach) as an SQLite transaction with its fsyncs, which
+# under TCG cost 60-300 ms before the first byte reached the terminal (as much
+# as the rest of `ssh -t true`). A directory in the database's place makes the
+# write fail at once; sshd goes on silently. `last` in the VM shows nothing.
+if [ ! -d /var/log/wtmp.db ]; then
+    rm -f /var/log/wtmp.db /var/log/wtmp.db-journal
+    mkdir -m 0755 /var/log/wtmp.db
+fi
 # Also in non-login interactive bash shells (:help, :explain).
 if ! grep -q 'profile.d/vibebox.sh' /etc/bash.bashrc; then
     printf '\n# vibebox commands (:help, :explain, ...)\n[ -r /etc/profile.d/vibebox.sh ] && . /etc/profile.d/vibebox.sh\n' \

@@ -5,7 +5,9 @@
 # Not installed in the image: the host sends this script with every task
 # command (`sh -c SCRIPT vibebox-task OP ARGS...` over the session's ssh), so
 # host and guest always agree on it, in built and pulled images alike. The
-# supervisor's idle check runs `count` the same way.
+# supervisor's idle check runs `count` the same way. An attach runs the tmux
+# client first, from the login shell, and this script after it (`attached`) or
+# when it failed (`attach`): see session::tasks::remote_attach.
 #
 # Everything this prints is guest text to the host: it validates names and
 # escapes what it shows.
@@ -25,18 +27,6 @@ op=${1:-}
 # VIBEBOX_DETACH_KEY applies to a running tmux): the root key table holds
 # nothing else.
 KEY=${VIBEBOX_DETACH_KEY:-C-\\}
-
-# attach NAME, first and alone: one tmux exec and nothing before it (under TCG
-# each process costs tens of milliseconds, and this is what a user waits for).
-# The socket is found from XDG_RUNTIME_DIR, which is /run/user/UID in an ssh
-# login; anything else (no such task, no tmux, the socket elsewhere) takes the
-# full path below, which says what is wrong.
-if [ "$op" = attach ] && [ -n "${1:-}" ] && [ -n "${XDG_RUNTIME_DIR:-}" ]; then
-    if tmux -S "$XDG_RUNTIME_DIR/vibebox-tasks/tmux.sock" unbind-key -a -T root \; \
-        bind-key -n "$KEY" detach-client \; attach-session -t "=$1" 2>/dev/null; then
-        op=attached
-    fi
-fi
 
 uid=$(id -u)
 if [ -d "/run/user/$uid" ] && [ -w "/run/user/$uid" ]; then
@@ -219,7 +209,8 @@ attach)
     after "$name"
     ;;
 attached)
-    # The fast path above attached and the client detached.
+    # The host's attach ran tmux itself (session::tasks::remote_attach, no sh
+    # before the screen) and the client detached.
     after "$1"
     ;;
 logs)

@@ -107,10 +107,41 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
         tasks::validate_name(n)?;
     }
     tasks::detach_key()?;
+    // A named task in a running VM: ssh starts at once, through the control
+    // master, while this client checks in with the supervisor.
+    if let Some(n) = name
+        && let Some(sd) = running_session(home, start)?
+    {
+        let mut child = tasks::start_attach(&sd, n)?;
+        let attached = match running(home, start) {
+            Ok((_, attached)) => attached,
+            Err(e) => {
+                // SIGTERM: ssh puts the terminal back as it was.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let code = tasks::attached(&mut child, n)?;
+        return up::finish(attached, code);
+    }
     let (sd, attached) = running(home, start)?;
     let name = tasks::resolve(&sd, name)?;
     let code = tasks::attach(&sd, &name)?;
     up::finish(attached, code)
+}
+
+/// The project's session when its VM runs now (no check-in), else `None`.
+fn running_session(home: &Home, start: &Path) -> Result<Option<SessionDir>, Error> {
+    let root = project::find_root(start, home)?;
+    let Some(id) = project::registered(home, &root)? else {
+        return Ok(None);
+    };
+    let sd = home.session(id);
+    Ok((supervisor::status(&sd).state == State::Running).then_some(sd))
 }
 
 pub fn list(home: &Home, start: &Path, json: bool) -> Result<(), Error> {

@@ -314,6 +314,10 @@ fn hint(home: &Home, project: &Project, snapshot: &Index) -> Result<Hint, OpenEr
     })
 }
 
+/// How recent a use leaves the index as it is (`vibebox list` says "just now"
+/// below 5 s).
+const RECENT_SECS: i64 = 4;
+
 /// Finds the session of the project at `root` (canonical, checked by
 /// [`find_root`]), creating one if needed, and records it in the index. The index
 /// lock is held only for the read-modify-write, so any number of concurrent calls
@@ -322,6 +326,19 @@ pub fn find_or_create(home: &Home, root: &Path) -> Result<Outcome, OpenError> {
     let project = Project::new(root.to_path_buf());
     let snapshot = Index::snapshot(home)?;
     let known = snapshot.find_dir(root).map(|e| e.id);
+    // Used within the last few seconds (an agent running `vibebox exec` in a loop):
+    // `vibebox list` would say "just now" either way, so the index is not rewritten
+    // (a lock, a temp file and two fsyncs per command).
+    if let Some(e) = snapshot.find_dir(root)
+        && (0..RECENT_SECS).contains(&(index::now() - e.last_active).num_seconds())
+        && matches!(read_marker(&project), Ok(Some(m)) if m == e.id)
+    {
+        return Ok(Outcome {
+            id: e.id,
+            project,
+            found: Found::Existing,
+        });
+    }
     let hint = match known {
         Some(_) => Hint::None,
         None => hint(home, &project, &snapshot)?,

@@ -10,7 +10,7 @@
 //! of terminal control sequences.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -156,6 +156,22 @@ fn remote(op: &str, args: &[&str]) -> Result<String, TaskError> {
 
 fn ssh_command(sd: &SessionDir, op: &str, args: &[&str], tty: bool) -> Result<Command, TaskError> {
     ssh_command_with(sd, &[], op, args, tty)
+}
+
+/// The remote command of an attach to task `name` (validated): the tmux client
+/// first, run by the login shell itself, and the script only after it (`attached`:
+/// says when the task ended) or when it failed (`attach`: the full path, which
+/// says what is wrong). Under TCG the `sh` the script needs costs an exec before
+/// the screen shows; the tmux socket is found from XDG_RUNTIME_DIR, set in an ssh
+/// login, as the script finds it.
+fn remote_attach(name: &str) -> Result<String, TaskError> {
+    let key = detach_key()?.unwrap_or_else(|| "C-\\".into());
+    Ok(format!(
+        "tmux -S \"$XDG_RUNTIME_DIR/vibebox-tasks/tmux.sock\" unbind-key -a -T root \\; bind-key -n {key} detach-client \\; attach-session -t ={name} 2>/dev/null && {attached} || {attach}",
+        key = ssh::shell_quote(&key),
+        attached = remote("attached", &[name])?,
+        attach = remote("attach", &[name])?,
+    ))
 }
 
 /// [`ssh_command`] with ssh options of the caller's.
@@ -389,10 +405,32 @@ pub fn resolve(sd: &SessionDir, name: Option<&str>) -> Result<String, TaskError>
 /// Attaches this terminal to task `name` until the detach key (or the task ends);
 /// returns ssh's status.
 pub fn attach(sd: &SessionDir, name: &str) -> Result<i32, TaskError> {
+    let mut child = start_attach(sd, name)?;
+    attached(&mut child, name)
+}
+
+/// The ssh of [`attach`], started: a caller may check in with the supervisor
+/// while it connects (that round trip took a sixth of an attach).
+pub fn start_attach(sd: &SessionDir, name: &str) -> Result<Child, TaskError> {
     validate_name(name)?;
-    let status = ssh_command(sd, "attach", &[name], true)?
-        .status()
-        .map_err(TaskError::Ssh)?;
+    let id = sd
+        .dir()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ssh::command(
+        &sd.ssh_dir().join("config"),
+        &ssh::alias(&id),
+        Some(&remote_attach(name)?),
+        true,
+    )
+    .spawn()
+    .map_err(TaskError::Ssh)
+}
+
+/// Waits for an attach [`start_attach`] started; ssh's status.
+pub fn attached(child: &mut Child, name: &str) -> Result<i32, TaskError> {
+    let status = child.wait().map_err(TaskError::Ssh)?;
     match status.code().unwrap_or(255) {
         NO_SUCH_TASK => Err(TaskError::NoSuchTask(name.to_string())),
         NO_TMUX => Err(TaskError::NoTmux),
@@ -562,6 +600,59 @@ mod tests {
         assert_eq!(default_name(&words(&["./run.sh"])).unwrap(), "run-sh");
         assert!(default_name(&words(&["/"])).is_err());
         assert!(default_name(&words(&["ééé"])).is_err());
+    }
+
+    /// The attach command line, run by a real `sh` against a stand-in tmux: the
+    /// client comes first with the detach key bound; the script follows it (`after`)
+    /// or, when the client failed, takes the full path and says what is wrong.
+    #[test]
+    fn an_attach_runs_the_tmux_client_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("calls");
+        let fake = dir.path().join("tmux");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> '{}'\nexit ${{FAKE_RC:-0}}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let line = remote_attach("job-1").unwrap();
+        let run = |rc: &str| {
+            let _ = std::fs::remove_file(&log);
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(&line)
+                .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+                .env("XDG_RUNTIME_DIR", dir.path())
+                .env("FAKE_RC", rc)
+                .env_remove("VIBEBOX_DETACH_KEY")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            let calls = std::fs::read_to_string(&log).unwrap_or_default();
+            (status.code(), calls)
+        };
+        let first = format!(
+            "-S {}/vibebox-tasks/tmux.sock unbind-key -a -T root ; bind-key -n C-\\ detach-client ; attach-session -t =job-1",
+            dir.path().display()
+        );
+        let (code, calls) = run("0");
+        assert_eq!(code, Some(0));
+        assert_eq!(calls.lines().next(), Some(first.as_str()), "{calls}");
+        // Detached: the script asks whether the task ended, and attaches nothing more.
+        assert!(
+            calls.lines().skip(1).all(|l| !l.contains("attach-session")),
+            "{calls}"
+        );
+        let (code, calls) = run("1");
+        assert_eq!(code, Some(NO_SUCH_TASK), "{calls}");
+        assert_eq!(calls.lines().next(), Some(first.as_str()), "{calls}");
     }
 
     #[test]
