@@ -362,7 +362,7 @@ pub fn bench(b: &mut Bench, images: &Path) {
     // The host itself (caches never dropped: the machine is shared).
     let host = Command::new("sh")
         .arg("-c")
-        .arg(format!(". \"$OPSF\"; P=host; column all"))
+        .arg(". \"$OPSF\"; P=host; column all")
         .current_dir(&root)
         .env("OPSF", &ops_file)
         .env("DROP", "0")
@@ -421,8 +421,8 @@ pub fn bench(b: &mut Bench, images: &Path) {
                     }
                 ));
             }
-            if l.starts_with("# ") {
-                b.line(&format!("({})", &l[2..]));
+            if let Some(note) = l.strip_prefix("# ") {
+                b.line(&format!("({note})"));
             }
         }
         parse(&out, &mut samples);
@@ -464,7 +464,12 @@ pub fn bench(b: &mut Bench, images: &Path) {
                 Some((d, mark)) => {
                     let ratio = match floor {
                         Some((f, _)) if *c != "disk" => {
-                            format!(" ({:.1}x)", d.as_secs_f64() / f.as_secs_f64())
+                            let r = d.as_secs_f64() / f.as_secs_f64();
+                            if r < 0.1 {
+                                format!(" ({r:.3}x)")
+                            } else {
+                                format!(" ({r:.1}x)")
+                            }
                         }
                         _ => String::new(),
                     };
