@@ -1,9 +1,14 @@
 //! The share table (`VIBEBOX_BENCH_ONLY=shares`): what reading and writing the
 //! project costs through each share type and candidate tuning, against the guest's
 //! own disk (the floor a share can approach) and the host, on the generated tree
-//! of [`tree`]. One bare boot per variant (the guest-disk floor rides on the first),
-//! the variants interleaved with nothing else. `VIBEBOX_BENCH_SHARES` (a
-//! comma-separated list of variant names) runs only some; virtiofs needs
+//! of [`tree`]. One bare boot per host-side setup (QEMU's or virtiofsd's options);
+//! the columns that differ only inside the guest (9p mount options, git settings)
+//! share their boot, each starting from the index as the host's git wrote it. The
+//! guest-disk floor rides on the first boot, seeded from one tar the host writes
+//! into the share (a walk of the share to copy it took over 20 minutes on 9p).
+//! Every step is bounded: one that runs out prints "stopped after N s".
+//! `VIBEBOX_BENCH_SHARES` (a comma-separated list of column names) runs only some
+//! (a boot runs if any of its columns is wanted); virtiofs needs
 //! `VIBEBOX_TEST_VIRTIOFSD` (as the VM tests do) or a `virtiofsd` on `PATH`.
 
 pub mod tree;
@@ -28,9 +33,11 @@ pub enum Sharing {
     NineP {
         argv_from: &'static [(&'static str, &'static str)],
     },
-    /// A virtiofsd with vibebox's own arguments plus `extra`.
+    /// A virtiofsd with vibebox's own arguments, its `--cache` mode replaced by
+    /// `cache`, plus `extra`.
     Virtiofs {
         binary: PathBuf,
+        cache: &'static str,
         extra: &'static [&'static str],
     },
 }
@@ -80,7 +87,12 @@ impl Sharing {
     /// Starts the virtiofsd (as vibebox would: sandboxed and squashing ids to the
     /// project's owner when root) and waits for its socket.
     pub fn start(&self, project: &Path, dir: &Path) -> Option<Daemon> {
-        let Sharing::Virtiofs { binary, extra } = self else {
+        let Sharing::Virtiofs {
+            binary,
+            cache,
+            extra,
+        } = self
+        else {
             return None;
         };
         let socket = dir.join("vfs.sock");
@@ -93,13 +105,11 @@ impl Sharing {
             }
         });
         let log = fs::File::create(dir.join("virtiofsd.log")).unwrap();
+        let mut argv = vibebox::vm::virtiofsd::argv(project, &socket, Access::ReadWrite, owner);
+        let at = argv.iter().position(|a| a == "--cache").unwrap() + 1;
+        argv[at] = OsString::from(*cache);
         let child = Command::new(binary)
-            .args(vibebox::vm::virtiofsd::argv(
-                project,
-                &socket,
-                Access::ReadWrite,
-                owner,
-            ))
+            .args(argv)
             .args(*extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -120,22 +130,65 @@ impl Sharing {
     }
 }
 
-/// The operations, timed in microseconds by the shell that runs them (in the guest,
-/// or on the host for the host column). `DROP=1` drops the guest's caches before the
-/// cold ones (never on the host: the machine is shared).
-const OPS: &str = r#"
+/// The timed operations, as a shell file the guest (or, for the host column, the
+/// host) sources; run with `OPS_RUN=NAME` it runs that one function (so `timeout`
+/// can bound a function). Each timed line is `COLUMN op micros status`; a step that
+/// runs out of its `LIM` seconds prints "stopped after N s" and its status (124 or
+/// 137) marks it stopped in the table. `DROP=1` drops the guest's caches before
+/// the cold ones (never on the host: the machine is shared).
+const OPS: &str = r##"
 drop() { [ "$DROP" = 1 ] || return 0; sync; echo 3 > /proc/sys/vm/drop_caches; }
-t() { l=$1; shift; s=$(date +%s%N); "$@" >/dev/null 2>&1; r=$?; e=$(date +%s%N); echo "$P $l $(( (e - s) / 1000 )) $r"; }
-walk() { find . -type f ! -path './.git/*' -print0 | xargs -0 cat > /dev/null; }
+t() {
+  l=$1; shift; s=$(date +%s%N)
+  timeout -k 5 "$LIM" "$@" >/dev/null 2>&1; r=$?
+  e=$(date +%s%N); echo "$P $l $(( (e - s) / 1000 )) $r"
+  case $r in 124|137) echo "# $P $l: stopped after $LIM s" ;; esac
+}
+unlock() { rm -f .git/index.lock; }
+walk() { find . -type f ! -path './.git/*' ! -path ./big/seed.tar ! -path ./big/index.host -print0 | xargs -0 cat > /dev/null; }
 writes() { mkdir -p scratch/w || return 1; i=0; while [ $i -lt 2000 ]; do echo "$i" > scratch/w/f$i || return 1; i=$((i + 1)); done; }
-ops() {
-  drop; t cold git status --porcelain
-  for i in 1 2 3; do t warm git status --porcelain; done
-  drop; t walk walk
-  t write writes; rm -rf scratch/w
+seed() { rm -rf "$FLOOR" && mkdir -p "$FLOOR/big" && tar -C "$FLOOR" -xf big/seed.tar && cp big/seq.bin "$FLOOR/big/"; }
+listing() { find . -type f ! -path './.git/*' \( ! -path './big/*' -o -path ./big/seq.bin \) -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64; }
+mount9p() { cd / && { umount "$G" || umount -l "$G"; } && mount -t 9p -o "rw,trans=virtio,version=9p2000.L,msize=512000,access=user,$1" vbx0 "$G" && cd "$G"; }
+gitcfg() { n=0; for kv in "$@"; do export "GIT_CONFIG_KEY_$n=${kv%%=*}" "GIT_CONFIG_VALUE_$n=${kv#*=}"; n=$((n + 1)); done; export GIT_CONFIG_COUNT=$n; }
+first() { [ -f big/index.host ] && cp big/index.host .git/index; drop; LIM=${FIRST_LIM:-$LIM} t first git status --porcelain; unlock; }
+gitops() { drop; t cold git status --porcelain; unlock; for i in 1 2 3; do t warm git status --porcelain; unlock; done; }
+column() {
+  if [ "$1" != nofirst ]; then
+    first
+    case $r in 124|137) echo "# $P: its other git rows left out (each would re-read the tree as the first did)"; r=stopped ;; esac
+  fi
+  [ "$r" = stopped ] || gitops
+  [ "$1" = git ] && return 0
+  drop; t walk env OPS_RUN=walk sh "$OPSF"
+  t write env OPS_RUN=writes sh "$OPSF"; rm -rf scratch/w
   drop; t read cat big/seq.bin
 }
-"#;
+if [ -n "${OPS_RUN:-}" ]; then "$OPS_RUN"; fi
+"##;
+
+/// One column: its name, the guest-side shell that sets it up (in a subshell of
+/// its boot, after the columns before it), and whether it times only the git rows
+/// (a git setting changes nothing else).
+struct Column {
+    name: &'static str,
+    prep: &'static str,
+    git_only: bool,
+}
+
+const fn col(name: &'static str, prep: &'static str, git_only: bool) -> Column {
+    Column {
+        name,
+        prep,
+        git_only,
+    }
+}
+
+/// One boot: QEMU's or virtiofsd's options, and the columns measured in it.
+struct Boot {
+    sharing: Sharing,
+    columns: Vec<Column>,
+}
 
 /// The rows of the table, in order: (key, what the row measures).
 const ROWS: &[(&str, &str)] = &[
@@ -149,6 +202,15 @@ const ROWS: &[(&str, &str)] = &[
     ("write", "write 2,000 small files"),
     ("read", "read one 256 MiB file (caches dropped)"),
 ];
+
+/// What each column is, printed under the table.
+const LEGEND: &str = "columns: disk = the guest's own disk (the floor); 9p = today's 9p options \
+(QEMU `multidevs=remap`, guest msize 512000, `cache=mmap`); -none = guest `cache=none`; \
+-minimal = git `core.checkStat=minimal` in the guest; -uc = git `core.untrackedCache=true`; \
+9p-warn = QEMU `multidevs=warn`; 9p-warn-loose = guest `cache=loose` (not coherent: host \
+edits are not seen; a reference only); virtiofs = today's virtiofsd options (`--cache auto`); \
+virtiofs-always = `--cache always` (not coherent: breaks the 1 s host-edit rule; a reference \
+only); host = the same commands on the host, caches warm.";
 
 fn git(project: &Path, args: &[&str]) {
     let mut c = Command::new("git");
@@ -165,10 +227,10 @@ fn git(project: &Path, args: &[&str]) {
     super::must(c);
 }
 
-/// Per column, per operation: each sample's time and whether its command succeeded.
-type Samples = BTreeMap<String, BTreeMap<String, Vec<(Duration, bool)>>>;
+/// Per column, per operation: each sample's time and its command's exit status.
+type Samples = BTreeMap<String, BTreeMap<String, Vec<(Duration, String)>>>;
 
-/// Parses `PREFIX op micros status` lines into per-column, per-op samples.
+/// Parses `COLUMN op micros status` lines into per-column, per-op samples.
 fn parse(out: &str, into: &mut Samples) {
     for l in out.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -179,13 +241,30 @@ fn parse(out: &str, into: &mut Samples) {
                 .or_default()
                 .entry(op.to_string())
                 .or_default()
-                .push((Duration::from_micros(us), rc == "0"));
+                .push((Duration::from_micros(us), rc.to_string()));
         }
     }
 }
 
+/// The tree's files (not `.git`, not the seeding files in `big/`) hashed as the
+/// guest hashes its copy: the floor is checked to be the same bytes.
+fn listing(root: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{OPS}\nlisting"))
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "listing the bench tree failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 pub fn bench(b: &mut Bench, images: &Path) {
     let image = find_image(images);
+    let limit: u64 = std::env::var("VIBEBOX_BENCH_SHARE_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     let root = b.tmp.path().join("share-tree");
     let t = Instant::now();
     let made = tree::generate(&root, tree::Shape::BENCH).unwrap();
@@ -194,6 +273,7 @@ pub fn bench(b: &mut Bench, images: &Path) {
     git(&root, &["add", "-A"]);
     git(&root, &["commit", "-q", "-m", "bench tree"]);
     let digest = tree::digest(&root).unwrap();
+    let host_listing = listing(&root);
     b.line("");
     b.line(&format!(
         "share bench tree: {} files, {:.0} MiB, sha256 {digest} (generated and committed in {:.1} s)",
@@ -201,96 +281,176 @@ pub fn bench(b: &mut Bench, images: &Path) {
         made.bytes as f64 / 1048576.0,
         t.elapsed().as_secs_f64()
     ));
+    // The floor's seed: one tar of the tree and its .git (the big file is copied
+    // beside it: both are big sequential reads, which any share does well), and the
+    // index as the host's git leaves it, restored before each column's first look.
+    git(&root, &["status", "--porcelain"]);
+    let mut c = Command::new("tar");
+    c.arg("-C")
+        .arg(&root)
+        .args(["--exclude=./big", "-cf"])
+        .arg(root.join("big/seed.tar"))
+        .arg(".");
+    super::must(c);
+    fs::copy(root.join(".git/index"), root.join("big/index.host")).unwrap();
 
     let virtiofsd = std::env::var_os("VIBEBOX_TEST_VIRTIOFSD")
         .map(PathBuf::from)
         .or_else(|| which::which("virtiofsd").ok());
-    // Today's options first (the floor rides on the first boot), then candidates.
-    let mut variants: Vec<(&str, Sharing)> = Vec::new();
+    // Today's options first in each boot, then candidates (the floor rides on the
+    // first boot).
+    // A git setting changes only the git rows, so those columns time only them.
+    let mut boots = vec![
+        Boot {
+            sharing: Sharing::NineP { argv_from: &[] },
+            columns: vec![
+                // The image sets checkStat=minimal for 9p shares now: the columns
+                // before it say `default`, so they measure the options before it.
+                col("9p", "gitcfg core.checkStat=default", false),
+                col("9p-minimal", "gitcfg core.checkStat=minimal", true),
+                col(
+                    "9p-none-minimal",
+                    "mount9p cache=none && gitcfg core.checkStat=minimal",
+                    false,
+                ),
+                col(
+                    "9p-minimal-uc",
+                    "mount9p cache=mmap && gitcfg core.checkStat=minimal core.untrackedCache=true",
+                    true,
+                ),
+            ],
+        },
+        Boot {
+            sharing: Sharing::NineP {
+                argv_from: &[("multidevs=remap", "multidevs=warn")],
+            },
+            columns: vec![
+                col("9p-warn", "gitcfg core.checkStat=default", false),
+                col(
+                    "9p-warn-loose",
+                    "mount9p cache=loose && gitcfg core.checkStat=default",
+                    false,
+                ),
+            ],
+        },
+    ];
     if let Some(bin) = &virtiofsd {
-        for (name, extra) in [
-            ("virtiofs", &[][..]),
-            ("virtiofs-tp2", &["--thread-pool-size", "2"][..]),
-            (
-                "virtiofs-tp2-fh",
-                &["--thread-pool-size", "2", "--inode-file-handles=prefer"][..],
-            ),
-        ] {
-            variants.push((
-                name,
-                Sharing::Virtiofs {
+        for (name, cache) in [("virtiofs", "auto"), ("virtiofs-always", "always")] {
+            boots.push(Boot {
+                sharing: Sharing::Virtiofs {
                     binary: bin.clone(),
-                    extra,
+                    cache,
+                    extra: &[],
                 },
-            ));
+                columns: vec![col(name, "", false)],
+            });
         }
     } else {
         b.line("(virtiofs columns skipped: set VIBEBOX_TEST_VIRTIOFSD to a Rust virtiofsd)");
     }
-    variants.push(("9p", Sharing::NineP { argv_from: &[] }));
-    variants.push((
-        "9p-warn",
-        Sharing::NineP {
-            argv_from: &[("multidevs=remap", "multidevs=warn")],
-        },
-    ));
     if let Ok(only) = std::env::var("VIBEBOX_BENCH_SHARES") {
-        variants.retain(|(n, _)| only.split(',').any(|o| o == *n));
+        for boot in &mut boots {
+            boot.columns
+                .retain(|c| only.split(',').any(|o| o == c.name));
+        }
+        boots.retain(|boot| !boot.columns.is_empty());
     }
 
+    let ops_file = b.tmp.path().join("share-ops.sh");
+    fs::write(&ops_file, OPS).unwrap();
     let mut samples = Samples::new();
     // The host itself (caches never dropped: the machine is shared).
     let host = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "{OPS}\nP=host; t first git status --porcelain; ops"
-        ))
+        .arg(". \"$OPSF\"; P=host; column all")
         .current_dir(&root)
+        .env("OPSF", &ops_file)
         .env("DROP", "0")
+        .env("LIM", limit.to_string())
         .output()
         .unwrap();
     parse(&String::from_utf8_lossy(&host.stdout), &mut samples);
 
     let mut floor_done = false;
-    for (name, sharing) in &variants {
-        // The index as the host last wrote it, so "first" is the first guest look.
-        git(&root, &["status", "--porcelain"]);
-        let guest_path = root.display().to_string();
-        let mut script = format!("{OPS}\nexport DROP=1\ncd '{guest_path}' || exit 1\n");
+    for boot in &boots {
+        let g = root.display().to_string();
+        let mut script = format!(
+            "export DROP=1 LIM={limit} FIRST_LIM={} G='{g}' FLOOR=/var/tmp/tree OPSF=/tmp/vibebox-bench-ops.sh\n\
+             cat > \"$OPSF\" <<'VIBEBOX_OPS_END'\n{OPS}\nVIBEBOX_OPS_END\n. \"$OPSF\"\ncd \"$G\" || exit 1\n",
+            limit / 2
+        );
         if !floor_done {
-            // The floor: the same tree copied onto the guest's own disk, its index
-            // refreshed there once before timing.
-            script.push_str(
-                "cp -a . /var/tmp/tree && cd /var/tmp/tree && git status >/dev/null 2>&1 && P=disk ops\n",
-            );
-            script.push_str(&format!("cd '{guest_path}' || exit 1\n"));
+            // The floor: the tree on the guest's own disk, its index refreshed there
+            // once before timing (the extracted files' stat data are new).
+            script.push_str(&format!(
+                "P=seed; t seed env OPS_RUN=seed sh \"$OPSF\"\n\
+                 if [ \"$r\" = 0 ]; then (cd \"$FLOOR\" && echo \"disk-listing $(listing)\" && \
+                 LIM={} t refresh git status --porcelain && P=disk column nofirst); fi\n",
+                limit * 2
+            ));
             floor_done = true;
         }
-        script.push_str(&format!(
-            "P={name}; t first timeout 600 git status --porcelain; rm -f .git/index.lock; ops\n"
-        ));
+        for c in &boot.columns {
+            let prep = if c.prep.is_empty() { "true" } else { c.prep };
+            let what = if c.git_only { "git" } else { "all" };
+            // From `/`: a remount needs the share unused by this shell.
+            script.push_str(&format!(
+                "cd /; ( P={name}; if cd \"$G\" && {prep}; then column {what}; else echo \"# {name}: its setup failed\"; fi ) 2>&1\n",
+                name = c.name
+            ));
+        }
+        script.push_str("exit 0\n");
+        let names: Vec<&str> = boot.columns.iter().map(|c| c.name).collect();
         let t = Instant::now();
-        let (_, out) = boot_sharing(&image, &root, b.tmp.path(), sharing, Some(&script));
+        let (_, out) = boot_sharing(&image, &root, b.tmp.path(), &boot.sharing, Some(&script));
         println!(
-            "  {name}: boot and operations in {:.0} s",
+            "  {}: boot and operations in {:.0} s",
+            names.join(", "),
             t.elapsed().as_secs_f64()
         );
         // The raw samples as they come (a long run's partial results survive it).
         for l in out.lines() {
             println!("    {l}");
+            if let Some(guest) = l.strip_prefix("disk-listing ") {
+                b.line(&format!(
+                    "floor tree on the guest's disk: {}",
+                    if guest.trim() == host_listing {
+                        "the same bytes as the host's (listing sha256 matches)".to_string()
+                    } else {
+                        format!("DIFFERS from the host's (guest {guest}, host {host_listing})")
+                    }
+                ));
+            }
+            if let Some(note) = l.strip_prefix("# ") {
+                b.line(&format!("({note})"));
+            }
         }
         parse(&out, &mut samples);
+    }
+    if let Some(seed) = samples.get("seed").and_then(|s| s.get("seed")) {
+        b.line(&format!(
+            "floor seeded (tar over the share, extracted on the guest's disk) in {}",
+            human(seed[0].0)
+        ));
     }
 
     // The table: one row per operation, one column per variant, ratio to the disk.
     let mut cols: Vec<&str> = vec!["disk"];
-    cols.extend(variants.iter().map(|(n, _)| *n));
+    cols.extend(boots.iter().flat_map(|b| b.columns.iter().map(|c| c.name)));
     cols.push("host");
-    let median = |col: &str, op: &str| -> Option<(Duration, bool)> {
+    let stopped = |rc: &str| rc == "124" || rc == "137";
+    let median = |col: &str, op: &str| -> Option<(Duration, &'static str)> {
         let s = samples.get(col)?.get(op)?;
         let mut d: Vec<Duration> = s.iter().map(|x| x.0).collect();
         d.sort();
-        Some((d[d.len() / 2], s.iter().all(|x| x.1)))
+        let mark = if s.iter().any(|x| stopped(&x.1)) {
+            "stopped"
+        } else if s.iter().all(|x| x.1 == "0") {
+            ""
+        } else {
+            "failed"
+        };
+        Some((d[d.len() / 2], mark))
     };
     b.line("");
     b.line(&format!("| operation | {} |", cols.join(" | ")));
@@ -301,15 +461,22 @@ pub fn bench(b: &mut Bench, images: &Path) {
             .iter()
             .map(|c| match median(c, op) {
                 None => "—".into(),
-                Some((d, ok)) => {
-                    let failed = if ok { "" } else { " (failed)" };
-                    match floor {
-                        Some((f, _)) if *c != "disk" => format!(
-                            "{}{failed} ({:.1}x)",
-                            human(d),
-                            d.as_secs_f64() / f.as_secs_f64()
-                        ),
-                        _ => format!("{}{failed}", human(d)),
+                Some((d, mark)) => {
+                    let ratio = match floor {
+                        Some((f, _)) if *c != "disk" => {
+                            let r = d.as_secs_f64() / f.as_secs_f64();
+                            if r < 0.1 {
+                                format!(" ({r:.3}x)")
+                            } else {
+                                format!(" ({r:.1}x)")
+                            }
+                        }
+                        _ => String::new(),
+                    };
+                    match mark {
+                        "stopped" => format!("> {} s, stopped{}", limit, ratio.replace('(', "(> ")),
+                        "failed" => format!("{} (failed){ratio}", human(d)),
+                        _ => format!("{}{ratio}", human(d)),
                     }
                 }
             })
@@ -317,5 +484,5 @@ pub fn bench(b: &mut Bench, images: &Path) {
         b.line(&format!("| {what} | {} |", cells.join(" | ")));
     }
     b.line("");
-    b.line("columns: disk = the guest's own disk (the floor); virtiofs = today's virtiofsd options (`--cache auto`); -tp2 = `--thread-pool-size 2`; -fh = `--inode-file-handles=prefer`; 9p = today's options (msize 512000, cache=mmap, multidevs=remap); 9p-warn = multidevs=warn; host = the same commands on the host, caches warm.");
+    b.line(LEGEND);
 }

@@ -65,6 +65,8 @@ if ! grep -q 'profile.d/vibebox.sh' /etc/bash.bashrc; then
     printf '\n# vibebox commands (:help, :explain, ...)\n[ -r /etc/profile.d/vibebox.sh ] && . /etc/profile.d/vibebox.sh\n' \
         >> /etc/bash.bashrc
 fi
+# git settings vibebox-init makes each boot (core.checkStat for 9p shares).
+git config --system include.path /run/vibebox/gitconfig
 systemctl --no-reload enable vibebox-init.service vibebox-mounts.service vibebox-ready.service
 # fw_cfg: loaded by the initramfs; 9p or virtiofs: by vibebox-init when it
 # mounts a share (systemd-modules-load loading them took 5 s of a TCG boot).
