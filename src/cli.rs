@@ -177,7 +177,7 @@ pub enum ImageCommand {
         /// Debian release codename.
         #[arg(long, default_value = "trixie")]
         release: String,
-        /// Guest architecture (x86_64 or aarch64); defaults to the host's.
+        /// Guest architecture (x86_64 or aarch64); defaults to `VIBEBOX_ARCH`, else the host's.
         #[arg(long)]
         arch: Option<String>,
     },
@@ -185,7 +185,7 @@ pub enum ImageCommand {
     Pull {
         /// The image's name in the catalog (default: the current Debian, debian-13).
         name: Option<String>,
-        /// Guest architecture (x86_64 or aarch64); defaults to the host's.
+        /// Guest architecture (x86_64 or aarch64); defaults to `VIBEBOX_ARCH`, else the host's.
         #[arg(long)]
         arch: Option<String>,
     },

@@ -690,31 +690,37 @@ fn fetch_outside_a_repository_says_so_and_writes_nothing() {
 }
 
 /// A guest architecture vibebox has no image or QEMU preset for is refused in one
-/// line, before anything is pulled, built or booted.
+/// line, before anything is pulled, built or booted; `image build` and `image pull`
+/// without `--arch` follow `VIBEBOX_ARCH` like a boot does.
 #[test]
 fn an_unknown_guest_arch_is_one_clear_line() {
     let env = Env::new();
     let p = env.project("arch");
-    let mut c = env.cmd(&p);
-    c.env("VIBEBOX_ARCH", "riscv64")
-        .args(["exec", "--", "true"]);
-    let out = run(c);
-    assert_eq!(out.code, 1, "{}", out.stderr);
-    assert!(
-        out.stderr.contains(
-            "VIBEBOX_ARCH=\"riscv64\" is not a guest architecture: set it to x86_64 or aarch64"
-        ),
-        "{}",
-        out.stderr
-    );
-    // The error is the last line, and the only one about it.
-    let last = out.stderr.trim_end().lines().last().unwrap_or_default();
-    assert!(last.contains("VIBEBOX_ARCH"), "{}", out.stderr);
-    assert_eq!(
-        out.stderr.matches("VIBEBOX_ARCH").count(),
-        1,
-        "{}",
-        out.stderr
-    );
-    assert!(!env.vibebox_home().join("images").exists());
+    for args in [
+        &["exec", "--", "true"][..],
+        &["image", "build"][..],
+        &["image", "pull"][..],
+    ] {
+        let mut c = env.cmd(&p);
+        c.env("VIBEBOX_ARCH", "riscv64").args(args);
+        let out = run(c);
+        assert_eq!(out.code, 1, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(
+                "VIBEBOX_ARCH=\"riscv64\" is not a guest architecture: set it to x86_64 or aarch64"
+            ),
+            "{args:?}: {}",
+            out.stderr
+        );
+        // The error is the last line, and the only one about it.
+        let last = out.stderr.trim_end().lines().last().unwrap_or_default();
+        assert!(last.contains("VIBEBOX_ARCH"), "{args:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.matches("VIBEBOX_ARCH").count(),
+            1,
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(!env.vibebox_home().join("images").exists(), "{args:?}");
+    }
 }

@@ -15,18 +15,22 @@ use crate::store::index::Index;
 pub fn run(home: &Home, cmd: &ImageCommand) -> Result<(), Error> {
     match cmd {
         ImageCommand::Build { release, arch } => {
-            let mut opts = Options {
+            let opts = Options {
                 release: release.clone(),
+                arch: match arch {
+                    Some(a) => a.clone(),
+                    None => crate::image::guest_arch()?.to_string(),
+                },
                 ..Options::default()
             };
-            if let Some(a) = arch {
-                opts.arch = a.clone();
-            }
             let (image, built) = build::build(home, &opts)?;
             report(&image, built, "built")
         }
         ImageCommand::Pull { name, arch } => {
-            let arch = arch.as_deref().unwrap_or(crate::image::host_arch());
+            let arch = match arch {
+                Some(a) => a.as_str(),
+                None => crate::image::guest_arch()?,
+            };
             let (image, made) = pull::pull(home, name.as_deref(), arch)?;
             report(&image, made, "pulled")
         }
