@@ -244,6 +244,31 @@ fn mounts_reaching_the_vibebox_home_are_refused() {
             );
         }
     }
+    // A vibebox home reached through a link (`VIBEBOX_HOME=/data/vb` with `/data`
+    // linked to a bigger disk): a rw mount of the directory holding the link could
+    // swap it for a home the VM wrote, so it is refused though it does not hold where
+    // the home really is.
+    let disk = env.project("disk");
+    fs::create_dir_all(disk.join("vb")).unwrap();
+    let holder = env.project("holder");
+    std::os::unix::fs::symlink(&disk, holder.join("data")).unwrap();
+    for source in [holder.clone(), holder.join("data")] {
+        fs::write(
+            p.join("vibebox.toml"),
+            format!("[box]\nmounts = [\"{}:/mnt/x:rw\"]\n", source.display()),
+        )
+        .unwrap();
+        let mut c = env.init(&p);
+        c.env("VIBEBOX_HOME", holder.join("data/vb"));
+        let out = run(c);
+        assert_eq!(out.code, 2, "{}: {}", source.display(), out.stderr);
+        assert!(
+            out.stderr.contains("vibebox home") && out.stderr.lines().count() == 1,
+            "{}: {}",
+            source.display(),
+            out.stderr
+        );
+    }
     // A sibling of the vibebox home is a normal grant.
     let sibling = env.project("data");
     fs::write(

@@ -171,7 +171,8 @@ pub struct Host {
     pub disk_gb: u64,
     pub home: PathBuf,
     pub guest_home: PathBuf,
-    /// The vibebox home (canonical): no mount may reach it.
+    /// The vibebox home as configured (not resolved): no mount may reach it, nor
+    /// any directory on the way to it (see `pin_mounts`).
     pub state: PathBuf,
 }
 
@@ -188,7 +189,6 @@ impl Host {
             })
             .unwrap_or(u64::MAX);
         let state = crate::store::paths::Home::from_env()?.root().to_path_buf();
-        let state = std::fs::canonicalize(&state).unwrap_or(state);
         Ok(Host {
             cpus,
             memory_mb,
@@ -311,6 +311,14 @@ pub fn load(path: &Path, project: &Path, host: &Host) -> Result<Config, Error> {
 /// own grants.
 fn pin_mounts(config: &mut Config, path: &Path, state: &Path) -> Result<(), Error> {
     let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    // The home as written and where each directory on the way to it really is: a
+    // mount holding any of them could swap a link on that way (`~/.vibebox` linked
+    // to a bigger disk, `~` mounted rw) and hand the host a home the VM wrote.
+    let guarded: Vec<PathBuf> = state
+        .ancestors()
+        .map(real)
+        .chain(std::iter::once(state.to_path_buf()))
+        .collect();
     let writable: Vec<(usize, PathBuf, PathBuf)> = config
         .mounts
         .iter()
@@ -323,16 +331,17 @@ fn pin_mounts(config: &mut Config, path: &Path, state: &Path) -> Result<(), Erro
             continue;
         }
         let pinned = real(&m.host);
-        if [&m.host, &pinned]
+        if let Some(reached) = [&m.host, &pinned]
             .iter()
-            .any(|p| p.starts_with(state) || state.starts_with(p))
+            .find_map(|p| reaches(p, state, &guarded))
         {
             return Err(Error::Mount {
                 path: path.to_path_buf(),
                 host: m.host.clone(),
                 message: format!(
-                    "it reaches the vibebox home {} (every session's keys and the approvals); mount a directory that neither holds nor lies inside it",
-                    state.display()
+                    "it reaches the vibebox home {} ({}: every session's keys and the approvals); mount a directory that neither holds nor lies inside it",
+                    state.display(),
+                    reached
                 ),
             });
         }
@@ -354,6 +363,21 @@ fn pin_mounts(config: &mut Config, path: &Path, state: &Path) -> Result<(), Erro
         m.host = pinned;
     }
     Ok(())
+}
+
+/// How a mount source `p` reaches the vibebox home `state`, if it does: `p` lies
+/// inside it (as written or resolved), or holds it or a directory on the way to it
+/// (`guarded`: the home and each of its ancestors resolved, and the home as
+/// written).
+fn reaches(p: &Path, state: &Path, guarded: &[PathBuf]) -> Option<&'static str> {
+    let home_real = guarded.first().map_or(state, |h| h.as_path());
+    if p.starts_with(state) || p.starts_with(home_real) {
+        return Some("it lies inside it");
+    }
+    guarded
+        .iter()
+        .any(|g| g.starts_with(p))
+        .then_some("it holds it or a link on the way to it")
 }
 
 /// The config a project without `vibebox.toml` gets: the baseline of what a VM may
