@@ -56,10 +56,17 @@ install -m 0644 "$G/sshd_config.conf" /etc/ssh/sshd_config.d/10-vibebox.conf
 # under TCG cost 60-300 ms before the first byte reached the terminal (as much
 # as the rest of `ssh -t true`). A directory in the database's place makes the
 # write fail at once; sshd goes on silently. `last` in the VM shows nothing.
-if [ ! -d /var/log/wtmp.db ]; then
-    rm -f /var/log/wtmp.db /var/log/wtmp.db-journal
-    mkdir -m 0755 /var/log/wtmp.db
-fi
+# Both paths: libwtmpdb before 0.73.0-3 (an older cloud image that `image pull`
+# prepares) keeps it in /var/lib/wtmpdb, later ones link that to /var/log. What
+# else writes or rotates the database is off, so no unit fails on a directory.
+for db in /var/log/wtmp.db /var/lib/wtmpdb/wtmp.db; do
+    if [ ! -d "$db" ] && [ ! -L "$db" ]; then
+        rm -f "$db" "$db-journal"
+        mkdir -p -m 0755 "$db"
+    fi
+done
+rm -f /etc/logrotate.d/wtmpdb
+systemctl --no-reload mask wtmpdb-update-boot.service wtmpdb-rotate.service wtmpdb-rotate.timer >/dev/null 2>&1 || true
 # Also in non-login interactive bash shells (:help, :explain).
 if ! grep -q 'profile.d/vibebox.sh' /etc/bash.bashrc; then
     printf '\n# vibebox commands (:help, :explain, ...)\n[ -r /etc/profile.d/vibebox.sh ] && . /etc/profile.d/vibebox.sh\n' \

@@ -15,13 +15,20 @@ use crate::supervisor::{self, State};
 /// The project's running VM, held (a client reference) while the command runs.
 /// Tasks live only in a running VM, so nothing here boots one.
 fn running(home: &Home, start: &Path) -> Result<(SessionDir, Attached), Error> {
+    let (sd, attached) = running_unreported(home, start)?;
+    up::report_warnings(&attached);
+    Ok((sd, attached))
+}
+
+/// [`running`] without printing the guest's warnings (see `up::check_in`).
+fn running_unreported(home: &Home, start: &Path) -> Result<(SessionDir, Attached), Error> {
     let root = project::find_root(start, home)?;
     let id = project::registered(home, &root)?.ok_or(TaskError::NotRunning)?;
     let sd = home.session(id);
     if supervisor::status(&sd).state != State::Running {
         return Err(TaskError::NotRunning.into());
     }
-    let attached = up::attach(home, &root, id, true)?;
+    let attached = up::check_in(home, &root, id, true)?;
     Ok((sd, attached))
 }
 
@@ -113,7 +120,9 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
         && let Some(sd) = running_session(home, start)?
     {
         let mut child = tasks::start_attach(&sd, n)?;
-        let attached = match running(home, start) {
+        // The guest's warnings wait until ssh gives the terminal back: printed
+        // now they would land in the task's screen, in raw mode, and be redrawn over.
+        let attached = match running_unreported(home, start) {
             Ok((_, attached)) => attached,
             Err(e) => {
                 // SIGTERM: ssh puts the terminal back as it was.
@@ -125,8 +134,9 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
                 return Err(e);
             }
         };
-        let code = tasks::attached(&mut child, n)?;
-        return up::finish(attached, code);
+        let code = tasks::attached(&mut child, n);
+        up::report_warnings(&attached);
+        return up::finish(attached, code?);
     }
     let (sd, attached) = running(home, start)?;
     let name = tasks::resolve(&sd, name)?;

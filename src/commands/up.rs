@@ -86,6 +86,21 @@ pub fn approve(
 
 /// Attaches to the session's VM (booting it if needed), printing progress.
 pub fn attach(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<Attached, Error> {
+    let attached = check_in(home, root, id, quiet)?;
+    report_warnings(&attached);
+    Ok(attached)
+}
+
+/// What the guest reported at boot (a failed mount, a bad volume), escaped.
+pub fn report_warnings(attached: &Attached) {
+    for w in &attached.warnings {
+        eprintln!("vibebox: the guest reported: {}", escape(w));
+    }
+}
+
+/// [`attach`] without the guest's warnings: for a caller whose ssh already has the
+/// terminal (raw mode, a full-screen task), which prints them once it is back.
+pub fn check_in(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<Attached, Error> {
     let say = |m: &str| {
         if !quiet {
             eprintln!("vibebox: {m}");
@@ -99,9 +114,6 @@ pub fn attach(home: &Home, root: &Path, id: SessionId, quiet: bool) -> Result<At
         Message::Stopping => say("the VM is shutting down; it will boot again"),
         _ => {}
     })?;
-    for w in &attached.warnings {
-        eprintln!("vibebox: the guest reported: {}", escape(w));
-    }
     Ok(attached)
 }
 
