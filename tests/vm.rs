@@ -1313,12 +1313,15 @@ fn faults_give_one_clear_line() {
     let env = Env::new();
     let img_dir = env.vibebox_home().join("images");
     fs::create_dir_all(&img_dir).unwrap();
-    let src = fs::read_dir(&images)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.path().join("image.toml").is_file())
-        .unwrap()
-        .path();
+    // The image a boot here would take (the images directory holds other
+    // architectures' and older recipes' images too).
+    let src = vibebox::image::store::Store::new(&vibebox::paths::Home::from_dir(
+        images.parent().unwrap().to_path_buf(),
+    ))
+    .find("default", std::env::consts::ARCH)
+    .unwrap()
+    .expect("an image of this host's architecture in VIBEBOX_TEST_IMAGES")
+    .dir;
     let dst = img_dir.join("debian-13-x86_64-deadbeef0000");
     fs::create_dir_all(&dst).unwrap();
     for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
