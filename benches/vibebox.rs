@@ -154,6 +154,14 @@ fn time_pair(n: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (Stats, Stat
     (stats(a), stats(b))
 }
 
+/// `ssh` through the session's control master running `command`: the floor of
+/// the running-session rows.
+fn plain_ssh(cfg: &Path, alias: &str, command: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.arg("-F").arg(cfg).arg(alias).arg(command);
+    c
+}
+
 fn must(mut c: Command) {
     let out = c.output().expect("runs");
     assert!(
@@ -397,23 +405,9 @@ fn bench_vm(b: &mut Bench, images: &Path) {
     exec_true(b);
     let cfg = sdir.join("ssh/config");
     let alias = ssh::alias(&id);
-    let plain = || {
-        let out = Command::new("ssh")
-            .arg("-F")
-            .arg(&cfg)
-            .arg(&alias)
-            .arg("true")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    plain();
-    let (subject, floor) = time_pair(20, || exec_true(b), plain);
+    let plain = |command: &str| must(plain_ssh(&cfg, &alias, command));
+    plain("true");
+    let (subject, floor) = time_pair(20, || exec_true(b), || plain("true"));
     b.row(
         "running session to a command (`vibebox exec -- true`)",
         subject,
@@ -422,17 +416,6 @@ fn bench_vm(b: &mut Bench, images: &Path) {
     );
     // `true` is a builtin of the guest's shell on both sides; a program costs an
     // exec in the guest (~20 ms under TCG), on both sides too.
-    let plain_program = || {
-        let out = Command::new("ssh")
-            .arg("-F")
-            .arg(&cfg)
-            .arg(&alias)
-            .arg("/usr/bin/true")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-    };
     let (subject, floor) = time_pair(
         20,
         || {
@@ -440,7 +423,7 @@ fn bench_vm(b: &mut Bench, images: &Path) {
             c.args(["exec", "--", "/usr/bin/true"]);
             must(c);
         },
-        plain_program,
+        || plain("/usr/bin/true"),
     );
     b.row(
         "the same, a program (`vibebox exec -- /usr/bin/true`)",
@@ -505,15 +488,7 @@ fn bench_attach(b: &mut Bench, images: &Path) {
     };
     let plain = || {
         let t = Instant::now();
-        let out = Command::new("ssh")
-            .arg("-F")
-            .arg(cfg)
-            .arg(alias)
-            .arg("true")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        must(plain_ssh(cfg, alias, "true"));
         t.elapsed()
     };
     let guest =

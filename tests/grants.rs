@@ -5,8 +5,9 @@
 mod common;
 
 use std::fs;
+use std::path::Path;
 
-use common::{Env, run};
+use common::{Env, Out, run};
 
 #[test]
 fn mount_sources_inside_writable_shares_are_refused() {
@@ -218,6 +219,25 @@ fn host_ports_and_published_ports_need_approval() {
 fn mounts_reaching_the_vibebox_home_are_refused() {
     let env = Env::new();
     let p = env.project("p");
+    // `vibebox init` with one mount of `source`, the vibebox home at `vibebox_home`.
+    let init_mounting = |source: &Path, mode: &str, vibebox_home: &Path| {
+        fs::write(
+            p.join("vibebox.toml"),
+            format!("[box]\nmounts = [\"{}:/mnt/x:{mode}\"]\n", source.display()),
+        )
+        .unwrap();
+        let mut c = env.init(&p);
+        c.env("VIBEBOX_HOME", vibebox_home);
+        run(c)
+    };
+    let refused = |out: Out, what: String| {
+        assert_eq!(out.code, 2, "{what}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("vibebox home") && out.stderr.lines().count() == 1,
+            "{what}: {}",
+            out.stderr
+        );
+    };
     let vhome = env.vibebox_home().canonicalize().unwrap();
     fs::create_dir_all(vhome.join("sessions")).unwrap();
     let link = env.tmp.path().join("innocent");
@@ -229,19 +249,8 @@ fn mounts_reaching_the_vibebox_home_are_refused() {
         link.clone(),
     ] {
         for mode in ["ro", "rw"] {
-            fs::write(
-                p.join("vibebox.toml"),
-                format!("[box]\nmounts = [\"{}:/mnt/x:{mode}\"]\n", source.display()),
-            )
-            .unwrap();
-            let out = run(env.init(&p));
-            assert_eq!(out.code, 2, "{} {mode}: {}", source.display(), out.stderr);
-            assert!(
-                out.stderr.contains("vibebox home") && out.stderr.lines().count() == 1,
-                "{} {mode}: {}",
-                source.display(),
-                out.stderr
-            );
+            let out = init_mounting(&source, mode, &env.vibebox_home());
+            refused(out, format!("{} {mode}", source.display()));
         }
     }
     // A vibebox home reached through a link (`VIBEBOX_HOME=/data/vb` with `/data`
@@ -253,29 +262,11 @@ fn mounts_reaching_the_vibebox_home_are_refused() {
     let holder = env.project("holder");
     std::os::unix::fs::symlink(&disk, holder.join("data")).unwrap();
     for source in [holder.clone(), holder.join("data")] {
-        fs::write(
-            p.join("vibebox.toml"),
-            format!("[box]\nmounts = [\"{}:/mnt/x:rw\"]\n", source.display()),
-        )
-        .unwrap();
-        let mut c = env.init(&p);
-        c.env("VIBEBOX_HOME", holder.join("data/vb"));
-        let out = run(c);
-        assert_eq!(out.code, 2, "{}: {}", source.display(), out.stderr);
-        assert!(
-            out.stderr.contains("vibebox home") && out.stderr.lines().count() == 1,
-            "{}: {}",
-            source.display(),
-            out.stderr
-        );
+        let out = init_mounting(&source, "rw", &holder.join("data/vb"));
+        refused(out, source.display().to_string());
     }
     // A sibling of the vibebox home is a normal grant.
     let sibling = env.project("data");
-    fs::write(
-        p.join("vibebox.toml"),
-        format!("[box]\nmounts = [\"{}:/mnt/x:ro\"]\n", sibling.display()),
-    )
-    .unwrap();
-    let out = run(env.init(&p));
+    let out = init_mounting(&sibling, "ro", &env.vibebox_home());
     assert_eq!(out.code, 0, "{}", out.stderr);
 }

@@ -2,11 +2,12 @@
 //! the project's VM (see `session::tasks`).
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{Error, up};
 use crate::escape::escape;
 use crate::paths::{Home, SessionDir};
+use crate::session::SessionId;
 use crate::session::tasks::{self, Task, TaskError};
 use crate::session::{agents, project};
 use crate::supervisor::client::Attached;
@@ -15,21 +16,27 @@ use crate::supervisor::{self, State};
 /// The project's running VM, held (a client reference) while the command runs.
 /// Tasks live only in a running VM, so nothing here boots one.
 fn running(home: &Home, start: &Path) -> Result<(SessionDir, Attached), Error> {
-    let (sd, attached) = running_unreported(home, start)?;
-    up::report_warnings(&attached);
-    Ok((sd, attached))
+    let vm = running_vm(home, start)?.ok_or(TaskError::NotRunning)?;
+    let attached = up::attach(home, &vm.root, vm.id, true)?;
+    Ok((vm.sd, attached))
 }
 
-/// [`running`] without printing the guest's warnings (see `up::check_in`).
-fn running_unreported(home: &Home, start: &Path) -> Result<(SessionDir, Attached), Error> {
+/// A project's session whose VM runs now.
+struct RunningVm {
+    root: PathBuf,
+    id: SessionId,
+    sd: SessionDir,
+}
+
+/// The project's session when its VM runs now (asked without a check-in), else
+/// `None`.
+fn running_vm(home: &Home, start: &Path) -> Result<Option<RunningVm>, Error> {
     let root = project::find_root(start, home)?;
-    let id = project::registered(home, &root)?.ok_or(TaskError::NotRunning)?;
+    let Some(id) = project::registered(home, &root)? else {
+        return Ok(None);
+    };
     let sd = home.session(id);
-    if supervisor::status(&sd).state != State::Running {
-        return Err(TaskError::NotRunning.into());
-    }
-    let attached = up::check_in(home, &root, id, true)?;
-    Ok((sd, attached))
+    Ok((supervisor::status(&sd).state == State::Running).then_some(RunningVm { root, id, sd }))
 }
 
 pub fn launch(
@@ -117,13 +124,19 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
     // A named task in a running VM: ssh starts at once, through the control
     // master, while this client checks in with the supervisor.
     if let Some(n) = name
-        && let Some(sd) = running_session(home, start)?
+        && let Some(vm) = running_vm(home, start)?
     {
-        let mut child = tasks::start_attach(&sd, n)?;
+        let mut child = tasks::start_attach(&vm.sd, n)?;
         // The guest's warnings wait until ssh gives the terminal back: printed
         // now they would land in the task's screen, in raw mode, and be redrawn over.
-        let attached = match running_unreported(home, start) {
-            Ok((_, attached)) => attached,
+        // Still running once ssh is off: a VM that stopped meanwhile is not booted
+        // again by the check-in (tasks never boot one).
+        let checked_in = match supervisor::status(&vm.sd).state {
+            State::Running => up::check_in(home, &vm.root, vm.id, true),
+            _ => Err(TaskError::NotRunning.into()),
+        };
+        let attached = match checked_in {
+            Ok(attached) => attached,
             Err(e) => {
                 // SIGTERM: ssh puts the terminal back as it was.
                 let _ = nix::sys::signal::kill(
@@ -142,16 +155,6 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
     let name = tasks::resolve(&sd, name)?;
     let code = tasks::attach(&sd, &name)?;
     up::finish(attached, code)
-}
-
-/// The project's session when its VM runs now (no check-in), else `None`.
-fn running_session(home: &Home, start: &Path) -> Result<Option<SessionDir>, Error> {
-    let root = project::find_root(start, home)?;
-    let Some(id) = project::registered(home, &root)? else {
-        return Ok(None);
-    };
-    let sd = home.session(id);
-    Ok((supervisor::status(&sd).state == State::Running).then_some(sd))
 }
 
 pub fn list(home: &Home, start: &Path, json: bool) -> Result<(), Error> {

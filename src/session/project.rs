@@ -325,11 +325,11 @@ const RECENT_SECS: i64 = 4;
 pub fn find_or_create(home: &Home, root: &Path) -> Result<Outcome, OpenError> {
     let project = Project::new(root.to_path_buf());
     let snapshot = Index::snapshot(home)?;
-    let known = snapshot.find_dir(root).map(|e| e.id);
+    let known = snapshot.find_dir(root);
     // Used within the last few seconds (an agent running `vibebox exec` in a loop):
     // `vibebox list` would say "just now" either way, so the index is not rewritten
     // (a lock, a temp file and two fsyncs per command).
-    if let Some(e) = snapshot.find_dir(root)
+    if let Some(e) = known
         && (0..RECENT_SECS).contains(&(index::now() - e.last_active).num_seconds())
         && matches!(read_marker(&project), Ok(Some(m)) if m == e.id)
     {

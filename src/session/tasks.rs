@@ -174,6 +174,12 @@ fn remote_attach(name: &str) -> Result<String, TaskError> {
     ))
 }
 
+/// The session's host alias in its ssh config (the directory is named by its id).
+fn alias(sd: &SessionDir) -> String {
+    let id = sd.dir().file_name().unwrap_or_default().to_string_lossy();
+    ssh::alias(&id)
+}
+
 /// [`ssh_command`] with ssh options of the caller's.
 fn ssh_command_with(
     sd: &SessionDir,
@@ -182,17 +188,12 @@ fn ssh_command_with(
     args: &[&str],
     tty: bool,
 ) -> Result<Command, TaskError> {
-    let id = sd
-        .dir()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let mut cmd = Command::new("ssh");
     cmd.arg("-F")
         .arg(sd.ssh_dir().join("config"))
         .arg(if tty { "-t" } else { "-T" })
         .args(opts)
-        .arg(ssh::alias(&id))
+        .arg(alias(sd))
         .arg("--")
         .arg(remote(op, args)?);
     Ok(cmd)
@@ -413,14 +414,9 @@ pub fn attach(sd: &SessionDir, name: &str) -> Result<i32, TaskError> {
 /// while it connects (that round trip took a sixth of an attach).
 pub fn start_attach(sd: &SessionDir, name: &str) -> Result<Child, TaskError> {
     validate_name(name)?;
-    let id = sd
-        .dir()
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     ssh::command(
         &sd.ssh_dir().join("config"),
-        &ssh::alias(&id),
+        &alias(sd),
         Some(&remote_attach(name)?),
         true,
     )
