@@ -272,6 +272,7 @@ EOF
 # (~4000, ~300 MiB uncompressed) stay as Debian ships them. Names missing on an
 # architecture or built into its kernel are skipped.
 say "decompressing the modules a box loads"
+: > /tmp/vibebox-plain-modules
 BOOT_MODULES="virtio_blk virtio_net virtio_console virtio_rng virtio_mmio virtio_pci
     qemu_fw_cfg ext4 crc32c crc32c_generic crc16 9p 9pnet_virtio virtiofs overlay
     vsock vmw_vsock_virtio_transport evdev button binfmt_misc autofs4 nfnetlink
@@ -291,10 +292,39 @@ for kdir in /lib/modules/*/; do
             *.ko.xz) xz -d -f -- "$ko" ;;
             *.ko.zst) zstd -q -d -f --rm -- "$ko" ;;
             *.ko.gz) gzip -d -f -- "$ko" ;;
+            *) continue ;;
         esac
-    done
+        echo "$ko"
+    done >> /tmp/vibebox-plain-modules
     depmod -a "$kver"
 done
+# dpkg is told what is on disk now: each decompressed module replaces its
+# compressed name in its package's file list and checksums. Without this,
+# `dpkg -V` reported the .ko.xz missing, and reinstalling the kernel package
+# left both forms side by side (dpkg did not know the .ko was its file).
+if [ -s /tmp/vibebox-plain-modules ]; then
+    # A list names a module by /usr/lib/modules or by /lib/modules (before and
+    # after the /usr merge), whichever modprobe printed: both are mapped.
+    awk '{ p = $0; if (p ~ /^\/lib\//) q = "/usr" p; else if (p ~ /^\/usr\/lib\//) q = substr(p, 5); else q = p
+           for (i = 0; i < 2; i++) { x = i ? q : p; y = x; sub(/\.(xz|zst|gz)$/, "", y); print x "\t" y } }' \
+        /tmp/vibebox-plain-modules | sort -u > /tmp/vibebox-plain-map
+    cut -f1 /tmp/vibebox-plain-map > /tmp/vibebox-plain-modules
+    for list in /var/lib/dpkg/info/*.list; do
+        grep -qF -f /tmp/vibebox-plain-modules "$list" 2>/dev/null || continue
+        sums=${list%.list}.md5sums
+        awk -F'\t' 'NR == FNR { to[$1] = $2; next } ($0 in to) { $0 = to[$0] } { print }' \
+            /tmp/vibebox-plain-map "$list" > "$list.new" && mv "$list.new" "$list"
+        [ -f "$sums" ] || continue
+        while IFS="$(printf '\t')" read -r from to; do
+            grep -qF "  ${from#/}" "$sums" || continue
+            sum=$(md5sum < "$to" | cut -d' ' -f1)
+            awk -v from="${from#/}" -v line="$sum  ${to#/}" \
+                'substr($0, 35) == from { $0 = line } { print }' "$sums" > "$sums.new" &&
+                mv "$sums.new" "$sums"
+        done < /tmp/vibebox-plain-map
+    done
+fi
+rm -f /tmp/vibebox-plain-modules /tmp/vibebox-plain-map
 # The ssh generator probes AF_VSOCK (loads vsock/vmci) to offer sshd on vsock.
 # The others are for hardware and set-ups a VM booted from its host's kernel
 # never has (encrypted or verity disks, GPT auto-discovery, hibernation, boot
