@@ -900,7 +900,9 @@ fn stop_saves_the_vm_and_the_next_start_resumes_it() {
     let out = common::approve(|| b.cmd());
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(state().is_file(), "a refused start dropped the state");
-    let out = b.exec(&format!("{marker}; echo boot4 > /dev/shm/vbx-marker; free -m | awk '/Mem/ {{print ($2 > 1024)}}'"));
+    let out = b.exec(&format!(
+        "{marker}; echo boot4 > /dev/shm/vbx-marker; free -m | awk '/Mem/ {{print ($2 > 1024)}}'"
+    ));
     assert_eq!(ok(&out), "none\n1\n", "{}\n{}", out.stderr, b.logs());
     assert!(!state().exists());
     assert_eq!(log_count(&b, "configuration changed"), 1, "{}", b.logs());
@@ -917,7 +919,12 @@ fn stop_saves_the_vm_and_the_next_start_resumes_it() {
     }
     let out = b.exec(&format!("{marker}; echo boot5 > /dev/shm/vbx-marker"));
     assert_eq!(ok(&out), "none\n", "{}", b.logs());
-    assert_eq!(log_count(&b, "cannot resume the saved VM"), 1, "{}", b.logs());
+    assert_eq!(
+        log_count(&b, "cannot resume the saved VM"),
+        1,
+        "{}",
+        b.logs()
+    );
     assert!(!state().exists());
 
     // A hostile guest: its sudo never answers the prepare step. The stop falls back
