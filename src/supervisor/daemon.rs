@@ -283,6 +283,7 @@ async fn boot_and_run(
     let _daemons = started.daemons;
     let incoming = started.incoming;
     let digest = started.digest;
+    let unsaveable = started.unsaveable;
     let gateway = match super::network::start(started.net, &config, sd, &sd_id(sd), resolver) {
         Ok(g) => g,
         Err(e) => {
@@ -455,8 +456,8 @@ async fn boot_and_run(
     drop(ports);
     let mut qmp = qmp;
     let cold = !config.resume || shared.cold_requested.load(Ordering::SeqCst);
-    if digest.is_none() && !cold {
-        tracing::info!("shutting the VM down, not saving it: a virtiofs share cannot be saved");
+    if let Some(why) = unsaveable.filter(|_| !cold) {
+        tracing::info!("shutting the VM down, not saving it: {why}");
     }
     if let Some(digest) = digest.filter(|_| !cold) {
         match save_vm(sd, qmp.take(), &digest, ipv4, &mut exit_rx).await {

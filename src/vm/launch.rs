@@ -104,9 +104,9 @@ pub struct Started {
     /// The virtiofsd processes of the shares; keep them until QEMU has exited.
     pub daemons: Vec<virtiofsd::Daemon>,
     /// What a state saved at stop must match to be resumed (`snapshot::digest`);
-    /// `None` when this machine cannot be saved (a virtiofs share: QEMU 7.2 cannot
-    /// migrate vhost-user-fs).
+    /// `None` when this machine cannot be saved, and `unsaveable` says why.
     pub digest: Option<String>,
+    pub unsaveable: Option<&'static str>,
     /// QEMU was started paused, waiting for this state (`-incoming defer`): the
     /// supervisor hands it over with `snapshot::resume`, else the guest never runs.
     pub incoming: Option<(fs::File, snapshot::Record)>,
@@ -470,7 +470,15 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
             .map(|r| (r.dev, r.ino, r.uid, r.gid))
             .collect::<Vec<_>>()
     );
-    let digest = virtiofsd
+    let unsaveable = if virtiofsd.is_some() {
+        Some("the VM has a virtiofs share, which QEMU 7.2 cannot save")
+    } else if plan.accel == Accelerator::Hvf {
+        // Not tried under hvf; a resume that fails would cost a minute's wait.
+        Some("saving an hvf guest is not supported yet")
+    } else {
+        None
+    };
+    let digest = unsaveable
         .is_none()
         .then(|| snapshot::digest(&plan.qemu, &argv, &fw, &extra));
     let (incoming, cold_because) = match &digest {
@@ -482,7 +490,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
             let had = snapshot::exists(s.dir());
             snapshot::discard(s.dir());
             let why = if plan.resume {
-                "the VM has a virtiofs share, which QEMU cannot save"
+                unsaveable.unwrap_or_default()
             } else {
                 "resuming is off"
             };
@@ -573,6 +581,7 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         net,
         daemons,
         digest,
+        unsaveable,
         incoming,
         cold_because,
     })
