@@ -400,7 +400,7 @@ async fn boot_and_run(
         .map_err(|e| e.to_string())?;
     if let Some(record) = resumed {
         r.ipv4 = r.ipv4.or(record.ipv4);
-        match super::resume::resumed(sd).await {
+        match super::resume::resumed(sd, &alias).await {
             Ok(warnings) => r.errors.extend(warnings),
             Err(e) => {
                 tracing::warn!("{e}; booting cold");

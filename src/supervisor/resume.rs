@@ -23,6 +23,8 @@ const RESUMED_WAIT: Duration = Duration::from_secs(30);
 /// At most this many guest lines, this long each, reach the log or the user.
 const MAX_LINES: usize = 8;
 const MAX_LINE: usize = 300;
+/// The most of the resumed guest's answer read.
+const OUTPUT_CAP: u64 = 64 << 10;
 
 /// The script run as root in the guest (the session user has passwordless sudo).
 fn remote(op: &str) -> String {
@@ -95,11 +97,40 @@ pub async fn save(
 
 /// After a resume: the shares mounted again as at boot. Returns the guest's
 /// complaints (escaped) as warnings for the user; `Err` when the guest did not
-/// answer (then it is not usable).
-pub async fn resumed(sd: &SessionDir) -> Result<Vec<String>, String> {
-    let out = ssh::guest_output_within(sd, &remote("resume"), RESUMED_WAIT)
+/// answer (then it is not usable). It runs through the session's own ssh config, so
+/// the control master it opens (`ControlPersist`) is the one the waiting client
+/// uses next: one ssh handshake with the guest on the way to the user's command
+/// instead of two (each is seconds under TCG).
+pub async fn resumed(sd: &SessionDir, alias: &str) -> Result<Vec<String>, String> {
+    use tokio::io::AsyncReadExt;
+    let config = sd.ssh_dir().join("config");
+    let mut cmd = tokio::process::Command::from(ssh::command(
+        &config,
+        alias,
+        Some(&remote("resume")),
+        false,
+    ));
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let run = async {
+        let mut child = cmd.spawn()?;
+        let mut out = Vec::new();
+        if let Some(stdout) = child.stdout.take() {
+            stdout.take(OUTPUT_CAP).read_to_end(&mut out).await?;
+        }
+        let status = child.wait().await?;
+        Ok::<_, std::io::Error>((status, out))
+    };
+    let (status, out) = tokio::time::timeout(RESUMED_WAIT, run)
         .await
-        .map_err(|e| format!("the resumed guest did not answer over ssh: {e}"))?;
+        .map_err(|_| format!("the resumed guest did not answer within {RESUMED_WAIT:?}"))?
+        .map_err(|e| format!("ssh to the resumed guest: {e}"))?;
+    if !status.success() {
+        return Err(format!("ssh to the resumed guest failed ({status})"));
+    }
+    let out = String::from_utf8_lossy(&out);
     if out.lines().last() != Some("resumed") {
         return Err(format!(
             "the resumed guest said: {}",
