@@ -5,9 +5,10 @@
 //! - creating a session (`vibebox init` in a new directory), against `vibebox
 //!   --version` (the process start), and the disk a session costs after its first
 //!   boot;
-//! - (VM) a stopped session to a command (`vibebox exec -- true`) against a bare QEMU
-//!   boot of the same image with the same flags to the guest's ready line plus one
-//!   `ssh true`: the floor;
+//! - (VM) a stopped session to a command (`vibebox exec -- true`), resumed from the
+//!   state `vibebox stop` saved, and booted cold after `vibebox stop --cold`, both
+//!   against a bare QEMU boot of the same image with the same flags to the guest's
+//!   ready line plus one `ssh true`: the floor; and the saved state's size;
 //! - (VM) a running session (`vibebox exec -- true`) against a plain `ssh true`
 //!   through the session's open control master: the floor;
 //! - (VM) attaching to a running task (`vibebox attach NAME` until the task's
