@@ -104,12 +104,8 @@ pub async fn save(
 pub async fn resumed(sd: &SessionDir, alias: &str) -> Result<Vec<String>, String> {
     use tokio::io::AsyncReadExt;
     let config = sd.ssh_dir().join("config");
-    let mut cmd = tokio::process::Command::from(ssh::command(
-        &config,
-        alias,
-        Some(&remote("resume")),
-        false,
-    ));
+    let mut cmd =
+        tokio::process::Command::from(ssh::command(&config, alias, Some(&remote("resume")), false));
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
