@@ -5,9 +5,10 @@
 //! - creating a session (`vibebox init` in a new directory), against `vibebox
 //!   --version` (the process start), and the disk a session costs after its first
 //!   boot;
-//! - (VM) a stopped session to a command (`vibebox exec -- true`) against a bare QEMU
-//!   boot of the same image with the same flags to the guest's ready line plus one
-//!   `ssh true`: the floor;
+//! - (VM) a stopped session to a command (`vibebox exec -- true`), resumed from the
+//!   state `vibebox stop` saved, and booted cold after `vibebox stop --cold`, both
+//!   against a bare QEMU boot of the same image with the same flags to the guest's
+//!   ready line plus one `ssh true`: the floor; and the saved state's size;
 //! - (VM) a running session (`vibebox exec -- true`) against a plain `ssh true`
 //!   through the session's open control master: the floor;
 //! - (VM) attaching to a running task (`vibebox attach NAME` until the task's
@@ -356,42 +357,69 @@ fn bench_vm(b: &mut Bench, images: &Path) {
         c.arg("stop");
         must(c);
     };
+    let stop_cold = |b: &Bench| {
+        let mut c = b.cmd(&project);
+        c.args(["stop", "--cold"]);
+        must(c);
+    };
 
-    // First boot (creates the disk), then the session's disk cost.
+    // First boot (creates the disk), then the session's disk cost (before any
+    // saved VM state: that is reported apart).
     exec_true(b);
-    stop(b);
+    stop_cold(b);
     let id = fs::read_to_string(project.join(".vibebox/session.toml")).unwrap();
     let id = id.split('"').nth(1).unwrap().to_string();
     let sdir = b.home().join("sessions").join(&id);
     let disk = du(&sdir.join("disk.qcow2"));
     let state = du(&sdir);
+    let saved = sdir.join("resume.state");
+    exec_true(b);
+    stop(b);
 
     // Another image's bare boot beside them (an image built before a change to
     // the recipe): on a shared host only boots interleaved in one run compare.
     let baseline =
         std::env::var_os("VIBEBOX_BENCH_BASELINE_IMAGES").map(|d| find_image(Path::new(&d)));
 
-    // Cold starts: vibebox, then the bare floor, interleaved so drift hits both.
+    // A stop saves the VM and the next start resumes it; `stop --cold` shuts it
+    // down and the next start boots. Both, then the bare boot floor, interleaved
+    // so drift hits all three.
     let mut ours = Vec::new();
+    let mut cold = Vec::new();
     let mut bare = Vec::new();
     let mut before = Vec::new();
+    let mut state_mib = Vec::new();
     for _ in 0..boots {
+        assert!(saved.is_file(), "the stop saved no state");
         let t = Instant::now();
         exec_true(b);
         ours.push(t.elapsed());
+        stop_cold(b);
+        let t = Instant::now();
+        exec_true(b);
+        cold.push(t.elapsed());
         stop(b);
+        state_mib.push(fs::metadata(&saved).map(|m| m.len() >> 20).unwrap_or(0));
         bare.push(bare_boot(&image, &project, b.tmp.path(), None).0);
         if let Some(old) = &baseline {
             before.push(bare_boot(old, &project, b.tmp.path(), None).0);
         }
     }
-    let (ours, bare) = (stats(ours), stats(bare));
+    let (ours, cold, bare) = (stats(ours), stats(cold), stats(bare));
     b.row(
-        "stopped session to a command (`vibebox exec -- true`)",
+        "stopped session to a command (`vibebox exec -- true`, resumed)",
         ours,
         "bare QEMU boot to ready + `ssh true`",
         bare,
     );
+    b.row(
+        "the same after `stop --cold` (a cold boot)",
+        cold,
+        "bare QEMU boot to ready + `ssh true`",
+        bare,
+    );
+    state_mib.sort_unstable();
+    let state_median = state_mib[state_mib.len() / 2];
     if let Some(old) = &baseline {
         b.row(
             &format!("bare QEMU boot to ready + `ssh true`, {}", image.id()),
@@ -401,7 +429,9 @@ fn bench_vm(b: &mut Bench, images: &Path) {
         );
     }
 
-    // Running: vibebox against plain ssh through the open control master.
+    // Running: vibebox against plain ssh through the open control master, on a VM
+    // booted cold (the breakdown below is of its boot).
+    let _ = fs::remove_file(&saved);
     exec_true(b);
     let cfg = sdir.join("ssh/config");
     let alias = ssh::alias(&id);
@@ -436,7 +466,7 @@ fn bench_vm(b: &mut Bench, images: &Path) {
     stop(b);
     b.line("");
     b.line(&format!(
-        "session disk after its first boot: {:.1} MiB overlay, {:.1} MiB session state in all (the base image is shared: {:.0} MiB)",
+        "session disk after its first boot: {:.1} MiB overlay, {:.1} MiB session state in all (the base image is shared: {:.0} MiB); a saved VM state (`vibebox stop`): {state_median} MiB",
         disk as f64 / 1048576.0,
         state as f64 / 1048576.0,
         image.size() as f64 / 1048576.0

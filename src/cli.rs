@@ -53,13 +53,17 @@ pub enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// Shut a session's VM down now (this project's, or the one named).
+    /// Stop a session's VM now (this project's, or the one named): its state is saved
+    /// and the next start resumes it; `--cold` shuts the guest down instead.
     Stop {
         /// A session id or unique prefix; default: this project's session.
         id: Option<String>,
         /// Stop even while tasks run in the VM (they end).
         #[arg(short = 'y', long = "yes")]
         yes: bool,
+        /// Shut the guest down instead of saving it: the next start boots cold.
+        #[arg(long = "cold")]
+        cold: bool,
     },
     /// Start a command (default: your login shell) as a task in the project's VM:
     /// a terminal session that outlives this terminal, ssh and the connection.

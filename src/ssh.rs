@@ -120,14 +120,23 @@ pub async fn guest_output(
     session: &crate::paths::SessionDir,
     script: &str,
 ) -> Result<String, Error> {
-    let guest = guest_session(session).await?;
-    let out = tokio::time::timeout(GUEST_OUTPUT_WAIT, bounded_output(&guest, script))
+    guest_output_within(session, script, GUEST_OUTPUT_WAIT).await
+}
+
+/// [`guest_output`] with its own bound on the whole exchange, connection included.
+pub async fn guest_output_within(
+    session: &crate::paths::SessionDir,
+    script: &str,
+    wait: std::time::Duration,
+) -> Result<String, Error> {
+    let late = || Error::Remote(format!("the guest did not answer within {wait:?}"));
+    let deadline = tokio::time::Instant::now() + wait;
+    let guest = tokio::time::timeout_at(deadline, guest_session(session))
         .await
-        .unwrap_or_else(|_| {
-            Err(Error::Remote(format!(
-                "the guest did not answer within {GUEST_OUTPUT_WAIT:?}"
-            )))
-        });
+        .map_err(|_| late())??;
+    let out = tokio::time::timeout_at(deadline, bounded_output(&guest, script))
+        .await
+        .unwrap_or_else(|_| Err(late()));
     // Closing the connection ends the command too, whatever it was doing.
     let _ = guest.close().await;
     out

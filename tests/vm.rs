@@ -760,6 +760,189 @@ fn lifecycle_exec_mounts_refcount_autoshutdown_resume() {
     assert_eq!(ok(&out), "node_modules:\n\nweb/.venv:\n", "{}", out.stderr);
 }
 
+/// The supervisor log's lines that say what the last start did.
+fn log_count(b: &Box, what: &str) -> usize {
+    fs::read_to_string(b.session_dir().join("logs/supervisor.log"))
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+}
+
+/// `vibebox stop` saves the VM and the next start resumes it (9p shares): the
+/// guest's memory survives (a /dev/shm marker), its shares are mounted again and
+/// coherent, its clock is the host's, tasks ended, ssh and the network work; and
+/// every case where resuming is not safe boots cold with the command still run.
+#[test]
+fn stop_saves_the_vm_and_the_next_start_resumes_it() {
+    let Some(images) = common::test_images() else {
+        return;
+    };
+    let _vm = vm_lock();
+    let ro = tempfile::Builder::new()
+        .prefix("vbx-resume-ro-")
+        .tempdir()
+        .unwrap();
+    fs::write(ro.path().join("given.txt"), "ro\n").unwrap();
+    let granted = host_service("from the host");
+    let other = host_service("not for the VM");
+    let config = |memory: u32| {
+        format!(
+            "[box]\nmemory_mb = {memory}\nmounts = [\"{}:/mnt/ro:ro\"]\nvolumes = [\".venv\"]\n[supervisor]\nauto_shutdown_ms = 600000\n[ports]\nhost = [\"{}\"]\n",
+            ro.path().display(),
+            granted.local_addr().unwrap().port()
+        )
+    };
+    let b = Box::new(&images, "resume me", &config(1024));
+    let state = || b.session_dir().join("resume.state");
+    let git = Command::new("git")
+        .args(["init", "-q"])
+        .arg(&b.project)
+        .status()
+        .unwrap();
+    assert!(git.success());
+    let marker = "cat /dev/shm/vbx-marker 2>/dev/null || echo none";
+
+    // Boot 1 (cold): a marker only this guest's memory holds, a task, a volume file.
+    let out = b.exec(
+        "echo boot1 > /dev/shm/vbx-marker && echo v > .venv/py && echo g > from-guest-1 && sync",
+    );
+    ok(&out);
+    ok(&b.vibebox(&["launch", "sleeper", "--", "sleep", "3000"]));
+    let out = b.vibebox(&["stop", "-y"]);
+    assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
+    assert!(state().is_file(), "no state saved:\n{}", b.logs());
+    assert_eq!(log_count(&b, "saved the VM"), 1, "{}", b.logs());
+    b.qemu_img_check();
+    let mib = fs::metadata(state()).unwrap().len() >> 20;
+    eprintln!("state file: {mib} MiB");
+
+    // While stopped, the host edits the project.
+    fs::write(b.project.join("from-host.txt"), "written while stopped\n").unwrap();
+
+    // Resumed: memory kept, state used up before the guest ran, shares mounted
+    // again (project, read-only share, volume, git overlay), the host's edit seen,
+    // a guest write on the host, the clock set from the host's, the task gone.
+    let out = b.exec(&format!(
+        "{marker}; cat from-host.txt /mnt/ro/given.txt .venv/py; \
+         findmnt -no FSTYPE -T \"$PWD\"; findmnt -no FSTYPE -T .venv; findmnt -no FSTYPE -M .git; \
+         echo after > from-guest-2; date +%s"
+    ));
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let lines: Vec<&str> = ok(&out).lines().collect();
+    assert_eq!(
+        &lines[..7],
+        [
+            "boot1",
+            "written while stopped",
+            "ro",
+            "v",
+            "9p",
+            "ext4",
+            "overlay"
+        ],
+        "{}\n{}",
+        out.stderr,
+        b.logs()
+    );
+    let guest_now: i64 = lines[7].parse().unwrap();
+    assert!(
+        (host_now - guest_now).abs() <= 5,
+        "guest clock {guest_now}, host {host_now}"
+    );
+    assert_eq!(log_count(&b, "resumed the VM saved"), 1, "{}", b.logs());
+    assert!(!state().exists(), "the state outlived its resume");
+    assert_eq!(
+        fs::read_to_string(b.project.join("from-guest-2")).unwrap(),
+        "after\n"
+    );
+    share_is_coherent(&b);
+    let tasks: serde_json::Value =
+        serde_json::from_str(ok(&b.vibebox(&["tasks", "--json"]))).unwrap();
+    assert_eq!(tasks.as_array().map(Vec::len), Some(0), "{tasks}");
+    // ssh (a new connection) and the network policy through the new gateway.
+    let out = b.exec(&format!(
+        "timeout 20 bash -c 'exec 3<>/dev/tcp/host.vibebox.internal/{} && cat <&3'",
+        granted.local_addr().unwrap().port()
+    ));
+    assert_eq!(ok(&out), "from the host\n");
+    let out = b.exec(&format!(
+        "timeout 20 bash -c 'exec 3<>/dev/tcp/host.vibebox.internal/{} && cat <&3'",
+        other.local_addr().unwrap().port()
+    ));
+    assert!(
+        out.code != 0 && !out.stdout.contains("not for the VM"),
+        "the resumed guest left its network policy: {}",
+        out.stdout
+    );
+
+    // QEMU killed after a resume: the next start is cold (the state was used once).
+    let qemu_pid = b.instance()["qemu_pid"].as_integer().unwrap();
+    kill9(qemu_pid as i32);
+    b.wait_status(60, |s, _| s == "stopped");
+    let out = b.exec(&format!("{marker}; echo boot2 > /dev/shm/vbx-marker"));
+    assert_eq!(ok(&out), "none\n", "{}", b.logs());
+    assert_eq!(log_count(&b, "resumed the VM saved"), 1);
+
+    // `stop --cold` shuts the guest down: no state, the next start is cold.
+    ok(&b.vibebox(&["stop", "--cold"]));
+    assert!(!state().exists());
+    let out = b.exec(&format!("{marker}; echo boot3 > /dev/shm/vbx-marker"));
+    assert_eq!(ok(&out), "none\n", "{}", b.logs());
+
+    // A setting changed while stopped: the state does not fit, it is deleted and
+    // the VM boots cold.
+    ok(&b.vibebox(&["stop"]));
+    assert!(state().is_file(), "{}", b.logs());
+    fs::write(b.project.join("vibebox.toml"), config(1280)).unwrap();
+    let out = common::approve(|| b.cmd());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(state().is_file(), "a refused start dropped the state");
+    let out = b.exec(&format!(
+        "{marker}; echo boot4 > /dev/shm/vbx-marker; free -m | awk '/Mem/ {{print ($2 > 1024)}}'"
+    ));
+    assert_eq!(ok(&out), "none\n1\n", "{}\n{}", out.stderr, b.logs());
+    assert!(!state().exists());
+    assert_eq!(log_count(&b, "configuration changed"), 1, "{}", b.logs());
+
+    // A damaged state (same length, bytes overwritten): QEMU refuses it, the VM
+    // boots cold and the command runs.
+    ok(&b.vibebox(&["stop"]));
+    let len = fs::metadata(state()).unwrap().len();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new().write(true).open(state()).unwrap();
+        f.seek(SeekFrom::Start(len / 3)).unwrap();
+        f.write_all(&vec![0xa5u8; 1 << 20]).unwrap();
+    }
+    let out = b.exec(&format!("{marker}; echo boot5 > /dev/shm/vbx-marker"));
+    assert_eq!(ok(&out), "none\n", "{}", b.logs());
+    assert_eq!(
+        log_count(&b, "cannot resume the saved VM"),
+        1,
+        "{}",
+        b.logs()
+    );
+    assert!(!state().exists());
+
+    // A hostile guest: its sudo never answers the prepare step. The stop falls back
+    // to the power-off within its bounds, saves nothing, and the next start is cold.
+    ok(&b.exec(
+        "sudo sh -c 'cp /usr/bin/sudo /usr/bin/sudo.real && printf \"#!/bin/sh\\nexec sleep 1000\\n\" > /usr/bin/sudo.fake && chmod 755 /usr/bin/sudo.fake && mv /usr/bin/sudo.fake /usr/bin/sudo'",
+    ));
+    let t = Instant::now();
+    let out = b.vibebox(&["stop"]);
+    assert!(ok(&out).contains("stopped session"), "{}", out.stderr);
+    eprintln!("stop with a hanging guest: {:?}", t.elapsed());
+    assert!(!state().exists());
+    assert_eq!(log_count(&b, "cannot save the VM"), 1, "{}", b.logs());
+    b.qemu_img_check();
+    let out = b.exec(marker);
+    assert_eq!(ok(&out), "none\n", "{}", b.logs());
+}
+
 /// A server on the host's loopback that sends `line` to each connection; it runs
 /// as long as the test process (the listener is returned to read its port).
 fn host_service(line: &'static str) -> std::net::TcpListener {

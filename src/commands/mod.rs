@@ -188,7 +188,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         }
         Some(Command::Image(cmd)) => image::run(&home, cmd),
         Some(Command::Exec { command }) => exec::run(&home, &start_dir(&cli)?, command),
-        Some(Command::Stop { id, yes }) => stop::run(&home, &start_dir(&cli)?, id.as_deref(), *yes),
+        Some(Command::Stop { id, yes, cold }) => {
+            stop::run(&home, &start_dir(&cli)?, id.as_deref(), *yes, *cold)
+        }
         Some(Command::Launch {
             name,
             attach,

@@ -9,7 +9,13 @@ use crate::session::project;
 use crate::store::index::Index;
 use crate::supervisor::client;
 
-pub fn run(home: &Home, start: &Path, id: Option<&str>, yes: bool) -> Result<(), Error> {
+pub fn run(
+    home: &Home,
+    start: &Path,
+    id: Option<&str>,
+    yes: bool,
+    cold: bool,
+) -> Result<(), Error> {
     let id = match id {
         Some(q) => super::delete::resolve(Index::snapshot(home)?.entries(), q)?.id,
         // Through the index, never the project's marker: the guest can write that.
@@ -35,7 +41,7 @@ pub fn run(home: &Home, start: &Path, id: Option<&str>, yes: bool) -> Result<(),
             }
         }
     }
-    if client::stop(&sd)? {
+    if client::stop_as(&sd, cold)? {
         println!("stopped session {id}");
     } else {
         println!("session {id} is not running");

@@ -75,6 +75,8 @@ pub struct Config {
     pub mounts: Vec<Mount>,
     pub network: Network,
     pub auto_shutdown_ms: u64,
+    /// Save the VM at stop and resume it at the next start (`[supervisor] resume`).
+    pub resume: bool,
     /// Globs the user added to the protected paths (the defaults are not here).
     pub protect: Vec<protect::Glob>,
     pub protect_mode: protect::Mode,
@@ -283,6 +285,7 @@ struct RawNetwork {
 #[serde(deny_unknown_fields)]
 struct RawSupervisor {
     auto_shutdown_ms: Option<Spanned<i64>>,
+    resume: Option<bool>,
 }
 
 /// `vibebox.toml` is a few KiB; a bigger one is not a config anybody wrote.
@@ -676,6 +679,7 @@ pub fn parse(text: &str, path: &Path, project: &Path, host: &Host) -> Result<Con
         mounts: resolved,
         network,
         auto_shutdown_ms,
+        resume: raw.supervisor.resume.unwrap_or(true),
         protect,
         protect_mode,
         volumes,
@@ -763,6 +767,9 @@ entries = [
 [supervisor]
 # How long an unused VM (no terminal attached) keeps running before it shuts down.
 # auto_shutdown_ms = {DEFAULT_AUTO_SHUTDOWN_MS}
+# A stop saves the VM's state and the next start resumes it (seconds instead of a
+# boot); false always shuts the guest down and boots it cold.
+# resume = true
 
 [ports]
 # A port a process in the VM listens on (1024 and up) appears on this machine's

@@ -64,7 +64,7 @@ pub fn delete(home: &Home, entry: &Entry, only_if_gone: bool) -> Result<Deleted,
     let id = entry.id;
     let sd = home.session(id);
     let held = if sd.dir().is_dir() {
-        client::stop(&sd).map_err(|source| DeleteError::Stop { id, source })?;
+        client::stop_as(&sd, true).map_err(|source| DeleteError::Stop { id, source })?;
         let lock = sd.dir().join(paths::SUPERVISOR_LOCK);
         let deadline = Instant::now() + RELEASE_WAIT;
         loop {

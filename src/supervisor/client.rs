@@ -333,9 +333,10 @@ fn watch(mut reader: BufReader<UnixStream>, tx: std::sync::mpsc::Sender<Message>
     }
 }
 
-/// How long `stop` waits for a supervisor's shutdown: its graceful power-off, QMP
-/// quit and kill take up to 40 s together.
-const STOP_WAIT: Duration = Duration::from_secs(60);
+/// How long `stop` waits for a supervisor's shutdown: the save (the guest's prepare
+/// step 15 s, the state written 20 s) and, when it fails, the graceful power-off,
+/// QMP quit and kill (40 s) take up to 75 s together.
+const STOP_WAIT: Duration = Duration::from_secs(80);
 
 /// Asks the session's supervisor to shut the VM down (cancelling a boot in
 /// progress) and waits until the supervisor has let go of its lock, which it holds
@@ -343,6 +344,11 @@ const STOP_WAIT: Duration = Duration::from_secs(60);
 /// `Ok(false)`: nothing was running. An error means the VM could not be confirmed
 /// gone, so callers must keep the session's state (its disk may be in use).
 pub fn stop(session: &SessionDir) -> Result<bool, Error> {
+    stop_as(session, false)
+}
+
+/// [`stop`]; `cold`: the guest is shut down, not saved (the next start boots cold).
+pub fn stop_as(session: &SessionDir, cold: bool) -> Result<bool, Error> {
     let lock = session.dir().join(paths::SUPERVISOR_LOCK);
     let deadline = Instant::now() + STOP_WAIT;
     let not_stopped = || Error::NotStopped {
@@ -375,7 +381,8 @@ pub fn stop(session: &SessionDir) -> Result<bool, Error> {
         std::thread::sleep(Duration::from_millis(50));
     };
     let supervisor = peer_pid(&s);
-    send(&mut s, Op::Stop).map_err(|_| Error::Lost(session.supervisor_log()))?;
+    let op = if cold { Op::StopCold } else { Op::Stop };
+    send(&mut s, op).map_err(|_| Error::Lost(session.supervisor_log()))?;
     let _ = s.set_read_timeout(Some(STOP_WAIT));
     let mut reader = BufReader::new(s);
     let mut line = String::new();

@@ -39,6 +39,8 @@ fn ready_timeout() -> Duration {
 /// Bounded waits of the shutdown sequence: guest power-off, QMP quit, kill.
 const POWEROFF_WAIT: Duration = Duration::from_secs(30);
 const QUIT_WAIT: Duration = Duration::from_secs(5);
+/// Loading a saved state and the resumed guest's first answer.
+const RESUME_WAIT: Duration = Duration::from_secs(60);
 /// While idle with live login sessions in the guest, look again this often.
 const LOGIN_RECHECK: Duration = Duration::from_secs(15);
 
@@ -55,6 +57,8 @@ struct Shared {
     life: std::sync::Mutex<()>,
     stop: Notify,
     stop_requested: AtomicBool,
+    /// `vibebox stop --cold`: power the guest off instead of saving it.
+    cold_requested: AtomicBool,
     /// Whether any client has attached: a supervisor that fails before the client
     /// that spawned it connects must wait for it, or the error is never told.
     attached_ever: AtomicBool,
@@ -104,6 +108,7 @@ pub fn run(home: &Home, project: &Path, id: SessionId) -> Result<(), String> {
             life: std::sync::Mutex::new(()),
             stop: Notify::new(),
             stop_requested: AtomicBool::new(false),
+            cold_requested: AtomicBool::new(false),
             attached_ever: AtomicBool::new(false),
         });
         let acceptor = {
@@ -163,6 +168,8 @@ fn stop_orphan(sd: &SessionDir) {
 enum Outcome {
     Crashed(String),
     Stopped,
+    /// The saved VM could not be resumed (its state is gone): boot again, cold.
+    ResumeFailed,
 }
 
 async fn lifecycle(shared: &Arc<Shared>, home: &Home, project: &Path, sd: &SessionDir) {
@@ -189,6 +196,7 @@ async fn lifecycle(shared: &Arc<Shared>, home: &Home, project: &Path, sd: &Sessi
                 return;
             }
             Outcome::Stopped => {}
+            Outcome::ResumeFailed => continue,
         }
         // A client that attached while the VM was stopping gets a new boot, never a
         // dead VM; an explicit stop or nobody attached ends the supervisor. Decided
@@ -261,14 +269,21 @@ async fn boot_and_run(
         qemu,
         explain: explain_text,
         protection: &protection,
+        resume: config.resume,
     })
     .map_err(|e| e.to_string())?;
+    if let Some(why) = &started.cold_because {
+        tracing::info!("booting cold, not resuming the saved VM: {why}");
+    }
     // Declared first so it is dropped last: QEMU's lease on life, ending it if this
     // boot ends any way but through QEMU's exit.
     let watchdog = started.watchdog;
     let qemu = watchdog.child().clone();
     // Dropped (killed) when this boot is over, after QEMU.
     let _daemons = started.daemons;
+    let incoming = started.incoming;
+    let digest = started.digest;
+    let unsaveable = started.unsaveable;
     let gateway = match super::network::start(started.net, &config, sd, &sd_id(sd), resolver) {
         Ok(g) => g,
         Err(e) => {
@@ -300,24 +315,66 @@ async fn boot_and_run(
     .write(sd)
     .map_err(|e| e.to_string())?;
 
+    // A saved VM: its state loaded into the paused QEMU, then the guest runs on
+    // from where it was stopped. The state file is already gone (`snapshot::take`).
+    let resumed = match incoming {
+        None => None,
+        Some((file, record)) => {
+            let alive = exited.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                crate::vm::snapshot::resume(
+                    Path::new(paths::QMP_SOCKET),
+                    &file,
+                    RESUME_WAIT,
+                    || !alive.load(Ordering::SeqCst),
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            if let Err(e) = loaded {
+                tracing::warn!("cannot resume the saved VM ({e}); booting cold");
+                kill(&qemu);
+                let _ = tokio::time::timeout(QUIT_WAIT, &mut exit_rx).await;
+                return Ok(Outcome::ResumeFailed);
+            }
+            tracing::info!("resumed the VM saved at the last stop");
+            Some(record)
+        }
+    };
+
     let ready_path = sd.dir().join(paths::READY_SOCKET);
     let alive = exited.clone();
     let asked = shared.clone();
+    let is_resumed = resumed.is_some();
+    // A resumed guest's clock stands where it was stopped: the host's clock goes
+    // with the first line it reads.
+    let ready_wait = if is_resumed {
+        RESUME_WAIT
+    } else {
+        ready_timeout()
+    };
     // A stop during the boot ends the wait at its next poll (half a second), not at
     // the ready timeout.
     let waited = tokio::task::spawn_blocking(move || {
-        ready::wait(
+        ready::wait_then(
             &ready_path,
-            ready_timeout(),
+            ready_wait,
             || !alive.load(Ordering::SeqCst) && !asked.stop_requested(),
             |e| tracing::info!("guest: {e:?}"),
+            || is_resumed.then(super::resume::time_line).flatten(),
         )
     })
     .await
     .map_err(|e| e.to_string())?;
-    let r = match waited {
+    let mut r = match waited {
         // Ready as the stop came: the stop below powers the guest off gracefully.
         Ok(r) => r,
+        Err(e) if is_resumed && !shared.stop_requested() => {
+            tracing::warn!("the resumed guest did not answer ({e}); booting cold");
+            kill(&qemu);
+            let _ = tokio::time::timeout(QUIT_WAIT, &mut exit_rx).await;
+            return Ok(Outcome::ResumeFailed);
+        }
         Err(_) if shared.stop_requested() => {
             cancel_boot(shared, &qemu, &mut exit_rx).await;
             return Ok(Outcome::Stopped);
@@ -341,9 +398,22 @@ async fn boot_and_run(
     });
     statefile::write_atomic(&sd.ssh_dir().join("config"), cfg.as_bytes(), 0o600)
         .map_err(|e| e.to_string())?;
+    if let Some(record) = resumed {
+        r.ipv4 = r.ipv4.or(record.ipv4);
+        match super::resume::resumed(sd, &alias).await {
+            Ok(warnings) => r.errors.extend(warnings),
+            Err(e) => {
+                tracing::warn!("{e}; booting cold");
+                kill(&qemu);
+                let _ = tokio::time::timeout(QUIT_WAIT, &mut exit_rx).await;
+                return Ok(Outcome::ResumeFailed);
+            }
+        }
+    }
     let mut inst = Instance::read(sd).unwrap_or_default();
     inst.guest_ipv4 = r.ipv4.clone();
     let _ = inst.write(sd);
+    let ipv4 = r.ipv4.clone();
 
     let qmp = Qmp::connect(Path::new(paths::QMP_SOCKET)).await.ok();
     shared.set(Message::Ready {
@@ -384,8 +454,41 @@ async fn boot_and_run(
         _ = idle(shared, sd, auto_shutdown) => {}
     }
     drop(ports);
+    let mut qmp = qmp;
+    let cold = !config.resume || shared.cold_requested.load(Ordering::SeqCst);
+    if let Some(why) = unsaveable.filter(|_| !cold) {
+        tracing::info!("shutting the VM down, not saving it: {why}");
+    }
+    if let Some(digest) = digest.filter(|_| !cold) {
+        match save_vm(sd, qmp.take(), &digest, ipv4, &mut exit_rx).await {
+            Ok(mib) => {
+                tracing::info!("saved the VM ({mib} MiB) for the next start to resume");
+                return Ok(Outcome::Stopped);
+            }
+            Err(why) => {
+                tracing::warn!(
+                    "cannot save the VM ({why}); shutting it down (the next start boots cold)"
+                );
+                qmp = Qmp::connect(Path::new(paths::QMP_SOCKET)).await.ok();
+            }
+        }
+    }
     shutdown(qmp, &qemu, &mut exit_rx).await;
     Ok(Outcome::Stopped)
+}
+
+/// The save path of a stop: the guest readied, QMP's connection handed over (QEMU
+/// serves one client), the state written and put in place once QEMU has quit.
+async fn save_vm(
+    sd: &SessionDir,
+    qmp: Option<Qmp>,
+    digest: &str,
+    ipv4: Option<String>,
+    exit_rx: &mut tokio::sync::oneshot::Receiver<String>,
+) -> Result<u64, String> {
+    super::resume::prepare(sd).await?;
+    drop(qmp);
+    super::resume::save(sd, digest, ipv4, exit_rx, QUIT_WAIT).await
 }
 
 /// The port watcher of one boot; ends with it, whichever way it ends.
@@ -633,8 +736,11 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         Op::Unpublish { guest } => {
             port_change(&shared, super::ports::Change::Unpublish(guest), &mut write).await;
         }
-        Op::Attach | Op::Stop => {
+        Op::Attach | Op::Stop | Op::StopCold => {
             let attach = req.op == Op::Attach;
+            if req.op == Op::StopCold {
+                shared.cold_requested.store(true, Ordering::SeqCst);
+            }
             let mut state = {
                 let _life = shared.life.lock().unwrap_or_else(|e| e.into_inner());
                 if attach {

@@ -7,6 +7,7 @@ pub mod limits;
 pub mod network;
 pub mod ports;
 pub mod protocol;
+pub mod resume;
 
 use serde::Serialize;
 

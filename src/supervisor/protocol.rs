@@ -14,8 +14,12 @@ pub enum Op {
     Attach,
     /// One `Status` reply, then the supervisor closes.
     Status,
-    /// Shut the VM down now; replies with states until `stopped`.
+    /// Stop the VM now (saving it for the next start where it can); replies with
+    /// states until `stopped`.
     Stop,
+    /// Stop the VM by shutting the guest down: the next start boots cold.
+    #[serde(rename = "stop-cold")]
+    StopCold,
     /// Publish a guest port on the host's loopback until the VM stops (or it is
     /// removed); one `Notice` reply saying what was done, or an `Error`.
     Publish {

@@ -14,6 +14,7 @@ use super::ownership::{self, Model, Owner};
 use super::pin::{self, Handoff, Root};
 use super::protect::{Guard, Protection};
 use super::qemu::{self, Boot, Network, Preset, Share, ShareKind, Spec};
+use super::snapshot::{self, Take};
 use super::virtiofsd;
 use crate::config::Config;
 use crate::image::store::Image;
@@ -102,6 +103,15 @@ pub struct Started {
     pub net: NetEnds,
     /// The virtiofsd processes of the shares; keep them until QEMU has exited.
     pub daemons: Vec<virtiofsd::Daemon>,
+    /// What a state saved at stop must match to be resumed (`snapshot::digest`);
+    /// `None` when this machine cannot be saved, and `unsaveable` says why.
+    pub digest: Option<String>,
+    pub unsaveable: Option<&'static str>,
+    /// QEMU was started paused, waiting for this state (`-incoming defer`): the
+    /// supervisor hands it over with `snapshot::resume`, else the guest never runs.
+    pub incoming: Option<(fs::File, snapshot::Record)>,
+    /// Why a saved state was not resumed (it is gone either way), for the log.
+    pub cold_because: Option<String>,
 }
 
 pub fn client_key(session: &SessionDir) -> KeyPair {
@@ -355,6 +365,8 @@ pub struct Plan<'a> {
     pub explain: String,
     /// What keeps `.git` from the guest; the explain text says the same.
     pub protection: &'a Protection,
+    /// Resume a state saved at the last stop if it matches this machine.
+    pub resume: bool,
 }
 
 /// Prepares everything and starts QEMU (with the session directory as its working
@@ -447,6 +459,45 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         },
         shares: &shares,
     };
+    // A state saved at the last stop is used only by this very machine, and never
+    // left behind for a later boot: a cold boot writes the disk it matched.
+    let argv = qemu::argv(&spec);
+    let extra = format!(
+        "{:?} {model:?} {how:?} {:?}",
+        plan.protection,
+        roots
+            .iter()
+            .map(|r| (r.dev, r.ino, r.uid, r.gid))
+            .collect::<Vec<_>>()
+    );
+    let unsaveable = if virtiofsd.is_some() {
+        Some("the VM has a virtiofs share, which QEMU 7.2 cannot save")
+    } else if plan.accel == Accelerator::Hvf {
+        // Not tried under hvf; a resume that fails would cost a minute's wait.
+        Some("saving an hvf guest is not supported yet")
+    } else {
+        None
+    };
+    let digest = unsaveable
+        .is_none()
+        .then(|| snapshot::digest(&plan.qemu, &argv, &fw, &extra));
+    let (incoming, cold_because) = match &digest {
+        Some(d) if plan.resume => match snapshot::take(s.dir(), &s.disk(), d) {
+            Take::Resume(file, record) => (Some((file, record)), None),
+            Take::Cold(why) => (None, why),
+        },
+        _ => {
+            let had = snapshot::exists(s.dir());
+            snapshot::discard(s.dir());
+            let why = if plan.resume {
+                unsaveable.unwrap_or_default()
+            } else {
+                "resuming is off"
+            };
+            (None, had.then(|| why.to_string()))
+        }
+    };
+    let paused = incoming.is_some();
     let mut daemons = Vec::new();
     if let Some(binary) = &virtiofsd {
         for (share, root) in shares.iter().zip(&roots) {
@@ -481,6 +532,10 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         })
     })?;
     let (child, watchdog) = spawn_qemu(&plan.qemu, &spec, s.dir(), &s.qemu_log(), |cmd| {
+        if paused {
+            // Paused until the supervisor has loaded the state and says `cont`.
+            cmd.args(["-S", "-incoming", "defer"]);
+        }
         if virtiofsd.is_none() {
             // 9p: QEMU itself serves the files, so it gets the read-only `.git`,
             // the pinned roots, and (as root) the ownership filter.
@@ -525,6 +580,10 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
         user,
         net,
         daemons,
+        digest,
+        unsaveable,
+        incoming,
+        cold_because,
     })
 }
 

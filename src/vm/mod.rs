@@ -13,4 +13,5 @@ pub mod protect;
 pub mod qemu;
 pub mod qmp;
 pub mod ready;
+pub mod snapshot;
 pub mod virtiofsd;

@@ -31,6 +31,15 @@ pub struct Qmp {
     service: Service,
     /// Names of QMP events as they arrive (`SHUTDOWN`, `POWERDOWN`, ...).
     pub events: mpsc::UnboundedReceiver<String>,
+    /// Holds the socket's read half: aborted on drop, so the socket closes and QEMU
+    /// (which serves one QMP client at a time) takes the next connection.
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +62,7 @@ impl Qmp {
             .map_err(cerr)?;
         let (service, mut events) = stream.into_parts();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(ev) = events.next().await {
                 let Ok(ev) = ev else { break };
                 let name = serde_json::to_value(&ev)
@@ -68,6 +77,7 @@ impl Qmp {
         Ok(Qmp {
             service,
             events: rx,
+            reader,
         })
     }
 

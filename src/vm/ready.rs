@@ -63,9 +63,22 @@ pub enum WaitError {
 pub fn wait(
     socket: &Path,
     timeout: Duration,
+    alive: impl FnMut() -> bool,
+    on_event: impl FnMut(&Event),
+) -> Result<Ready, WaitError> {
+    wait_then(socket, timeout, alive, on_event, || None)
+}
+
+/// [`wait`], then at "ready" sends the guest the line `then` gives (the moment
+/// matters for a `time` line), before the port is let go.
+pub fn wait_then(
+    socket: &Path,
+    timeout: Duration,
     mut alive: impl FnMut() -> bool,
     mut on_event: impl FnMut(&Event),
+    then: impl FnOnce() -> Option<String>,
 ) -> Result<Ready, WaitError> {
+    let mut then = Some(then);
     let deadline = Instant::now() + timeout;
     let stream = loop {
         match UnixStream::connect(socket) {
@@ -94,6 +107,10 @@ pub fn wait(
                 on_event(&ev);
                 match ev {
                     Event::Ready => {
+                        if let Some(line) = then.take().and_then(|f| f()) {
+                            use std::io::Write;
+                            reader.get_mut().write_all(line.as_bytes())?;
+                        }
                         if more_errors > 0 {
                             ready
                                 .errors
