@@ -768,6 +768,23 @@ fn log_count(b: &Box, what: &str) -> usize {
         .count()
 }
 
+/// Waits (up to 60 s) for the guest's server behind the fixed mapping `port` to
+/// answer: the mapping is there from the boot on, the server maybe not yet.
+fn served(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = hello(port).unwrap_or_default();
+        if got == "served before the stop\n" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's server answered {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// `vibebox stop` saves the VM and the next start resumes it (9p shares): the
 /// guest's memory survives (a /dev/shm marker), its shares are mounted again and
 /// coherent, its clock is the host's, tasks ended, ssh and the network work; and
@@ -785,9 +802,10 @@ fn stop_saves_the_vm_and_the_next_start_resumes_it() {
     fs::write(ro.path().join("given.txt"), "ro\n").unwrap();
     let granted = host_service("from the host");
     let other = host_service("not for the VM");
+    let [pub_host, pub_guest] = free_ports();
     let config = |memory: u32| {
         format!(
-            "[box]\nmemory_mb = {memory}\nmounts = [\"{}:/mnt/ro:ro\"]\nvolumes = [\".venv\"]\n[supervisor]\nauto_shutdown_ms = 600000\n[ports]\nhost = [\"{}\"]\n",
+            "[box]\nmemory_mb = {memory}\nmounts = [\"{}:/mnt/ro:ro\"]\nvolumes = [\".venv\"]\n[supervisor]\nauto_shutdown_ms = 600000\n[ports]\npublish = [\"{pub_host}:{pub_guest}\"]\nhost = [\"{}\"]\n",
             ro.path().display(),
             granted.local_addr().unwrap().port()
         )
@@ -808,6 +826,12 @@ fn stop_saves_the_vm_and_the_next_start_resumes_it() {
     );
     ok(&out);
     ok(&b.vibebox(&["launch", "sleeper", "--", "sleep", "3000"]));
+    // A server in the guest, outside the share (a process whose working directory
+    // is in a share keeps it busy, and the VM is then shut down, not saved).
+    ok(&b.exec(&format!(
+        "cd / && setsid nohup perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"0.0.0.0\", LocalPort => {pub_guest}, Listen => 16, ReuseAddr => 1) or die; while ($c = $s->accept) {{ print $c \"served before the stop\\n\"; close $c }}' > /dev/null 2>&1 < /dev/null &"
+    )));
+    served(pub_host);
     let out = b.vibebox(&["stop", "-y"]);
     assert!(ok(&out).contains("stopped session"), "{}", out.stdout);
     assert!(state().is_file(), "no state saved:\n{}", b.logs());
@@ -868,6 +892,8 @@ fn stop_saves_the_vm_and_the_next_start_resumes_it() {
         granted.local_addr().unwrap().port()
     ));
     assert_eq!(ok(&out), "from the host\n");
+    // The guest's server lived through the stop, published again by the new gateway.
+    served(pub_host);
     let out = b.exec(&format!(
         "timeout 20 bash -c 'exec 3<>/dev/tcp/host.vibebox.internal/{} && cat <&3'",
         other.local_addr().unwrap().port()
