@@ -126,7 +126,7 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
     if let Some(n) = name
         && let Some(vm) = running_vm(home, start)?
     {
-        let mut child = tasks::start_attach(&vm.sd, n)?;
+        let started = tasks::start_attach(&vm.sd, n)?;
         // The guest's warnings wait until ssh gives the terminal back: printed
         // now they would land in the task's screen, in raw mode, and be redrawn over.
         // Still running once ssh is off: a VM that stopped meanwhile is not booted
@@ -138,16 +138,11 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
         let attached = match checked_in {
             Ok(attached) => attached,
             Err(e) => {
-                // SIGTERM: ssh puts the terminal back as it was.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let _ = child.wait();
+                started.cancel();
                 return Err(e);
             }
         };
-        let code = tasks::attached(&mut child, n);
+        let code = tasks::attached(&vm.sd, started, n);
         up::report_warnings(&attached);
         return up::finish(attached, code?);
     }

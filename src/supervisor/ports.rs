@@ -45,7 +45,14 @@ const NOT_AUTO: &[u16] = &[
     1883, 4222, 5672, 9092, 15672, 61616, // brokers
     2181, 2379, 8500, 6443,  // coordination, Kubernetes
     11434, // ollama
+    GUEST_ATTACH_PORT,
 ];
+/// The guest's attach daemon (`session::attach`) listens on the guest's loopback
+/// here; never published (on the host's loopback any local user could attach to
+/// the tasks). A fixed port, because `ssh -W` (OpenSSH 9.2) takes no Unix socket
+/// path; below Linux's ephemeral range (32768-60999) so no outgoing connection of
+/// the guest can hold it, and away from the ports development servers pick.
+pub const GUEST_ATTACH_PORT: u16 = 29541;
 /// Auto-published guest ports start here: lower ones are system services, and on
 /// the host they would need root.
 const FIRST_AUTO_PORT: u16 = 1024;
