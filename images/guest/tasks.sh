@@ -99,15 +99,13 @@ daemon() {
     setup
     py=$D/attach-$VIBEBOX_ATTACH_VERSION.py
     if [ ! -s "$py" ]; then
+        for f in "$D"/attach-*.py; do rm -f "$f"; done
         printf '%s\n' "$VIBEBOX_ATTACH_PY" > "$py.$$" && mv "$py.$$" "$py" || return 0
     fi
-    set -- python3 "$py" "$D" "$S" "$C" "$VIBEBOX_ATTACH_VERSION" \
-        "$VIBEBOX_ATTACH_PORT" "${VIBEBOX_ATTACH_TERM:-xterm-256color}"
-    if command -v systemd-run >/dev/null 2>&1 &&
-        systemd-run --user --scope --quiet --collect true 2>/dev/null; then
-        set -- systemd-run --user --scope --quiet --collect -- "$@"
-    fi
-    setsid -f "$@" </dev/null >/dev/null 2>&1
+    setsid -f sh -c 'systemd-run --user --scope --quiet --collect true 2>/dev/null &&
+            exec systemd-run --user --scope --quiet --collect -- "$@"
+        exec "$@"' sh python3 "$py" "$D" "$S" "$C" "$VIBEBOX_ATTACH_VERSION" \
+        "$VIBEBOX_ATTACH_PORT" "${VIBEBOX_ATTACH_TERM:-xterm-256color}" </dev/null >/dev/null 2>&1
 }
 
 # The code a shell would report: the status, or 128 + the signal. The task's

@@ -450,8 +450,9 @@ fn relay(
             Ok(_) => {}
         }
         let ready = |f: &PollFd| {
-            f.revents()
-                .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR))
+            f.revents().is_some_and(|r| {
+                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+            })
         };
         let (guest, sig, input) = (
             ready(&fds[0]),
@@ -556,7 +557,14 @@ mod tests {
         }
         assert_eq!(parse_reply(b"OK"), Reply::Ok);
         assert_eq!(parse_reply(b"ERR notask"), Reply::NoTask);
-        for r in [&b"OK "[..], b"ok", b"\x1b[2JOK", b"ERR version", b"", b"ERR notask\r"] {
+        for r in [
+            &b"OK "[..],
+            b"ok",
+            b"\x1b[2JOK",
+            b"ERR version",
+            b"",
+            b"ERR notask\r",
+        ] {
             assert_eq!(parse_reply(r), Reply::Fallback, "{r:?}");
         }
     }

@@ -414,9 +414,18 @@ pub fn resolve(sd: &SessionDir, name: Option<&str>) -> Result<String, TaskError>
     }
 }
 
-/// Attaches this terminal to task `name` until the detach key (or the task ends);
-/// returns the attach's status.
-pub fn attach(sd: &SessionDir, name: &str) -> Result<i32, TaskError> {
+/// How an attach ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detached {
+    /// The exit status for the client: 0 after a detach, else ssh's or the signal's.
+    pub code: i32,
+    /// The task's own status when it ended (the fast path says; the `ssh -t` path's
+    /// guest script prints it itself).
+    pub task_ended: Option<i32>,
+}
+
+/// Attaches this terminal to task `name` until the detach key (or the task ends).
+pub fn attach(sd: &SessionDir, name: &str) -> Result<Detached, TaskError> {
     let started = start_attach(sd, name)?;
     attached(sd, started, name)
 }
@@ -468,17 +477,11 @@ fn start_ssh_attach(sd: &SessionDir, name: &str) -> Result<Child, TaskError> {
 }
 
 /// Waits for an attach [`start_attach`] started, taking the `ssh -t` path when the
-/// fast one failed before the screen showed; the attach's status. After the task
-/// ended, says so (as the guest's script does on the `ssh -t` path).
-pub fn attached(sd: &SessionDir, started: Attaching, name: &str) -> Result<i32, TaskError> {
+/// fast one failed before the screen showed.
+pub fn attached(sd: &SessionDir, started: Attaching, name: &str) -> Result<Detached, TaskError> {
     let mut child = match started {
         Attaching::Fast(p) => match p.run() {
-            attach::Outcome::Done(code, ended) => {
-                if let Some(status) = ended {
-                    println!("vibebox: task {name} ended with status {status}");
-                }
-                return Ok(code);
-            }
+            attach::Outcome::Done(code, task_ended) => return Ok(Detached { code, task_ended }),
             attach::Outcome::NoTask => return Err(TaskError::NoSuchTask(name.to_string())),
             attach::Outcome::Fallback => start_ssh_attach(sd, name)?,
         },
@@ -488,7 +491,10 @@ pub fn attached(sd: &SessionDir, started: Attaching, name: &str) -> Result<i32, 
     match status.code().unwrap_or(255) {
         NO_SUCH_TASK => Err(TaskError::NoSuchTask(name.to_string())),
         NO_TMUX => Err(TaskError::NoTmux),
-        code => Ok(code),
+        code => Ok(Detached {
+            code,
+            task_ended: None,
+        }),
     }
 }
 

@@ -39,11 +39,34 @@ use crate::statefile;
 /// is down, a VM holding its port would get the host clients' connections (and
 /// their passwords). A `publish` entry, which is approved, still publishes them.
 const NOT_AUTO: &[u16] = &[
-    22, 5355, // ssh, LLMNR
-    1433, 1521, 3306, 5432, 5984, 6379, 7474, 7687, 8529, 9042, 9200, 9300, 11211, 26257, 27017,
+    22,
+    5355, // ssh, LLMNR
+    1433,
+    1521,
+    3306,
+    5432,
+    5984,
+    6379,
+    7474,
+    7687,
+    8529,
+    9042,
+    9200,
+    9300,
+    11211,
+    26257,
+    27017,
     28015, // databases, caches, search
-    1883, 4222, 5672, 9092, 15672, 61616, // brokers
-    2181, 2379, 8500, 6443,  // coordination, Kubernetes
+    1883,
+    4222,
+    5672,
+    9092,
+    15672,
+    61616, // brokers
+    2181,
+    2379,
+    8500,
+    6443,  // coordination, Kubernetes
     11434, // ollama
     GUEST_ATTACH_PORT,
 ];
