@@ -272,7 +272,14 @@ impl Pending {
         }
         let outcome = match Raw::enter() {
             Some(raw) => {
-                let r = relay(&raw, &mut self.to, &mut self.from, &mut dec);
+                let r = relay(
+                    raw.signals(),
+                    std::io::stdin().as_fd(),
+                    &mut std::io::stdout().lock(),
+                    &mut self.to,
+                    &mut self.from,
+                    &mut dec,
+                );
                 drop(raw);
                 r
             }
@@ -411,14 +418,13 @@ impl Drop for Raw {
 /// Relays until the guest says the attach ended, the link dies, or a signal ends it:
 /// (exit status, the task's end status).
 fn relay(
-    raw: &Raw,
+    sigs: BorrowedFd<'_>,
+    input: BorrowedFd<'_>,
+    out: &mut dyn Write,
     to: &mut ChildStdin,
     from: &mut ChildStdout,
     dec: &mut Decoder,
 ) -> (i32, Option<i32>) {
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout().lock();
-    let sigs = raw.signals();
     let mut buf = vec![0u8; MAX_FRAME];
     let mut last = size();
     let mut stdin_open = true;
@@ -442,7 +448,7 @@ fn relay(
             PollFd::new(sigs, PollFlags::POLLIN),
         ];
         if stdin_open {
-            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(input, PollFlags::POLLIN));
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -454,7 +460,7 @@ fn relay(
                 r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
             })
         };
-        let (guest, sig, input) = (
+        let (guest, sig, typed) = (
             ready(&fds[0]),
             ready(&fds[1]),
             fds.get(2).is_some_and(ready),
@@ -477,8 +483,8 @@ fn relay(
                 }
             }
         }
-        if input {
-            match nix::unistd::read(stdin.as_fd(), &mut buf) {
+        if typed {
+            match nix::unistd::read(input, &mut buf) {
                 Ok(0) | Err(_) => stdin_open = false,
                 Ok(n) => {
                     if to.write_all(&frame(b'd', &buf[..n])).is_err() {
@@ -567,6 +573,78 @@ mod tests {
         ] {
             assert_eq!(parse_reply(r), Reply::Fallback, "{r:?}");
         }
+    }
+
+    /// A stand-in guest: `ssh` that prints `bytes` and ends. Returns what reached
+    /// the terminal and how the attach came out (`None`: the `ssh -t` path).
+    fn against(bytes: &[u8]) -> (Vec<u8>, Option<(i32, Option<i32>)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("guest");
+        std::fs::write(&f, bytes).unwrap();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("cat \"$0\"")
+            .arg(&f)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut to = child.stdin.take().unwrap();
+        let mut from = child.stdout.take().unwrap();
+        let mut dec = Decoder::default();
+        let mut term = Vec::new();
+        let outcome = (read_reply(&mut from, &mut dec) == Reply::Ok).then(|| {
+            let (sig_r, _sig_w) = nix::unistd::pipe().unwrap();
+            let (in_r, in_w) = nix::unistd::pipe().unwrap();
+            drop(in_w);
+            relay(
+                sig_r.as_fd(),
+                in_r.as_fd(),
+                &mut term,
+                &mut to,
+                &mut from,
+                &mut dec,
+            )
+        });
+        drop(to);
+        let _ = child.kill();
+        let _ = child.wait();
+        (term, outcome)
+    }
+
+    /// The attack: a guest answering with garbage, escape sequences, huge frames or
+    /// a forged end status gets the `ssh -t` path or an ended attach, and nothing
+    /// of what it sent outside the terminal stream reaches the terminal.
+    #[test]
+    fn a_hostile_guest_cannot_reach_the_terminal() {
+        for reply in [
+            &b"\x1b]0;pwned\x07OK\n"[..],
+            b"OK\x1b[2J\n",
+            &[b'O'; 100_000],
+            b"",
+        ] {
+            assert_eq!(against(reply), (vec![], None), "{reply:?}");
+        }
+        let mut huge = b"OK\n".to_vec();
+        huge.extend(frame(b'd', b"screen"));
+        huge.push(b'd');
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        huge.extend(vec![b'A'; 200_000]);
+        assert_eq!(against(&huge), (b"screen".to_vec(), Some((255, None))));
+        let mut forged = b"OK\n".to_vec();
+        forged.extend(frame(b'x', b"ended 3\x1b]0;pwned\x07"));
+        assert_eq!(against(&forged), (vec![], Some((255, None))));
+        let mut fine = b"OK\n".to_vec();
+        fine.extend(frame(b'd', b"\x1b[Hscreen"));
+        fine.extend(frame(b'x', b"ended 3"));
+        assert_eq!(
+            against(&fine),
+            (b"\x1b[Hscreen".to_vec(), Some((0, Some(3))))
+        );
+        // The link's end without an end frame: ssh's own status for a lost link.
+        let mut cut = b"OK\n".to_vec();
+        cut.extend(frame(b'd', b"x"));
+        assert_eq!(against(&cut), (b"x".to_vec(), Some((255, None))));
     }
 
     #[test]
