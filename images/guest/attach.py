@@ -18,7 +18,7 @@
 # Protocol (session::attach on the host has the same in a doc comment):
 #   host -> guest, one line:
 #     VBXATTACH1 VERSION NAME COLS ROWS TERM KEY\n
-#   guest -> host, one line: OK | ERR notask | ERR notmux | ERR version | ERR bad
+#   guest -> host, one line: OK | ERR notask | ERR version | ERR bad
 #   then frames both ways: TYPE (1 byte) LENGTH (4 bytes, big-endian) PAYLOAD,
 #   LENGTH <= 65536:
 #     host -> guest: d = input bytes; w = window size (COLS, ROWS: 2+2 bytes BE)
@@ -376,6 +376,9 @@ def main():
     with open(pidfile + ".new", "w") as f:
         f.write("%d %s\n" % (os.getpid(), VERSION))
     os.replace(pidfile + ".new", pidfile)
+    # The clients this starts need none of what tasks.sh was given.
+    for k in [k for k in os.environ if k.startswith("VIBEBOX_ATTACH_")]:
+        del os.environ[k]
     signal.signal(signal.SIGUSR1, lambda *_: retire())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
