@@ -810,11 +810,16 @@ mod tests {
             host: vec![],
         };
         assert!(wanted(&off, &listening(PROC, GUEST), &BTreeSet::new()).is_empty());
-        // A database's port is not taken over automatically.
+        // A database's port is not taken over automatically, nor the guest's
+        // attach daemon (on the host any local user could attach to the tasks).
         assert!(
-            wanted(&off_auto(), &any([5432, 3000]), &BTreeSet::new())
-                .keys()
-                .eq([3000].iter())
+            wanted(
+                &off_auto(),
+                &any([5432, 3000, GUEST_ATTACH_PORT]),
+                &BTreeSet::new()
+            )
+            .keys()
+            .eq([3000].iter())
         );
         // At most MAX_AUTO automatic ones, however many the guest opens.
         let many = any(2000..6000);
