@@ -102,7 +102,8 @@ class Client:
 
 
 class Control:
-    """A tmux control-mode client: commands without a process each."""
+    """A tmux control-mode client: commands without a process each. Replies are
+    counted, so one given up on (a very slow guest) never answers a later one."""
 
     def __init__(self):
         self.proc = subprocess.Popen(
@@ -111,43 +112,51 @@ class Control:
             stderr=subprocess.DEVNULL, start_new_session=True)
         self.out = self.proc.stdout.fileno()
         self.buf = b""
+        self.sent = 0
+        self.got = 0
+        self.want = 0
+        self.cur = None
+        self.results = []
 
-    def lines(self, block):
-        """Reads what is there (or waits for more when block); False at EOF."""
-        r, _, _ = select.select([self.out], [], [], 5 if block else 0)
-        if not r:
-            return not block
+    def read(self, wait):
+        """Takes in what is there (waiting up to `wait` s); False at EOF."""
+        if not select.select([self.out], [], [], wait)[0]:
+            return True
         data = os.read(self.out, 65536)
         if not data:
             return False
         self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            line = line.decode("utf-8", "replace")
+            if self.cur is None:
+                if line.startswith("%begin ") and line.endswith(" 1"):
+                    self.cur = []
+            elif (line.startswith("%end ") or line.startswith("%error ")) and line.endswith(" 1"):
+                if self.got >= self.want:
+                    self.results.append((line.startswith("%end "), self.cur))
+                self.got += 1
+                self.cur = None
+            else:
+                self.cur.append(line)
         return True
 
     def run(self, *cmds):
         """Runs commands; for each, (ok, output lines)."""
+        self.want, self.results = self.sent, []
+        self.sent += len(cmds)
         self.proc.stdin.write("".join(c + "\n" for c in cmds).encode())
         self.proc.stdin.flush()
-        res, cur = [], None
-        while len(res) < len(cmds):
-            while b"\n" not in self.buf:
-                if not self.lines(True):
-                    raise OSError("tmux control client ended")
-            line, self.buf = self.buf.split(b"\n", 1)
-            line = line.decode("utf-8", "replace")
-            if cur is None:
-                if line.startswith("%begin ") and line.endswith(" 1"):
-                    cur = []
-            elif (line.startswith("%end ") or line.startswith("%error ")) and line.endswith(" 1"):
-                res.append((line.startswith("%end "), cur))
-                cur = None
-            else:
-                cur.append(line)
-        return res
+        deadline = time.monotonic() + 20
+        while self.got < self.sent:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.read(left):
+                raise OSError("tmux control client ended or hung")
+        return self.results
 
     def drain(self):
-        if not self.lines(False):
+        if not self.read(0):
             raise OSError("tmux control client ended")
-        self.buf = self.buf[self.buf.rfind(b"\n") + 1:]
 
 
 def uid_of_peer(peer):
@@ -190,27 +199,33 @@ ctl = None
 key = None
 retiring = False
 spare_due = None
+asked = []
 
 
 def status_of(name):
     """`ended N` when the task's command ended, else `detached`."""
-    try:
-        [(ok, out)] = ctl.run("display-message -p -t '=%s:' '#{pane_dead} #{pane_dead_status} #{pane_dead_signal}'" % name)
-    except (OSError, ValueError):
-        return b"detached"
-    if not ok or not out or not out[0].startswith("1"):
-        return b"detached"
-    w = out[0].split()
-    code = None
-    try:
-        with open(os.path.join(D, "logs", name, "status")) as f:
-            code = int(f.read().strip())
-    except (OSError, ValueError):
+    # The status tasks.sh's wrapper wrote, else tmux's (which may come a moment
+    # after the pane shows dead, or, with tmux 3.3, not at all).
+    for _ in range(10):
+        try:
+            with open(os.path.join(D, "logs", name, "status")) as f:
+                return b"ended %d" % int(f.read().strip())
+        except (OSError, ValueError):
+            pass
+        try:
+            [(ok, out)] = ctl.run("display-message -p -t '=%s:' '#{pane_dead} #{pane_dead_status} #{pane_dead_signal}'" % name)
+        except (OSError, ValueError):
+            return b"detached"
+        if not ok or not out or not out[0].startswith("1"):
+            return b"detached"
+        w = out[0].split()
         try:
             code = 128 + int(w[2]) if len(w) > 2 and w[2] != "0" else int(w[1])
+            return b"ended %d" % code
         except (IndexError, ValueError):
-            return b"detached"
-    return b"ended %d" % code
+            # Dead, its status not collected yet.
+            time.sleep(0.05)
+    return b"detached"
 
 
 def new_spare(term):
@@ -379,7 +394,8 @@ def main():
     # The clients this starts need none of what tasks.sh was given.
     for k in [k for k in os.environ if k.startswith("VIBEBOX_ATTACH_")]:
         del os.environ[k]
-    signal.signal(signal.SIGUSR1, lambda *_: retire())
+    # A newer daemon asks us to retire: done between two turns of the loop.
+    signal.signal(signal.SIGUSR1, lambda *_: asked.append(1))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if subprocess.call(T + ["has-session", "-t", "=" + SPARE], stderr=subprocess.DEVNULL) != 0:
@@ -394,6 +410,9 @@ def main():
     listener.setblocking(False)
     new_spare(TERM0 if TERMNAME.match(TERM0) else "xterm-256color")
     while listener is not None or conns:
+        if asked:
+            del asked[:]
+            retire()
         rd, wr = [ctl.out], []
         if listener is not None:
             rd.append(listener)

@@ -42,8 +42,9 @@ pub const SCRIPT: &str = include_str!("../../images/guest/attach.py");
 pub const MAX_FRAME: usize = 65536;
 
 /// How long the guest may take to answer the handshake before the `ssh -t` path
-/// takes over (a loaded host under TCG answers in well under a second).
-const REPLY_WAIT: Duration = Duration::from_secs(15);
+/// takes over: a loaded host under TCG answers in well under a second, and the
+/// daemon gives tmux 20 s.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
 
 /// The script's version: its digest, so host and daemon agree on the protocol.
 pub fn version() -> String {
