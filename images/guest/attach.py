@@ -50,6 +50,16 @@ SPARE = "_spare"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 TERMNAME = re.compile(r"[A-Za-z0-9._+-]{1,64}\Z")
 KEY = re.compile(r"[A-Za-z0-9\\\]\^\[_-]{1,16}\Z")
+# The questions a tmux client asks its terminal when it starts (device
+# attributes, version, colours, modes, cursor position, capabilities). The
+# spare asked them long before a terminal was there: passed on, their answers
+# would come too late for tmux and reach the task as typed text. Taken out of
+# what the spare wrote, they stay unanswered, as on a terminal that does not
+# answer (tmux then goes by TERM's terminfo).
+QUERIES = re.compile(
+    rb"\x1b\[(?:[>=]?[0-9;]*c|>[0-9;]*q|\??[0-9;]*n|\??[0-9;]*\$p)"
+    rb"|\x1b\][0-9]+(?:;[0-9]+)*;\?(?:\x07|\x1b\\)"
+    rb"|\x1bP\+q[^\x1b]*\x1b\\")
 
 
 def frame(kind, payload):
@@ -288,7 +298,7 @@ def handshake(c, line):
         if not res[-1][0]:
             spare = cl
             return b"ERR notask"
-        c.send(b"OK\n" + frame(b"d", cl.early))
+        c.send(b"OK\n" + frame(b"d", QUERIES.sub(b"", cl.early)))
         cl.early = b""
     else:
         cmds.append("has-session -t '=%s'" % name)
