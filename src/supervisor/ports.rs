@@ -39,36 +39,12 @@ use crate::statefile;
 /// is down, a VM holding its port would get the host clients' connections (and
 /// their passwords). A `publish` entry, which is approved, still publishes them.
 const NOT_AUTO: &[u16] = &[
-    22,
-    5355, // ssh, LLMNR
-    1433,
-    1521,
-    3306,
-    5432,
-    5984,
-    6379,
-    7474,
-    7687,
-    8529,
-    9042,
-    9200,
-    9300,
-    11211,
-    26257,
-    27017,
+    22, 5355, // ssh, LLMNR
+    1433, 1521, 3306, 5432, 5984, 6379, 7474, 7687, 8529, 9042, 9200, 9300, 11211, 26257, 27017,
     28015, // databases, caches, search
-    1883,
-    4222,
-    5672,
-    9092,
-    15672,
-    61616, // brokers
-    2181,
-    2379,
-    8500,
-    6443,  // coordination, Kubernetes
+    1883, 4222, 5672, 9092, 15672, 61616, // brokers
+    2181, 2379, 8500, 6443,  // coordination, Kubernetes
     11434, // ollama
-    GUEST_ATTACH_PORT,
 ];
 /// The guest's attach daemon (`session::attach`) listens on the guest's loopback
 /// here; never published (on the host's loopback any local user could attach to
@@ -232,7 +208,12 @@ pub fn wanted(
     if ports.auto {
         let auto = listening
             .keys()
-            .filter(|&&g| g >= FIRST_AUTO_PORT && !NOT_AUTO.contains(&g) && !withheld.contains(&g))
+            .filter(|&&g| {
+                g >= FIRST_AUTO_PORT
+                    && !NOT_AUTO.contains(&g)
+                    && g != GUEST_ATTACH_PORT
+                    && !withheld.contains(&g)
+            })
             .filter(|g| !want.contains_key(g))
             .take(MAX_AUTO)
             .copied()
