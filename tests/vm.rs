@@ -1766,14 +1766,61 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         }
     };
     let logs_tick = || last_tick(ok(&b.vibebox(&["logs", "ctr"]))).unwrap_or(0);
+    let sd = b.session_dir();
+    let config = sd.join("ssh/config");
+    let config = config.to_str().unwrap();
+    // The fast attach's daemon (started by `launch`) listening in the guest.
+    let guest_port = format!("{:04X}", vibebox::supervisor::ports::GUEST_ATTACH_PORT);
+    let daemon_up = || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while b
+            .exec(&format!(
+                "grep -q ':{guest_port} 00000000:0000 0A' /proc/net/tcp"
+            ))
+            .code
+            != 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the attach daemon never listened"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    // Which way the attaches run now: fast (`ssh -W` to the daemon, no sshd
+    // session in the guest) and `ssh -t` (the fallback).
+    let fast = || pids_of(&["ssh", "-F", config, "-W"]).len();
+    let slow = || pids_of(&["ssh", "-F", config, "-t"]).len();
+    let guest_tmux = |cmd: &str| {
+        ok(&b.exec(&format!(
+            "tmux -S \"$XDG_RUNTIME_DIR/vibebox-tasks/tmux.sock\" {cmd}"
+        )))
+        .trim()
+        .to_string()
+    };
+    let attached_to_ctr = || {
+        let tasks: serde_json::Value =
+            serde_json::from_str(ok(&b.vibebox(&["tasks", "--json"]))).unwrap();
+        tasks[0]["attached"].as_u64().unwrap()
+    };
+    daemon_up();
 
     term("one", "attach ctr");
     let s = wait_screen("one", "ticks", &|s| last_tick(s).is_some());
     let seen = last_tick(&s).unwrap();
+    assert_eq!((fast(), slow()), (1, 0), "the attach took the ssh -t path");
+    // The task's window follows the attaching terminal's size, and its resize.
+    let size = || guest_tmux("display-message -p -t =ctr: '#{window_width}x#{window_height}'");
+    assert_eq!(size(), "120x30");
+    for (x, y) in [("100", "25"), ("120", "30")] {
+        tmux(&["resize-window", "-t", "one", "-x", x, "-y", y]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while size() != format!("{x}x{y}") {
+            assert!(Instant::now() < deadline, "the task stayed {}", size());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     // Kill -9 the attached client, its ssh and the control master.
-    let sd = b.session_dir();
-    let config = sd.join("ssh/config");
-    let config = config.to_str().unwrap();
     let check = Command::new("ssh")
         .args([
             "-F",
@@ -1792,7 +1839,7 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no control master: {text}"));
     let clients = pids_of(&[bin, "attach", "ctr"]);
-    let sshs = pids_of(&["ssh", "-F", config, "-t"]);
+    let sshs = pids_of(&["ssh", "-F", config, "-W"]);
     assert_eq!(clients.len(), 1, "{clients:?}");
     assert_eq!(sshs.len(), 1, "{sshs:?}");
     for pid in clients.iter().chain(&sshs).chain([&master]) {
@@ -1810,6 +1857,15 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
         !logs.contains('\u{1b}') && !logs.contains("title"),
         "{logs:?}"
     );
+    // The guest's side of the killed attach went with its connection.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while attached_to_ctr() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the killed attach stayed attached"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Two terminals on one task both see its output go on, from before they came.
     term("two", "attach ctr");
@@ -1824,8 +1880,11 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
     wait_screen("three", "what terminal two saw", &|s| {
         s.contains(&format!("tick-{later}"))
     });
+    assert_eq!((fast(), slow()), (2, 0));
     let tasks: serde_json::Value =
         serde_json::from_str(ok(&b.vibebox(&["tasks", "--json"]))).unwrap();
+    // The daemon's hidden spare session is no task.
+    assert_eq!(tasks.as_array().unwrap().len(), 1, "{tasks}");
     assert_eq!(tasks[0]["name"], "ctr", "{tasks}");
     assert_eq!(tasks[0]["state"], "running", "{tasks}");
     assert_eq!(tasks[0]["attached"], 2, "{tasks}");
@@ -1846,6 +1905,20 @@ fn tasks_outlive_their_clients_and_keep_the_vm_up() {
     wait_screen("five", "the detach with the new key", &|s| {
         s.contains("five-EXIT=0")
     });
+    // The daemon killed in the guest: the attach still works (`ssh -t`), which
+    // starts it again for the next attach, fast again.
+    ok(&b.exec("kill $(cut -d' ' -f1 \"$XDG_RUNTIME_DIR/vibebox-tasks/attach.pid\")"));
+    term("six", "attach ctr");
+    wait_screen("six", "ticks", &|s| last_tick(s).is_some());
+    assert_eq!((fast(), slow()), (0, 1), "no fallback");
+    tmux(&["send-keys", "-t", "six", "C-\\"]);
+    wait_screen("six", "the detach", &|s| s.contains("six-EXIT=0"));
+    daemon_up();
+    term("seven", "attach ctr");
+    wait_screen("seven", "ticks", &|s| last_tick(s).is_some());
+    assert_eq!((fast(), slow()), (1, 0), "not fast again");
+    tmux(&["send-keys", "-t", "seven", "C-\\"]);
+    wait_screen("seven", "the detach", &|s| s.contains("seven-EXIT=0"));
 
     // `vibebox list` asks the running VM for its tasks (the wait is raised for
     // this loaded host; the default is 3 s) ...

@@ -12,6 +12,11 @@
 # Everything this prints is guest text to the host: it validates names and
 # escapes what it shows.
 #
+# The fast attach's daemon (attach.py, see its header) comes with `launch` and
+# `daemon` in VIBEBOX_ATTACH_* variables; this starts it detached. It keeps a
+# hidden tmux session, `_spare`: sessions named `_...` (never a task's name) are
+# left out of every listing, count and attach here.
+#
 # Exit codes the host reads: 0 ok, 3 tmux missing, 4 no such task,
 # 5 task already running, 6 no task / more than one (attach without a name).
 set -u
@@ -84,6 +89,25 @@ running() { [ "$(field "$1" '#{pane_dead}')" = 0 ]; }
 
 no_task() { echo "no task named $1" >&2; exit 4; }
 
+# Starts the attach daemon when the host sent it, in the background, outside this
+# ssh login (the user's systemd manager when there is one, as the tmux server):
+# it must not hold the login open or count as one. A running one of the same
+# version stays (attach.py's lock); an older one hands over to it.
+daemon() {
+    [ -n "${VIBEBOX_ATTACH_PY:-}" ] || return 0
+    command -v python3 >/dev/null 2>&1 || return 0
+    setup
+    py=$D/attach-$VIBEBOX_ATTACH_VERSION.py
+    if [ ! -s "$py" ]; then
+        for f in "$D"/attach-*.py; do rm -f "$f"; done
+        printf '%s\n' "$VIBEBOX_ATTACH_PY" > "$py.$$" && mv "$py.$$" "$py" || return 0
+    fi
+    setsid -f sh -c 'systemd-run --user --scope --quiet --collect true 2>/dev/null &&
+            exec systemd-run --user --scope --quiet --collect -- "$@"
+        exec "$@"' sh python3 "$py" "$D" "$S" "$C" "$VIBEBOX_ATTACH_VERSION" \
+        "$VIBEBOX_ATTACH_PORT" "${VIBEBOX_ATTACH_TERM:-xterm-256color}" </dev/null >/dev/null 2>&1
+}
+
 # The code a shell would report: the status, or 128 + the signal. The task's
 # wrapper writes it; tmux knows it when the wrapper itself was killed.
 code_of() {
@@ -112,7 +136,7 @@ count)
     # Running tasks, for the idle shutdown and `vibebox list`; 0 without tmux
     # or tasks (renamed at the top).
     command -v tmux >/dev/null 2>&1 || { echo 0; exit 0; }
-    n=$(t list-panes -a -F '#{pane_dead}' 2>/dev/null | grep -c '^0$')
+    n=$(t list-panes -a -F '#{pane_dead}#{session_name}' 2>/dev/null | grep -c '^0[^_]')
     echo "${n:-0}"
     ;;
 launch)
@@ -170,6 +194,11 @@ exit $rc'
     t set-option -t "=$name:" @vibebox_command "$text"
     keys
     t wait-for -S "vibebox-go-$name"
+    daemon
+    ;;
+daemon)
+    # The fallback attach's first step (session::tasks::remote_attach).
+    command -v tmux >/dev/null 2>&1 && daemon
     ;;
 list)
     # One line per task, "task NAME CREATED ATTACHED DEAD CODE COMMAND" (tab
@@ -178,6 +207,7 @@ list)
     command -v tmux >/dev/null 2>&1 || exit 0
     t list-panes -a -F '#{session_name}	#{session_created}	#{session_attached}	#{pane_dead}	c#{pane_dead_status}#{?pane_dead_signal,|#{pane_dead_signal},}	#{@vibebox_command}' 2>/dev/null |
     while IFS='	' read -r name created attached dead code command; do
+        case $name in _*) continue ;; esac
         code=${code#c}
         if [ "$dead" = 1 ] && [ -s "$D/logs/$name/status" ]; then
             read -r code < "$D/logs/$name/status"
@@ -197,7 +227,7 @@ attach)
     need_tmux
     name=${1:-}
     if [ -z "$name" ]; then
-        names=$(t list-sessions -F '#{session_name}' 2>/dev/null)
+        names=$(t list-sessions -F '#{session_name}' 2>/dev/null | grep -v '^_')
         case $(printf '%s\n' "$names" | grep -c .) in
             0) echo "no tasks run in this VM; start one with vibebox launch" >&2; exit 6 ;;
             1) name=$names ;;

@@ -99,8 +99,8 @@ pub fn launch(
         None => tasks::launch(&sd, &name, &dir, size, command, None)?,
     }
     if attach_now {
-        let code = tasks::attach(&sd, &name)?;
-        return up::finish(attached, code);
+        let end = tasks::attach(&sd, &name)?;
+        return up::finish(attached, detached(&name, end));
     }
     println!(
         "started task {name}: attach with `vibebox attach {name}` (detach: {}), output with `vibebox logs {name}`",
@@ -121,15 +121,16 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
         tasks::validate_name(n)?;
     }
     tasks::detach_key()?;
-    // A named task in a running VM: ssh starts at once, through the control
-    // master, while this client checks in with the supervisor.
+    // A named task in a running VM: the attach starts at once (its handshake
+    // sent through the control master) while this client checks in with the
+    // supervisor.
     if let Some(n) = name
         && let Some(vm) = running_vm(home, start)?
     {
-        let mut child = tasks::start_attach(&vm.sd, n)?;
-        // The guest's warnings wait until ssh gives the terminal back: printed
+        let started = tasks::start_attach(&vm.sd, n)?;
+        // The guest's warnings wait until the attach gives the terminal back: printed
         // now they would land in the task's screen, in raw mode, and be redrawn over.
-        // Still running once ssh is off: a VM that stopped meanwhile is not booted
+        // Still running once the attach is off: a VM that stopped meanwhile is not booted
         // again by the check-in (tasks never boot one).
         let checked_in = match supervisor::status(&vm.sd).state {
             State::Running => up::check_in(home, &vm.root, vm.id, true),
@@ -138,23 +139,26 @@ pub fn attach(home: &Home, start: &Path, name: Option<&str>) -> Result<(), Error
         let attached = match checked_in {
             Ok(attached) => attached,
             Err(e) => {
-                // SIGTERM: ssh puts the terminal back as it was.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(child.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let _ = child.wait();
+                started.cancel();
                 return Err(e);
             }
         };
-        let code = tasks::attached(&mut child, n);
+        let end = tasks::attached(&vm.sd, started, n);
         up::report_warnings(&attached);
-        return up::finish(attached, code?);
+        return up::finish(attached, detached(n, end?));
     }
     let (sd, attached) = running(home, start)?;
     let name = tasks::resolve(&sd, name)?;
-    let code = tasks::attach(&sd, &name)?;
-    up::finish(attached, code)
+    let end = tasks::attach(&sd, &name)?;
+    up::finish(attached, detached(&name, end))
+}
+
+/// The client's exit status; says when the task itself ended.
+fn detached(name: &str, end: tasks::Detached) -> i32 {
+    if let Some(status) = end.task_ended {
+        println!("vibebox: task {name} ended with status {status}");
+    }
+    end.code
 }
 
 pub fn list(home: &Home, start: &Path, json: bool) -> Result<(), Error> {

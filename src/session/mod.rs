@@ -3,6 +3,7 @@
 //! outside every global lock, and removes state only once the VM is gone.
 
 pub mod agents;
+pub mod attach;
 pub mod delete;
 pub mod fetch;
 pub mod open;

@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::paths::SessionDir;
+use crate::session::attach;
 use crate::ssh;
 
 /// The guest side, sent with each operation.
@@ -145,6 +146,13 @@ fn remote(op: &str, args: &[&str]) -> Result<String, TaskError> {
     if let Some(key) = detach_key()? {
         words.push(format!("VIBEBOX_DETACH_KEY={}", ssh::shell_quote(&key)));
     }
+    // The operations that start the fast attach's daemon get its script.
+    if op == "launch" || op == "daemon" {
+        let term = std::env::var("TERM").ok();
+        for (k, v) in attach::daemon_env(term.as_deref()) {
+            words.push(format!("{k}={}", ssh::shell_quote(&v)));
+        }
+    }
     words.push("sh".into());
     words.push("-c".into());
     words.push(ssh::shell_quote(SCRIPT));
@@ -158,16 +166,19 @@ fn ssh_command(sd: &SessionDir, op: &str, args: &[&str], tty: bool) -> Result<Co
     ssh_command_with(sd, &[], op, args, tty)
 }
 
-/// The remote command of an attach to task `name` (validated): the tmux client
-/// first, run by the login shell itself, and the script only after it (`attached`:
-/// says when the task ended) or when it failed (`attach`: the full path, which
-/// says what is wrong). Under TCG the `sh` the script needs costs an exec before
-/// the screen shows; the tmux socket is found from XDG_RUNTIME_DIR, set in an ssh
-/// login, as the script finds it.
+/// The remote command of the `ssh -t` attach to task `name` (validated), the path
+/// when the fast one ([`attach`](super::attach)) cannot be taken: the fast path's
+/// daemon started in the background (for the next attach), then the tmux client,
+/// run by the login shell itself, and the script only after it (`attached`: says
+/// when the task ended) or when it failed (`attach`: the full path, which says what
+/// is wrong). Under TCG the `sh` the script needs costs an exec before the screen
+/// shows; the tmux socket is found from XDG_RUNTIME_DIR, set in an ssh login, as
+/// the script finds it.
 fn remote_attach(name: &str) -> Result<String, TaskError> {
     let key = detach_key()?.unwrap_or_else(|| "C-\\".into());
     Ok(format!(
-        "tmux -S \"$XDG_RUNTIME_DIR/vibebox-tasks/tmux.sock\" unbind-key -a -T root \\; bind-key -n {key} detach-client \\; attach-session -t ={name} 2>/dev/null && {attached} || {attach}",
+        "({daemon} &) </dev/null >/dev/null 2>&1; tmux -S \"$XDG_RUNTIME_DIR/vibebox-tasks/tmux.sock\" unbind-key -a -T root \\; bind-key -n {key} detach-client \\; attach-session -t ={name} 2>/dev/null && {attached} || {attach}",
+        daemon = remote("daemon", &[])?,
         key = ssh::shell_quote(&key),
         attached = remote("attached", &[name])?,
         attach = remote("attach", &[name])?,
@@ -403,17 +414,58 @@ pub fn resolve(sd: &SessionDir, name: Option<&str>) -> Result<String, TaskError>
     }
 }
 
-/// Attaches this terminal to task `name` until the detach key (or the task ends);
-/// returns ssh's status.
-pub fn attach(sd: &SessionDir, name: &str) -> Result<i32, TaskError> {
-    let mut child = start_attach(sd, name)?;
-    attached(&mut child, name)
+/// How an attach ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detached {
+    /// The exit status for the client: 0 after a detach, else ssh's or the signal's.
+    pub code: i32,
+    /// The task's own status when it ended (the fast path says; the `ssh -t` path's
+    /// guest script prints it itself).
+    pub task_ended: Option<i32>,
 }
 
-/// The ssh of [`attach`], started: a caller may check in with the supervisor
-/// while it connects (that round trip took a sixth of an attach).
-pub fn start_attach(sd: &SessionDir, name: &str) -> Result<Child, TaskError> {
+/// Attaches this terminal to task `name` until the detach key (or the task ends).
+pub fn attach(sd: &SessionDir, name: &str) -> Result<Detached, TaskError> {
+    let started = start_attach(sd, name)?;
+    attached(sd, started, name)
+}
+
+/// An attach under way: the fast path's handshake sent (a terminal), or the
+/// `ssh -t` path started (no terminal, or the fast path could not start).
+pub enum Attaching {
+    Fast(attach::Pending),
+    Ssh(Child),
+}
+
+impl Attaching {
+    /// Ends it before it ran (the check-in failed).
+    pub fn cancel(self) {
+        match self {
+            Attaching::Fast(p) => p.cancel(),
+            Attaching::Ssh(mut child) => {
+                // SIGTERM: ssh puts the terminal back as it was.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// [`attach`], started: a caller may check in with the supervisor while it
+/// connects (that round trip took a sixth of an attach).
+pub fn start_attach(sd: &SessionDir, name: &str) -> Result<Attaching, TaskError> {
     validate_name(name)?;
+    let key = detach_key()?.unwrap_or_else(|| "C-\\".into());
+    if let Some(p) = attach::start(sd, &alias(sd), name, &key) {
+        return Ok(Attaching::Fast(p));
+    }
+    start_ssh_attach(sd, name).map(Attaching::Ssh)
+}
+
+fn start_ssh_attach(sd: &SessionDir, name: &str) -> Result<Child, TaskError> {
     ssh::command(
         &sd.ssh_dir().join("config"),
         &alias(sd),
@@ -424,13 +476,25 @@ pub fn start_attach(sd: &SessionDir, name: &str) -> Result<Child, TaskError> {
     .map_err(TaskError::Ssh)
 }
 
-/// Waits for an attach [`start_attach`] started; ssh's status.
-pub fn attached(child: &mut Child, name: &str) -> Result<i32, TaskError> {
+/// Waits for an attach [`start_attach`] started, taking the `ssh -t` path when the
+/// fast one failed before the screen showed.
+pub fn attached(sd: &SessionDir, started: Attaching, name: &str) -> Result<Detached, TaskError> {
+    let mut child = match started {
+        Attaching::Fast(p) => match p.run() {
+            attach::Outcome::Done(code, task_ended) => return Ok(Detached { code, task_ended }),
+            attach::Outcome::NoTask => return Err(TaskError::NoSuchTask(name.to_string())),
+            attach::Outcome::Fallback => start_ssh_attach(sd, name)?,
+        },
+        Attaching::Ssh(child) => child,
+    };
     let status = child.wait().map_err(TaskError::Ssh)?;
     match status.code().unwrap_or(255) {
         NO_SUCH_TASK => Err(TaskError::NoSuchTask(name.to_string())),
         NO_TMUX => Err(TaskError::NoTmux),
-        code => Ok(code),
+        code => Ok(Detached {
+            code,
+            task_ended: None,
+        }),
     }
 }
 
@@ -598,8 +662,9 @@ mod tests {
         assert!(default_name(&words(&["ééé"])).is_err());
     }
 
-    /// The attach command line, run by a real `sh` against a stand-in tmux: the
-    /// client comes first with the detach key bound; the script follows it (`after`)
+    /// The `ssh -t` attach command line, run by a real `sh` against a stand-in tmux:
+    /// after the daemon's start in the background, the client comes first with the
+    /// detach key bound; the script follows it (`after`)
     /// or, when the client failed, takes the full path and says what is wrong.
     #[test]
     fn an_attach_runs_the_tmux_client_first() {
@@ -616,6 +681,11 @@ mod tests {
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The attach daemon the line starts first: a stand-in too, never this
+        // host's python3.
+        let py = dir.path().join("python3");
+        std::fs::write(&py, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&py, std::fs::Permissions::from_mode(0o755)).unwrap();
         let line = remote_attach("job-1").unwrap();
         let run = |rc: &str| {
             let _ = std::fs::remove_file(&log);

@@ -46,6 +46,12 @@ const NOT_AUTO: &[u16] = &[
     2181, 2379, 8500, 6443,  // coordination, Kubernetes
     11434, // ollama
 ];
+/// The guest's attach daemon (`session::attach`) listens on the guest's loopback
+/// here; never published (on the host's loopback any local user could attach to
+/// the tasks). A fixed port, because `ssh -W` (OpenSSH 9.2) takes no Unix socket
+/// path; below Linux's ephemeral range (32768-60999) so no outgoing connection of
+/// the guest can hold it, and away from the ports development servers pick.
+pub const GUEST_ATTACH_PORT: u16 = 29541;
 /// Auto-published guest ports start here: lower ones are system services, and on
 /// the host they would need root.
 const FIRST_AUTO_PORT: u16 = 1024;
@@ -202,7 +208,12 @@ pub fn wanted(
     if ports.auto {
         let auto = listening
             .keys()
-            .filter(|&&g| g >= FIRST_AUTO_PORT && !NOT_AUTO.contains(&g) && !withheld.contains(&g))
+            .filter(|&&g| {
+                g >= FIRST_AUTO_PORT
+                    && !NOT_AUTO.contains(&g)
+                    && g != GUEST_ATTACH_PORT
+                    && !withheld.contains(&g)
+            })
             .filter(|g| !want.contains_key(g))
             .take(MAX_AUTO)
             .copied()
@@ -780,11 +791,16 @@ mod tests {
             host: vec![],
         };
         assert!(wanted(&off, &listening(PROC, GUEST), &BTreeSet::new()).is_empty());
-        // A database's port is not taken over automatically.
+        // A database's port is not taken over automatically, nor the guest's
+        // attach daemon (on the host any local user could attach to the tasks).
         assert!(
-            wanted(&off_auto(), &any([5432, 3000]), &BTreeSet::new())
-                .keys()
-                .eq([3000].iter())
+            wanted(
+                &off_auto(),
+                &any([5432, 3000, GUEST_ATTACH_PORT]),
+                &BTreeSet::new()
+            )
+            .keys()
+            .eq([3000].iter())
         );
         // At most MAX_AUTO automatic ones, however many the guest opens.
         let many = any(2000..6000);
