@@ -586,9 +586,21 @@ async fn idle(shared: &Arc<Shared>, sd: &SessionDir, grace: Duration) {
 /// the guest cannot be asked (then nothing keeps it up).
 async fn guest_login_sessions(sd: &SessionDir) -> Option<usize> {
     let script = "echo \"self $$\"; cat /proc/[0-9]*/stat 2>/dev/null; true";
-    let out = ssh::guest_output(sd, script).await.ok()?;
-    count_ssh_sessions(&out)
+    let first = count_ssh_sessions(&ssh::guest_output(sd, script).await.ok()?)?;
+    if first == 0 {
+        return Some(0);
+    }
+    // A question about tasks (`vibebox list`) is a plain `sh` under sshd until its
+    // first line renames it (PROBE_NAME): caught in that moment it looked like a
+    // login, and the VM stayed up another LOGIN_RECHECK. A login is still there a
+    // moment later; a question has been renamed or is gone.
+    tokio::time::sleep(PROBE_SETTLE).await;
+    let second = count_ssh_sessions(&ssh::guest_output(sd, script).await.ok()?)?;
+    Some(first.min(second))
 }
+
+/// How long a login seen once is given to prove it is one (see above).
+const PROBE_SETTLE: Duration = Duration::from_secs(2);
 
 /// The guest side of tasks (`session::tasks` sends the same script).
 const TASKS_SCRIPT: &str = include_str!("../../images/guest/tasks.sh");
