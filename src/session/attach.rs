@@ -184,6 +184,8 @@ pub struct Pending {
     child: Child,
     to: ChildStdin,
     from: ChildStdout,
+    /// The detach key (tmux's name), which the host also watches for.
+    key: String,
 }
 
 /// Starts the fast path to task `name` (validated) with detach key `key`
@@ -226,7 +228,12 @@ pub fn start(sd: &SessionDir, alias: &str, name: &str, key: &str) -> Option<Pend
         let _ = child.wait();
         return None;
     }
-    Some(Pending { child, to, from })
+    Some(Pending {
+        child,
+        to,
+        from,
+        key: key.to_string(),
+    })
 }
 
 /// The terminal's size (columns, rows), bounded as the guest bounds it.
@@ -280,6 +287,7 @@ impl Pending {
                     &mut self.to,
                     &mut self.from,
                     &mut dec,
+                    key_byte(&self.key),
                 );
                 drop(raw);
                 r
@@ -416,8 +424,28 @@ impl Drop for Raw {
     }
 }
 
-/// Relays until the guest says the attach ended, the link dies, or a signal ends it:
-/// (exit status, the task's end status).
+/// The byte a tmux key name such as `C-\\` or `C-]` sends, for the host's own
+/// check of the detach key; `None` for a key that is not one control byte.
+pub fn key_byte(key: &str) -> Option<u8> {
+    let rest = key.strip_prefix("C-")?;
+    let [c] = rest.as_bytes() else {
+        return None;
+    };
+    let c = c.to_ascii_uppercase();
+    (b'@'..=b'_').contains(&c).then_some(c & 0x1f)
+}
+
+/// How long the guest gets to end the attach after the detach key before the host
+/// ends it itself: a guest gone silent cannot hold the terminal.
+const DETACH_WAIT: Duration = Duration::from_secs(2);
+/// Input not yet taken by ssh (a guest that stopped reading): past this, what is
+/// typed is dropped (still watched for the detach key), so the relay never blocks on
+/// a write and signals and the detach key still end it.
+const MAX_BACKLOG: usize = 1 << 20;
+
+/// Relays until the guest says the attach ended, the link dies, a signal ends it,
+/// or the detach key (`detach`) went unanswered for [`DETACH_WAIT`]:
+/// (exit status, the task's end status). Writes to ssh never block.
 fn relay(
     sigs: BorrowedFd<'_>,
     input: BorrowedFd<'_>,
@@ -425,10 +453,17 @@ fn relay(
     to: &mut ChildStdin,
     from: &mut ChildStdout,
     dec: &mut Decoder,
+    detach: Option<u8>,
 ) -> (i32, Option<i32>) {
+    let _ = nix::fcntl::fcntl(
+        to.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
     let mut buf = vec![0u8; MAX_FRAME];
     let mut last = size();
     let mut stdin_open = true;
+    let mut backlog: Vec<u8> = Vec::new();
+    let mut detach_by: Option<std::time::Instant> = None;
     loop {
         // Frames already here (the first come with the reply).
         loop {
@@ -444,28 +479,47 @@ fn relay(
                 Err(ProtocolError) => return (255, None),
             }
         }
+        let timeout = match detach_by {
+            Some(t) => {
+                let left = t.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return (0, None);
+                }
+                PollTimeout::from(u16::try_from(left.as_millis()).unwrap_or(u16::MAX).max(1))
+            }
+            None => PollTimeout::NONE,
+        };
         let mut fds = vec![
             PollFd::new(from.as_fd(), PollFlags::POLLIN),
             PollFd::new(sigs, PollFlags::POLLIN),
         ];
-        if stdin_open {
+        let writing = !backlog.is_empty();
+        if writing {
+            fds.push(PollFd::new(to.as_fd(), PollFlags::POLLOUT));
+        }
+        let reading = stdin_open;
+        if reading {
             fds.push(PollFd::new(input, PollFlags::POLLIN));
         }
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return (255, None),
             Ok(_) => {}
         }
         let ready = |f: &PollFd| {
             f.revents().is_some_and(|r| {
-                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                r.intersects(
+                    PollFlags::POLLIN
+                        | PollFlags::POLLOUT
+                        | PollFlags::POLLHUP
+                        | PollFlags::POLLERR,
+                )
             })
         };
-        let (guest, sig, typed) = (
-            ready(&fds[0]),
-            ready(&fds[1]),
-            fds.get(2).is_some_and(ready),
-        );
+        let guest = ready(&fds[0]);
+        let sig = ready(&fds[1]);
+        let can_write = writing && ready(&fds[2]);
+        let typed = reading && fds.last().is_some_and(ready);
         drop(fds);
         if sig {
             let mut s = [0u8; 16];
@@ -475,9 +529,7 @@ fn relay(
                     let now = size();
                     if now != last {
                         last = now;
-                        if to.write_all(&size_frame(now)).is_err() {
-                            return (255, None);
-                        }
+                        backlog.extend(size_frame(now));
                     }
                 } else {
                     return (128 + i32::from(b), None);
@@ -488,10 +540,22 @@ fn relay(
             match nix::unistd::read(input, &mut buf) {
                 Ok(0) | Err(_) => stdin_open = false,
                 Ok(n) => {
-                    if to.write_all(&frame(b'd', &buf[..n])).is_err() {
-                        return (255, None);
+                    if detach_by.is_none() && detach.is_some_and(|k| buf[..n].contains(&k)) {
+                        detach_by = Some(std::time::Instant::now() + DETACH_WAIT);
+                    }
+                    if backlog.len() < MAX_BACKLOG {
+                        backlog.extend(frame(b'd', &buf[..n]));
                     }
                 }
+            }
+        }
+        if can_write || (!backlog.is_empty() && !writing) {
+            match to.write(&backlog) {
+                Ok(n) => {
+                    backlog.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return (255, None),
             }
         }
         if guest {
@@ -605,12 +669,83 @@ mod tests {
                 &mut to,
                 &mut from,
                 &mut dec,
+                None,
             )
         });
         drop(to);
         let _ = child.kill();
         let _ = child.wait();
         (term, outcome)
+    }
+
+    #[test]
+    fn detach_keys_are_control_bytes() {
+        assert_eq!(key_byte("C-\\"), Some(0x1c));
+        assert_eq!(key_byte("C-]"), Some(0x1d));
+        assert_eq!(key_byte("C-a"), Some(0x01));
+        assert_eq!(key_byte("M-x"), None);
+        assert_eq!(key_byte("C-ab"), None);
+        assert_eq!(key_byte("C-1"), None);
+    }
+
+    /// The attack: a guest that says OK, then neither reads nor answers (its ssh
+    /// takes no input). Typing a lot must not block the host, and the detach key
+    /// ends the attach on the host within DETACH_WAIT.
+    #[test]
+    fn a_silent_guest_cannot_hold_the_terminal() {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("printf 'OK\\n'; exec sleep 60")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut to = child.stdin.take().unwrap();
+        let mut from = child.stdout.take().unwrap();
+        let mut dec = Decoder::default();
+        assert_eq!(read_reply(&mut from, &mut dec), Reply::Ok);
+        let (sig_r, _sig_w) = nix::unistd::pipe().unwrap();
+        let (in_r, in_w) = nix::unistd::pipe().unwrap();
+        // 8 MiB of typing, more than any pipe takes, then the detach key.
+        let writer = std::thread::spawn(move || {
+            let mut w = std::fs::File::from(in_w);
+            let chunk = vec![b'a'; 1 << 16];
+            for _ in 0..128 {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+            let _ = w.write_all(&[0x1c]);
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let mut term = Vec::new();
+        let end = relay(
+            sig_r.as_fd(),
+            in_r.as_fd(),
+            &mut term,
+            &mut to,
+            &mut from,
+            &mut dec,
+            key_byte("C-\\"),
+        );
+        assert_eq!(end, (0, None), "ended on the host by the detach key");
+        assert!(term.is_empty());
+        // The same guest, a signal (SIGTERM) instead: it ends the relay at once.
+        let (in_r, _in_w) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&_sig_w, &[Signal::SIGTERM as u8]).unwrap();
+        let end = relay(
+            sig_r.as_fd(),
+            in_r.as_fd(),
+            &mut term,
+            &mut to,
+            &mut from,
+            &mut dec,
+            None,
+        );
+        assert_eq!(end, (128 + Signal::SIGTERM as i32, None));
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(writer);
     }
 
     /// The attack: a guest answering with garbage, escape sequences, huge frames or

@@ -365,8 +365,23 @@ pub fn stop_as(session: &SessionDir, cold: bool) -> Result<bool, Error> {
         // No socket: either nothing runs (the lock is free), or a supervisor is
         // starting (it binds the socket after stopping an old QEMU) or ending (it
         // removed the socket and is about to exit).
-        if lock_free(&lock)? {
-            return Ok(false);
+        match statefile::Lock::try_exclusive(&lock) {
+            Ok(Some(held)) => {
+                // Nothing runs. A cold stop still means a cold next start: a state
+                // saved by the last stop goes, under the lock a start takes first.
+                if cold {
+                    crate::vm::snapshot::discard(session.dir());
+                }
+                drop(held);
+                return Ok(false);
+            }
+            Ok(None) => {}
+            Err(statefile::Error::Lock { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
         }
         if Instant::now() > deadline {
             return Err(not_stopped());
@@ -386,20 +401,28 @@ pub fn stop_as(session: &SessionDir, cold: bool) -> Result<bool, Error> {
     let _ = s.set_read_timeout(Some(STOP_WAIT));
     let mut reader = BufReader::new(s);
     let mut line = String::new();
+    let mut refused = false;
     loop {
         line.clear();
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-        if matches!(
-            serde_json::from_str::<Message>(&line),
-            Ok(Message::Stopped | Message::Error { .. })
-        ) {
-            break;
+        match serde_json::from_str::<Message>(&line) {
+            Ok(Message::Stopped) => break,
+            Ok(Message::Error { .. }) => {
+                refused = true;
+                break;
+            }
+            _ => {}
         }
     }
     drop(reader);
+    if refused && cold {
+        // A supervisor of an older vibebox (before saved states: it never saves)
+        // does not know the cold stop; its plain stop is one.
+        return stop_as(session, false);
+    }
     // The supervisor exits right after it has stopped QEMU (which also dies with
     // it). Its process ending is the proof; where the peer's pid is unknown, its
     // lock coming free. A client that arrived during the stop may already have

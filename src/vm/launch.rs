@@ -462,13 +462,25 @@ pub fn start(plan: &Plan<'_>) -> Result<Started, Error> {
     // A state saved at the last stop is used only by this very machine, and never
     // left behind for a later boot: a cold boot writes the disk it matched.
     let argv = qemu::argv(&spec);
+    // The host's kernel and CPU features too: under KVM the guest runs on `-cpu
+    // host`, and a state resumed onto another CPU (a kernel or microcode update, a
+    // home restored elsewhere) may crash the guest.
+    let host_cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
     let extra = format!(
-        "{:?} {model:?} {how:?} {:?}",
+        "{:?} {model:?} {how:?} {:?} {:?} {host_cpu:?}",
         plan.protection,
         roots
             .iter()
             .map(|r| (r.dev, r.ino, r.uid, r.gid))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>(),
+        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default(),
     );
     let unsaveable = if virtiofsd.is_some() {
         Some("the VM has a virtiofs share, which QEMU 7.2 cannot save")

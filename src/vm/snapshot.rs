@@ -168,6 +168,12 @@ pub fn take(dir: &Path, disk: &Path, digest: &str) -> Take {
         Ok((file, record))
     })();
     discard(dir);
+    if taken.is_ok() && fs::symlink_metadata(dir.join(STATE)).is_ok() {
+        // Not unlinked: it could be used again after this resume moved the disk on.
+        return Take::Cold(Some(
+            "the saved state could not be removed before use".into(),
+        ));
+    }
     match taken {
         Ok((file, record)) => Take::Resume(file, record),
         Err(why) => Take::Cold(why),
