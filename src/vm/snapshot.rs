@@ -34,6 +34,8 @@ pub const RECORD: &str = "resume.toml";
 const STATE_TMP: &str = "resume.state.tmp";
 /// The name the descriptor gets in QEMU's monitor.
 const FD_NAME: &str = "vbxstate";
+/// Free space kept on the host's disk beyond the largest state a save may write.
+const SPACE_MARGIN: u64 = 512 << 20;
 /// One QMP reply may take this long (QEMU answers at once but under load).
 const REPLY_WAIT: Duration = Duration::from_secs(10);
 
@@ -277,6 +279,28 @@ pub fn save(qmp: &Path, dir: &Path, within: Duration) -> Result<(), SnapshotErro
     let tmp = dir.join(STATE_TMP);
     let result = (|| {
         let _ = fs::remove_file(&tmp);
+        // The state can be as big as the guest's memory (a guest may fill it with
+        // what does not compress): a save that could fill the host's disk is not
+        // started, and the stop powers off instead.
+        let memory = c
+            .run("query-memory-size-summary", json!({}))?
+            .get("base-memory")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|v| {
+                #[allow(clippy::unnecessary_cast)] // u32 on macOS
+                let blocks = v.blocks_available() as u64;
+                blocks * v.fragment_size()
+            })
+            .unwrap_or(0);
+        if free < memory.saturating_add(SPACE_MARGIN) {
+            return Err(SnapshotError::Failed(format!(
+                "{} MiB free beside the session, the guest has {} MiB of memory: not saved",
+                free >> 20,
+                memory >> 20
+            )));
+        }
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
