@@ -640,22 +640,28 @@ mod tests {
         }
     }
 
+    /// A stand-in for the attach's `ssh -W`: `sh -c SCRIPT ARG0` on pipes.
+    fn stand_in(script: &str, arg0: &std::ffi::OsStr) -> (Child, ChildStdin, ChildStdout) {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(arg0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let to = child.stdin.take().unwrap();
+        let from = child.stdout.take().unwrap();
+        (child, to, from)
+    }
+
     /// A stand-in guest: `ssh` that prints `bytes` and ends. Returns what reached
     /// the terminal and how the attach came out (`None`: the `ssh -t` path).
     fn against(bytes: &[u8]) -> (Vec<u8>, Option<(i32, Option<i32>)>) {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("guest");
         std::fs::write(&f, bytes).unwrap();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg("cat \"$0\"")
-            .arg(&f)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut to = child.stdin.take().unwrap();
-        let mut from = child.stdout.take().unwrap();
+        let (mut child, mut to, mut from) = stand_in("cat \"$0\"", f.as_os_str());
         let mut dec = Decoder::default();
         let mut term = Vec::new();
         let outcome = (read_reply(&mut from, &mut dec) == Reply::Ok).then(|| {
@@ -693,15 +699,8 @@ mod tests {
     /// ends the attach on the host within DETACH_WAIT.
     #[test]
     fn a_silent_guest_cannot_hold_the_terminal() {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg("printf 'OK\\n'; exec sleep 60")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut to = child.stdin.take().unwrap();
-        let mut from = child.stdout.take().unwrap();
+        let (mut child, mut to, mut from) =
+            stand_in("printf 'OK\\n'; exec sleep 60", "sh".as_ref());
         let mut dec = Decoder::default();
         assert_eq!(read_reply(&mut from, &mut dec), Reply::Ok);
         let (sig_r, _sig_w) = nix::unistd::pipe().unwrap();
