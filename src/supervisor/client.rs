@@ -365,23 +365,15 @@ pub fn stop_as(session: &SessionDir, cold: bool) -> Result<bool, Error> {
         // No socket: either nothing runs (the lock is free), or a supervisor is
         // starting (it binds the socket after stopping an old QEMU) or ending (it
         // removed the socket and is about to exit).
-        match statefile::Lock::try_exclusive(&lock) {
-            Ok(Some(held)) => {
-                // Nothing runs. A cold stop still means a cold next start: a state
-                // saved by the last stop goes, under the lock a start takes first.
-                if cold {
-                    crate::vm::snapshot::discard(session.dir());
-                }
-                drop(held);
-                return Ok(false);
+        // Nothing runs. A cold stop still means a cold next start: a state saved by
+        // the last stop goes, under the lock a start takes first.
+        let discard = || {
+            if cold {
+                crate::vm::snapshot::discard(session.dir());
             }
-            Ok(None) => {}
-            Err(statefile::Error::Lock { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Ok(false);
-            }
-            Err(e) => return Err(e.into()),
+        };
+        if lock_free_then(&lock, discard)? {
+            return Ok(false);
         }
         if Instant::now() > deadline {
             return Err(not_stopped());
@@ -482,8 +474,17 @@ fn wait_exited(pid: i32, wait: Duration) -> bool {
 /// Whether nobody holds the supervisor lock at `lock` (a missing session directory
 /// counts as free: nothing can run there).
 fn lock_free(lock: &Path) -> Result<bool, Error> {
+    lock_free_then(lock, || ())
+}
+
+/// [`lock_free`], running `then` while the lock is held when it was free.
+fn lock_free_then(lock: &Path, then: impl FnOnce()) -> Result<bool, Error> {
     match statefile::Lock::try_exclusive(lock) {
-        Ok(l) => Ok(l.is_some()),
+        Ok(Some(_held)) => {
+            then();
+            Ok(true)
+        }
+        Ok(None) => Ok(false),
         Err(statefile::Error::Lock { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {

@@ -333,9 +333,7 @@ async fn boot_and_run(
             .map_err(|e| e.to_string())?;
             if let Err(e) = loaded {
                 tracing::warn!("cannot resume the saved VM ({e}); booting cold");
-                kill(&qemu);
-                let _ = tokio::time::timeout(QUIT_WAIT, &mut exit_rx).await;
-                return Ok(Outcome::ResumeFailed);
+                return Ok(resume_failed(&qemu, &mut exit_rx).await);
             }
             tracing::info!("resumed the VM saved at the last stop");
             Some(record)
@@ -371,9 +369,7 @@ async fn boot_and_run(
         Ok(r) => r,
         Err(e) if is_resumed && !shared.stop_requested() => {
             tracing::warn!("the resumed guest did not answer ({e}); booting cold");
-            kill(&qemu);
-            let _ = tokio::time::timeout(QUIT_WAIT, &mut exit_rx).await;
-            return Ok(Outcome::ResumeFailed);
+            return Ok(resume_failed(&qemu, &mut exit_rx).await);
         }
         Err(_) if shared.stop_requested() => {
             cancel_boot(shared, &qemu, &mut exit_rx).await;
@@ -404,9 +400,7 @@ async fn boot_and_run(
             Ok(warnings) => r.errors.extend(warnings),
             Err(e) => {
                 tracing::warn!("{e}; booting cold");
-                kill(&qemu);
-                let _ = tokio::time::timeout(QUIT_WAIT, &mut exit_rx).await;
-                return Ok(Outcome::ResumeFailed);
+                return Ok(resume_failed(&qemu, &mut exit_rx).await);
             }
         }
     }
@@ -475,6 +469,17 @@ async fn boot_and_run(
     }
     shutdown(qmp, &qemu, &mut exit_rx).await;
     Ok(Outcome::Stopped)
+}
+
+/// A resume that failed: its QEMU ends (its state is gone already) and the
+/// lifecycle boots again, cold.
+async fn resume_failed(
+    qemu: &ProcId,
+    exit_rx: &mut tokio::sync::oneshot::Receiver<String>,
+) -> Outcome {
+    kill(qemu);
+    let _ = tokio::time::timeout(QUIT_WAIT, &mut *exit_rx).await;
+    Outcome::ResumeFailed
 }
 
 /// The save path of a stop: the guest readied, QMP's connection handed over (QEMU
