@@ -625,7 +625,7 @@ systemd-analyze blame --no-pager 2>&1 | head -n 10";
         .output()
         .unwrap();
     b.line("");
-    b.line("boot of the stopped-to-command row, by the guest's clock (systemd-analyze):");
+    b.line("boot of the cold row (after `stop --cold`), by the guest's clock (systemd-analyze):");
     b.line("```");
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         b.line(l.trim_end());
